@@ -1,0 +1,78 @@
+"""Measurements on the real artifact: latency on this device, bytes of the saved weights, MACs."""
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import time
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def latency_ms(model: nn.Module, inputs: torch.Tensor, *, warmup: int = 10, repeats: int = 30, threads: int = 1) -> dict[str, float]:
+    """Wall-clock time of one forward pass on ``inputs``: median, 10th and 90th percentile in ms.
+
+    >>> stats = latency_ms(nn.Linear(4, 2), torch.zeros(8, 4), warmup=1, repeats=5)
+    >>> stats["latency_p10_ms"] <= stats["latency_ms"] <= stats["latency_p90_ms"]
+    True
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, but got {repeats}")
+    model.eval()
+    times: list[float] = []
+    with torch_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            model(inputs)
+        sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+        sync()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(inputs)
+            sync()
+            times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    return {
+        "latency_ms": statistics.median(times),
+        "latency_p10_ms": _quantile(times, 0.1),
+        "latency_p90_ms": _quantile(times, 0.9),
+    }
+
+
+def state_dict_bytes(model: nn.Module) -> bytes:
+    """The bytes ``torch.save(model.state_dict())`` writes: the deployable weights file."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def size_mb(model: nn.Module) -> float:
+    """Size of the saved state dict in MB (10^6 bytes)."""
+    return len(state_dict_bytes(model)) / 1e6
+
+
+def macs_and_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` and the parameter count."""
+    was_training = model.training
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    model.train(was_training)
+    return int(macs), int(params)

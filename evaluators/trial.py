@@ -1,0 +1,172 @@
+"""One trial: rebuild the dense model, apply a policy, fine-tune briefly, measure.
+
+Pure function of its inputs; returns a :class:`Metrics` record. Runs unchanged in a Ray
+worker or in-process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from evaluators import measure, pruning
+from evaluators.checkpoint import load_dense
+from evaluators.tasks import Task
+from evaluators.train import accuracy, train
+from spaces import Policy
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The ``finetune:`` section: the brief training each pruned model gets before it is measured.
+
+    >>> FinetuneConfig(epochs=0.5).epochs
+    0.5
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    epochs: float = 1.0        # passes over the training data (fractions allowed; 0 = no fine-tune)
+    lr: float = 0.01           # peak learning rate of SGD with a cosine schedule
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    max_steps: int | None = None  # cap on optimizer steps, whatever the epochs
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs: must be >= 0, but got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, but got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, but got {self.batch_size}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps: must be >= 0 or null, but got {self.max_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureConfig:
+    """The ``measure:`` section: how latency is timed.
+
+    >>> MeasureConfig(batch_size=1).threads
+    1
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    batch_size: int = 32   # inputs per timed forward pass
+    threads: int = 1       # torch intra-op threads while timing
+    warmup: int = 10       # untimed passes first
+    repeats: int = 30      # timed passes; latency_ms is their median
+    device: str = "cpu"    # cpu, cuda, or auto (cuda when present)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "threads", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, but got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup: must be >= 0, but got {self.warmup}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device: must be one of {', '.join(DEVICES)}, but got {self.device!r}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("measure.device: 'cuda' was asked for but torch sees no CUDA device")
+        return torch.device(self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """What one trial measured. Sizes are in MB (10^6 bytes) of the saved state dict."""
+
+    accuracy: float
+    accuracy_drop: float
+    latency_ms: float
+    latency_p10_ms: float
+    latency_p90_ms: float
+    size_mb: float
+    macs: int
+    params: int
+    param_sparsity: float
+    finetune_steps: int
+    time_prune_s: float
+    time_finetune_s: float
+    time_measure_s: float
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def evaluate(
+    policy: Policy,
+    task: Task,
+    checkpoint: str | Path,
+    finetune: FinetuneConfig,
+    measure_config: MeasureConfig,
+    *,
+    dense_accuracy: float | None = None,
+    dense_params: int | None = None,
+) -> Metrics:
+    """Prune the dense checkpoint with ``policy``, fine-tune, and measure the result."""
+    device = measure_config.resolve_device()
+    x_train, y_train = task.train_data()
+    x_test, y_test = task.test_data()
+    example = x_test[:1]
+
+    start = time.perf_counter()
+    model = load_dense(task, checkpoint)
+    dense_param_count = dense_params if dense_params is not None else sum(p.numel() for p in model.parameters())
+    if policy.ratios:
+        pruning.apply(policy, model, example)
+    time_prune = time.perf_counter() - start
+
+    start = time.perf_counter()
+    model.to(device)
+    torch.manual_seed(policy.seed)
+    steps = train(
+        model,
+        (x_train.to(device), y_train.to(device)),
+        epochs=finetune.epochs,
+        lr=finetune.lr,
+        batch_size=finetune.batch_size,
+        momentum=finetune.momentum,
+        weight_decay=finetune.weight_decay,
+        seed=policy.seed,
+        max_steps=finetune.max_steps,
+    )
+    time_finetune = time.perf_counter() - start
+
+    start = time.perf_counter()
+    test = (x_test.to(device), y_test.to(device))
+    acc = accuracy(model, test)
+    batch = x_test[: measure_config.batch_size].to(device)
+    if len(batch) < measure_config.batch_size:
+        repeat = -(-measure_config.batch_size // len(batch))
+        batch = batch.repeat(repeat, *([1] * (batch.dim() - 1)))[: measure_config.batch_size]
+    timing = measure.latency_ms(
+        model, batch, warmup=measure_config.warmup, repeats=measure_config.repeats, threads=measure_config.threads
+    )
+    model.cpu()
+    macs, params = measure.macs_and_params(model, example)
+    size = measure.size_mb(model)
+    time_measure = time.perf_counter() - start
+
+    return Metrics(
+        accuracy=acc,
+        accuracy_drop=(dense_accuracy - acc) if dense_accuracy is not None else 0.0,
+        size_mb=size,
+        macs=macs,
+        params=params,
+        param_sparsity=1.0 - params / dense_param_count,
+        finetune_steps=steps,
+        time_prune_s=time_prune,
+        time_finetune_s=time_finetune,
+        time_measure_s=time_measure,
+        **timing,
+    )
