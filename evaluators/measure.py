@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
+import os
+import tempfile
 import statistics
 import time
 
@@ -20,6 +23,19 @@ def torch_threads(threads: int):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def exclusive_measurement(lock_path: str | None = None):
+    """Hold a machine-wide lock while timing, so that trials running side by side on one node
+    take turns instead of spoiling each other's latencies (``$SECATEURS_MEASURE_LOCK`` overrides the path)."""
+    path = lock_path or os.environ.get("SECATEURS_MEASURE_LOCK") or os.path.join(tempfile.gettempdir(), "secateurs-measure.lock")
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -40,7 +56,7 @@ def latency_ms(model: nn.Module, inputs: torch.Tensor, *, warmup: int = 10, repe
         raise ValueError(f"repeats must be >= 1, but got {repeats}")
     model.eval()
     times: list[float] = []
-    with torch_threads(threads), torch.inference_mode():
+    with exclusive_measurement(), torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):
             model(inputs)
         sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)

@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:  make quickstart  /  make test
+# Everything goes into .venv (created with --system-site-packages so that a torch already
+# installed on the machine, CPU or CUDA, is kept). torch==2.13.0 is installed only when no torch
+# imports: on machines like ours it is the CPU wheel, never the multi-GB CUDA stack.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-test quickstart test benchmark clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e .
+
+install-test: $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+
+quickstart: install
+	$(BIN)/secateurs search configs/quickstart.yaml
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+benchmark: install
+	$(BIN)/python benchmarks/quickstart.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

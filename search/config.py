@@ -1,0 +1,192 @@
+"""The search config: YAML file + ``--set`` overrides, validated before any work starts."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import pydantic
+import yaml
+
+from evaluators.pruning import CRITERIA
+from evaluators.tasks import TaskConfig
+from evaluators.trial import FinetuneConfig, MeasureConfig
+from spaces import SpaceConfig
+from search.samplers import SAMPLERS
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the field, the value and what is valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """The ``search:`` section: the budget, the sampler and how trials run."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    num_trials: int = 24           # trial budget (pruned models evaluated)
+    seed: int = 0                  # seeds the sampler and every criterion / fine-tune
+    sampler: str = "nsga2"         # see search.samplers.SAMPLERS
+    population_size: int = 8       # NSGA-II/III generation size
+    max_concurrent: int = 2        # trials running at once
+    cpus_per_trial: float = 1.0    # Ray CPU resources per trial
+    storage_path: str | None = None  # Ray Tune results directory (default: ~/ray_results)
+
+    def __post_init__(self) -> None:
+        if self.num_trials < 1:
+            raise ValueError(f"num_trials: must be >= 1, but got {self.num_trials}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: unknown sampler {self.sampler!r}; valid: {', '.join(sorted(SAMPLERS))}")
+        if self.population_size < 2:
+            raise ValueError(f"population_size: must be >= 2, but got {self.population_size}")
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent: must be >= 1, but got {self.max_concurrent}")
+        if not self.cpus_per_trial > 0:
+            raise ValueError(f"cpus_per_trial: must be > 0, but got {self.cpus_per_trial}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingSettings:
+    """The ``tracking:`` section: where MLflow records the search."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    experiment: str = "secateurs"  # MLflow experiment name
+    run_name: str | None = None    # parent run name (default: the config file's stem)
+
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ValueError("experiment: must be a non-empty MLflow experiment name")
+
+
+class Config(pydantic.BaseModel):
+    """A whole search, as written in ``configs/*.yaml``."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    task: TaskConfig = TaskConfig()
+    space: SpaceConfig = SpaceConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    measure: MeasureConfig = MeasureConfig()
+    search: SearchSettings = SearchSettings()
+    tracking: TrackingSettings = TrackingSettings()
+
+    @pydantic.field_validator("space")
+    @classmethod
+    def _known_criteria(cls, space: SpaceConfig) -> SpaceConfig:
+        for name in space.criteria:
+            if name not in CRITERIA:
+                raise ValueError(f"criteria: unknown criterion {name!r}; valid: {', '.join(sorted(CRITERIA))}")
+        return space
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _valid_keys(loc: Sequence[Any]) -> list[str]:
+    """Field names valid at the parent of ``loc`` (for 'unknown key' messages)."""
+    node: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = _fields_of(node)
+        if part not in fields:
+            return []
+        node = fields[part]
+        args = getattr(node, "__args__", None)
+        if args:  # list[Rule] -> Rule
+            node = args[0]
+    return sorted(_fields_of(node))
+
+
+def _fields_of(node: Any) -> dict[str, Any]:
+    if isinstance(node, type) and issubclass(node, pydantic.BaseModel):
+        return {name: f.annotation for name, f in node.model_fields.items()}
+    if dataclasses.is_dataclass(node):
+        hints = __import__("typing").get_type_hints(node)
+        return {f.name: hints[f.name] for f in dataclasses.fields(node)}
+    return {}
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    loc = [p for p in error["loc"]]
+    path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    kind = error["type"]
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        valid = _valid_keys(loc)
+        return f"unknown key `{path}`; valid keys here: {', '.join(valid)}"
+    message = error["msg"]
+    if kind == "value_error":
+        message = message.removeprefix("Value error, ")
+        head, sep, rest = message.partition(": ")
+        if sep and head.isidentifier():  # "epochs: must be ..." -> "finetune.epochs: must be ..."
+            return f"`{path}.{head}`: {rest}" if path else f"`{head}`: {rest}"
+        return f"`{path}`: {message}"
+    value = error.get("input")
+    return f"`{path}`: {message} (got {value!r})"
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["search.num_trials=8", "space.criteria=[l1,l2]"]`` -> nested dict (values parsed as YAML)."""
+    result: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. search.num_trials=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc.problem})") from None
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return result
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate(data: Any) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: the top level must be a mapping of sections, but got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_format_error(exc.errors()[0])) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path``, apply ``--set`` overrides, validate; raises :class:`ConfigError` on any problem.
+
+    >>> load_config("configs/quickstart.yaml", ["search.num_trials=4"]).search.num_trials  # doctest: +SKIP
+    4
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: the top level must be a mapping of sections")
+    return validate(_merge(data or {}, parse_overrides(overrides)))

@@ -1,0 +1,133 @@
+"""MLflow records of a search: one parent run, a child run per trial and one for the dense model.
+
+Only the driver writes (through :class:`SearchTracker`), so concurrent trials never contend for
+the sqlite store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from spaces import Policy
+
+KIND = "secateurs.kind"
+PARETO = "secateurs.pareto"
+PARENT = "mlflow.parentRunId"
+TRIAL_METRICS = ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms", "size_mb", "macs", "params")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (MLflow's default, made absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def _default_artifact_location(uri: str, experiment: str) -> str | None:
+    """Keep a sqlite store's artifacts beside its database file, not in whatever directory we run from."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.parent / "mlartifacts" / experiment.replace("/", "_")).resolve().as_uri()
+    return None
+
+
+def _params(policy: Policy) -> list[Param]:
+    items = {"policy.criterion": policy.criterion, "policy.granularity": policy.granularity}
+    items.update({f"ratio.{group}": f"{ratio:g}" for group, ratio in policy.ratios.items()})
+    return [Param(k, str(v)) for k, v in items.items()]
+
+
+class SearchTracker:
+    """Writes one search into MLflow.
+
+    >>> tracker = SearchTracker("sqlite:////tmp/example.db")  # doctest: +SKIP
+    >>> parent = tracker.start_search("demo", "quickstart", config_yaml="...", params={})  # doctest: +SKIP
+    """
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.client = MlflowClient(self.tracking_uri)
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+
+    def start_search(self, experiment: str, run_name: str, *, config_yaml: str, params: Mapping[str, Any], space: list[dict] | None = None) -> str:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=_default_artifact_location(self.tracking_uri, experiment)
+            )
+        else:
+            self.experiment_id = found.experiment_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={KIND: "search"})
+        self.parent_run_id = run.info.run_id
+        self.client.log_batch(self.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.log_text(self.parent_run_id, config_yaml, "config.yaml")
+        if space is not None:
+            self.client.log_text(self.parent_run_id, json.dumps(space, indent=2), "space.json")
+        return self.parent_run_id
+
+    def _child(self, run_name: str, kind: str, tags: Mapping[str, str] | None = None) -> str:
+        if self.parent_run_id is None:
+            raise RuntimeError("start_search() must be called before logging child runs")
+        all_tags = {KIND: kind, PARENT: self.parent_run_id, **(tags or {})}
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def log_dense(self, metrics: Mapping[str, float], checkpoint: str) -> str:
+        run_id = self._child("dense", "dense", {"secateurs.checkpoint": checkpoint})
+        self._log_metrics(run_id, metrics)
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def log_trial(self, index: int, policy: Policy, metrics: Mapping[str, float], tags: Mapping[str, str] | None = None) -> str:
+        run_id = self._child(f"trial-{index:04d}", "trial", {"secateurs.trial": str(index), **(tags or {})})
+        self.client.log_batch(run_id, params=_params(policy))
+        self._log_metrics(run_id, metrics)
+        self.client.log_text(run_id, policy.to_json(), "policy.json")
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def log_failed_trial(self, index: int, policy: Policy | None, error: str, tags: Mapping[str, str] | None = None) -> str:
+        summary = error.strip().splitlines()[-1][:500] if error.strip() else "unknown error"
+        run_id = self._child(f"trial-{index:04d}", "trial", {"secateurs.trial": str(index), "secateurs.error": summary, **(tags or {})})
+        if policy is not None:
+            self.client.log_batch(run_id, params=_params(policy))
+            self.client.log_text(run_id, policy.to_json(), "policy.json")
+        self.client.log_text(run_id, error or summary, "error.txt")
+        self.client.set_terminated(run_id, "FAILED")
+        return run_id
+
+    def tag_pareto(self, flags: Mapping[str, bool]) -> None:
+        for run_id, on_frontier in flags.items():
+            self.client.set_tag(run_id, PARETO, "true" if on_frontier else "false")
+
+    def log_search_metrics(self, metrics: Mapping[str, float]) -> None:
+        self._log_metrics(self.parent_run_id, metrics)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self.client.log_artifact(self.parent_run_id, str(path))
+
+    def end_search(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id is not None:
+            self.client.set_terminated(self.parent_run_id, status)
+
+    def experiment_url(self) -> str:
+        return f"#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"

@@ -1,0 +1,128 @@
+"""End-to-end searches with a real local Ray and a real MLflow store on a temporary sqlite file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from search import frontier
+from search.config import validate
+from search.driver import run_search
+from spaces import Policy
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def tiny_config(tmp_path: Path, **task) -> dict:
+    return {
+        "task": {"dense_epochs": 3, **task},
+        "space": {"criteria": ["l1", "l2", "random"], "ratio": {"low": 0.0, "high": 0.6, "step": 0.05},
+                  "rules": [{"match": "classifier.*", "exclude": True}]},
+        "finetune": {"epochs": 0.2},
+        "measure": {"warmup": 2, "repeats": 5},
+        "search": {"num_trials": 6, "population_size": 4, "max_concurrent": 2, "seed": 3,
+                   "storage_path": str(tmp_path / "ray")},
+        "tracking": {"experiment": "e2e"},
+    }
+
+
+@pytest.fixture
+def store(tmp_path, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path_factory.getbasetemp() / "secateurs-cache"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Ray workers import tests.fragile_task from here
+    monkeypatch.chdir(tmp_path)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def children(client: MlflowClient, result, kind: str):
+    return client.search_runs(
+        [result.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}' and tags.`secateurs.kind` = '{kind}'",
+        max_results=1000,
+    )
+
+
+def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
+    config = validate(tiny_config(tmp_path))
+    lines: list[str] = []
+    result = run_search(config, config_name="tiny", tracking_uri=store, out=lines.append)
+    client = MlflowClient(store)
+
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["secateurs.kind"] == "search"
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"config.yaml", "frontier.csv", "frontier.png"} <= artifacts
+    logged_config = yaml.safe_load(Path(client.download_artifacts(result.parent_run_id, "config.yaml", str(tmp_path))).read_text())
+    assert logged_config == config.to_dict()
+
+    dense = children(client, result, "dense")
+    assert len(dense) == 1 and dense[0].data.metrics["accuracy"] == pytest.approx(result.dense["accuracy"])
+
+    trials = children(client, result, "trial")
+    assert len(trials) == 6
+    searched = ["features.0", "features.3", "features.7"]
+    rows = []
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        params = run.data.params
+        assert params["policy.granularity"] == "channel"
+        assert params["policy.criterion"] in {"l1", "l2", "random"}
+        assert not any(k.startswith("ratio.classifier") for k in params)  # excluded by the rule
+        for key in ("accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params"):
+            assert key in run.data.metrics
+        policy_path = client.download_artifacts(run.info.run_id, "policy.json", str(tmp_path / run.info.run_id))
+        policy = Policy.from_json(Path(policy_path).read_text())
+        assert {f"ratio.{g}": f"{r:g}" for g, r in policy.ratios.items()} == {k: v for k, v in params.items() if k.startswith("ratio.")}
+        assert set(policy.ratios) <= set(searched)
+        assert run.data.metrics["accuracy_drop"] == pytest.approx(result.dense["accuracy"] - run.data.metrics["accuracy"])
+        if policy.ratios:
+            assert run.data.metrics["params"] < result.dense["params"]
+        rows.append({"run_id": run.info.run_id, "pareto": run.data.tags["secateurs.pareto"],
+                     **{m: run.data.metrics[m] for m in frontier.OBJECTIVES}})
+
+    # The pareto tags agree with a non-dominated sort of what MLflow holds.
+    table = pd.DataFrame(rows)
+    expected = frontier.non_dominated(table[list(frontier.OBJECTIVES)].to_numpy(), list(frontier.OBJECTIVES.values()))
+    assert list(table["pareto"] == "true") == list(expected)
+
+    csv_path = client.download_artifacts(result.parent_run_id, "frontier.csv", str(tmp_path / "csv"))
+    front = pd.read_csv(csv_path)
+    assert set(front["run_id"]) == set(table.loc[expected, "run_id"])
+    assert np.all(front["latency_ms"].diff().dropna() >= 0)
+
+    assert parent.data.metrics["trials_completed"] == 6
+    assert parent.data.metrics["frontier_size"] == expected.sum()
+    output = "\n".join(lines)
+    assert "[6/6]" in output and "Pareto frontier" in output and "mlflow ui --backend-store-uri" in output
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, store):
+    raw = tiny_config(tmp_path, name="tests.fragile_task:make_task")
+    raw["space"]["rules"] = [{"match": "classifier.*", "exclude": True}, {"match": "features.0", "low": 0.0, "high": 0.6}]
+    raw["search"]["num_trials"] = 8
+    result = run_search(validate(raw), config_name="fragile", tracking_uri=store, out=lambda line: None)
+    client = MlflowClient(store)
+    trials = children(client, result, "trial")
+    assert len(trials) == 8
+    failed = [r for r in trials if r.info.status == "FAILED"]
+    done = [r for r in trials if r.info.status == "FINISHED"]
+    assert failed and done, "the seed should give both fragile and sound policies"
+    for run in failed:
+        assert "fragile model: only" in run.data.tags["secateurs.error"]
+        ratio = float(run.data.params["ratio.features.0"])
+        assert 32 - int(32 * ratio + 1e-9) < 24
+        error_path = client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path / run.info.run_id))
+        assert "RuntimeError" in Path(error_path).read_text()
+    for run in done:
+        assert 32 - int(32 * float(run.data.params.get("ratio.features.0", 0)) + 1e-9) >= 24
+        assert "secateurs.pareto" in run.data.tags
+    assert result.num_failed == len(failed)
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    assert client.get_run(result.parent_run_id).data.metrics["trials_failed"] == len(failed)
