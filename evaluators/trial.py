@@ -103,31 +103,27 @@ class Metrics:
         return dataclasses.asdict(self)
 
 
-def evaluate(
+def prune_and_finetune(
     policy: Policy,
     task: Task,
     checkpoint: str | Path,
     finetune: FinetuneConfig,
-    measure_config: MeasureConfig,
-    *,
-    dense_accuracy: float | None = None,
-    dense_params: int | None = None,
-) -> Metrics:
-    """Prune the dense checkpoint with ``policy``, fine-tune, and measure the result."""
-    device = measure_config.resolve_device()
-    x_train, y_train = task.train_data()
-    x_test, y_test = task.test_data()
-    example = x_test[:1]
+    device: torch.device | str = "cpu",
+) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Rebuild the dense model from ``checkpoint``, apply ``policy`` and fine-tune it.
 
+    Returns the model (on ``device``, in eval mode) and the phase timings. Replaying the same
+    policy on the same checkpoint gives the same model: this is how a frontier policy is exported.
+    """
     start = time.perf_counter()
     model = load_dense(task, checkpoint)
-    dense_param_count = dense_params if dense_params is not None else sum(p.numel() for p in model.parameters())
     if policy.ratios:
-        pruning.apply(policy, model, example)
+        pruning.apply(policy, model, task.test_data()[0][:1])
     time_prune = time.perf_counter() - start
 
     start = time.perf_counter()
     model.to(device)
+    x_train, y_train = task.train_data()
     torch.manual_seed(policy.seed)
     steps = train(
         model,
@@ -140,33 +136,54 @@ def evaluate(
         seed=policy.seed,
         max_steps=finetune.max_steps,
     )
-    time_finetune = time.perf_counter() - start
+    model.eval()
+    return model, {"finetune_steps": steps, "time_prune_s": time_prune, "time_finetune_s": time.perf_counter() - start}
 
+
+def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureConfig) -> dict[str, float]:
+    """Accuracy, latency, size, MACs and parameters of ``model`` as it is (moved to the measure device)."""
+    device = measure_config.resolve_device()
     start = time.perf_counter()
-    test = (x_test.to(device), y_test.to(device))
-    acc = accuracy(model, test)
-    batch = x_test[: measure_config.batch_size].to(device)
+    model.to(device).eval()
+    x_test, y_test = task.test_data()
+    acc = accuracy(model, (x_test.to(device), y_test.to(device)))
+    batch = x_test[: measure_config.batch_size]
     if len(batch) < measure_config.batch_size:
         repeat = -(-measure_config.batch_size // len(batch))
         batch = batch.repeat(repeat, *([1] * (batch.dim() - 1)))[: measure_config.batch_size]
     timing = measure.latency_ms(
-        model, batch, warmup=measure_config.warmup, repeats=measure_config.repeats, threads=measure_config.threads
+        model, batch.to(device), warmup=measure_config.warmup, repeats=measure_config.repeats, threads=measure_config.threads
     )
     model.cpu()
-    macs, params = measure.macs_and_params(model, example)
-    size = measure.size_mb(model)
-    time_measure = time.perf_counter() - start
-
-    return Metrics(
-        accuracy=acc,
-        accuracy_drop=(dense_accuracy - acc) if dense_accuracy is not None else 0.0,
-        size_mb=size,
-        macs=macs,
-        params=params,
-        param_sparsity=1.0 - params / dense_param_count,
-        finetune_steps=steps,
-        time_prune_s=time_prune,
-        time_finetune_s=time_finetune,
-        time_measure_s=time_measure,
+    macs, params = measure.macs_and_params(model, x_test[:1])
+    return {
+        "accuracy": acc,
+        "size_mb": measure.size_mb(model),
+        "macs": macs,
+        "params": params,
+        "time_measure_s": time.perf_counter() - start,
         **timing,
+    }
+
+
+def evaluate(
+    policy: Policy,
+    task: Task,
+    checkpoint: str | Path,
+    finetune: FinetuneConfig,
+    measure_config: MeasureConfig,
+    *,
+    dense_accuracy: float | None = None,
+    dense_params: int | None = None,
+) -> Metrics:
+    """Prune the dense checkpoint with ``policy``, fine-tune, and measure the result."""
+    if dense_params is None:
+        dense_params = sum(p.numel() for p in load_dense(task, checkpoint).parameters())
+    model, timings = prune_and_finetune(policy, task, checkpoint, finetune, measure_config.resolve_device())
+    measured = measure_model(model, task, measure_config)
+    return Metrics(
+        accuracy_drop=(dense_accuracy - measured["accuracy"]) if dense_accuracy is not None else 0.0,
+        param_sparsity=1.0 - measured["params"] / dense_params,
+        **measured,
+        **timings,
     )
