@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -29,13 +30,20 @@ def cached_checkpoint_path(config: TaskConfig) -> Path:
     return cache_dir() / "dense" / f"{safe_name}-{key}.pt"
 
 
-def load_dense(task: Task, path: str | Path) -> nn.Module:
-    """A fresh model of the task with the weights at ``path`` (loaded with ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"task.checkpoint: file {str(path)!r} does not exist")
+def load_dense(task: Task, source: str | Path | bytes) -> nn.Module:
+    """A fresh model of the task with the dense weights (loaded with ``weights_only=True``).
+
+    ``source`` is a file path, or the file's bytes (how trials on other nodes receive it).
+    """
+    if isinstance(source, (bytes, bytearray)):
+        path, stream = "<checkpoint bytes>", io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"task.checkpoint: file {str(path)!r} does not exist")
+        stream = path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"task.checkpoint: cannot load {str(path)!r} as a state dict: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

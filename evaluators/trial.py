@@ -106,7 +106,7 @@ class Metrics:
 def prune_and_finetune(
     policy: Policy,
     task: Task,
-    checkpoint: str | Path,
+    checkpoint: str | Path | bytes,
     finetune: FinetuneConfig,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.nn.Module, dict[str, float]]:
@@ -169,7 +169,7 @@ def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureCon
 def evaluate(
     policy: Policy,
     task: Task,
-    checkpoint: str | Path,
+    checkpoint: str | Path | bytes,
     finetune: FinetuneConfig,
     measure_config: MeasureConfig,
     *,

@@ -31,7 +31,8 @@ class SearchSettings:
     population_size: int = 8       # NSGA-II/III generation size
     max_concurrent: int = 2        # trials running at once
     cpus_per_trial: float = 1.0    # Ray CPU resources per trial
-    storage_path: str | None = None  # Ray Tune results directory (default: ~/ray_results)
+    storage_path: str | None = None  # Ray Tune experiment state (default: <tmp>/secateurs-ray); shared FS or URI on a cluster
+    max_failures: int = 0          # times Ray retries a failed trial (its worker died, or it raised)
 
     def __post_init__(self) -> None:
         if self.num_trials < 1:
@@ -42,6 +43,8 @@ class SearchSettings:
             raise ValueError(f"population_size: must be >= 2, but got {self.population_size}")
         if self.max_concurrent < 1:
             raise ValueError(f"max_concurrent: must be >= 1, but got {self.max_concurrent}")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures: must be >= 0, but got {self.max_failures}")
         if not self.cpus_per_trial > 0:
             raise ValueError(f"cpus_per_trial: must be > 0, but got {self.cpus_per_trial}")
 

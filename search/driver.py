@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -14,10 +13,14 @@ from typing import Any, Callable
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1e9")
+# Snapshot Tune's experiment state after every trial (default: at most every 10 s), so that a
+# driver killed hard loses no finished trial on --resume.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
 
 import optuna
 import pandas as pd
 import ray
+import yaml
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
@@ -25,8 +28,9 @@ from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
 from evaluators.pruning import discover_groups
 from evaluators.tasks import make_task
 from evaluators.trial import FinetuneConfig, evaluate
+from evaluators.tasks import Task
 from search import frontier
-from search.config import Config
+from search.config import Config, ConfigError, validate
 from search.samplers import make_sampler
 from search.tracking import TRIAL_METRICS, SearchTracker, ui_command
 from search.trainable import TrialContext, run_trial
@@ -48,12 +52,15 @@ class SearchResult:
     dense: dict[str, float]
     num_failed: int
     wall_s: float
+    status: str = "FINISHED"  # MLflow status of the parent run: FINISHED, KILLED or FAILED
 
 
 class TrialRecorder(tune.Callback):
     """Driver-side Ray Tune callback: logs each finished trial to MLflow and prints progress.
 
-    Exceptions are caught and printed: an exception in a callback would abort the whole search.
+    It starts from what MLflow already holds for the search (so a resumed search neither
+    renumbers nor logs a trial twice). Exceptions are caught and printed: an exception in a
+    callback would abort the whole search.
     """
 
     def __init__(self, tracker: SearchTracker, space: SearchSpace, total: int, out: Callable[[str], None]) -> None:
@@ -61,8 +68,7 @@ class TrialRecorder(tune.Callback):
         self.space = space
         self.total = total
         self.out = out
-        self.rows: list[dict[str, Any]] = []
-        self.num_failed = 0
+        self.rows, self.num_failed, self.recorded = tracker.trial_table()
 
     def _index(self) -> int:
         return len(self.rows) + self.num_failed + 1
@@ -70,21 +76,23 @@ class TrialRecorder(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         try:
             result = trial.last_result or {}
-            if not all(m in result for m in OBJECTIVE_METRICS):
-                return  # an errored trial also passes here in some Ray versions; on_trial_error records it
+            if trial.trial_id in self.recorded or not all(m in result for m in OBJECTIVE_METRICS):
+                return  # already in MLflow (resumed search), or an error that on_trial_error records
             index = self._index()
             policy = self.space.policy(trial.config)
             metrics = {k: float(v) for k, v in result.items() if k in _REPORTED and isinstance(v, (int, float))}
             run_id = self.tracker.log_trial(index, policy, metrics, tags={"secateurs.ray_trial_id": trial.trial_id})
-            self.rows.append({"run_id": run_id, "trial": index, "criterion": policy.criterion, "policy": policy.to_json(), **metrics})
+            self.recorded.add(trial.trial_id)
+            self.rows.append({"run_id": run_id, "trial": index, "criterion": policy.criterion, **metrics})
             self._progress(index, f"acc {metrics['accuracy']:.4f}  {metrics['latency_ms']:.3f} ms  {metrics['size_mb']:.3f} MB")
         except Exception as exc:  # never let logging kill the search
             self.out(f"warning: could not record trial {trial.trial_id}: {exc!r}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         try:
+            if trial.trial_id in self.recorded:
+                return
             index = self._index()
-            self.num_failed += 1
             error = ""
             if trial.error_file and Path(trial.error_file).is_file():
                 error = Path(trial.error_file).read_text()
@@ -93,6 +101,8 @@ class TrialRecorder(tune.Callback):
             except Exception:
                 policy = None
             self.tracker.log_failed_trial(index, policy, error, tags={"secateurs.ray_trial_id": trial.trial_id})
+            self.recorded.add(trial.trial_id)
+            self.num_failed += 1
             reason = error.strip().splitlines()[-1] if error.strip() else "unknown error"
             self._progress(index, f"FAILED: {reason[:120]}")
         except Exception as exc:
@@ -113,12 +123,14 @@ class TrialRecorder(tune.Callback):
 _REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prune_s", "time_finetune_s", "time_measure_s"}
 
 
-def _init_ray() -> bool:
-    """Start a local Ray unless one is running (or ``RAY_ADDRESS`` names one); True if we started it."""
+def _init_ray(address: str | None) -> bool:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local Ray; True if this call
+    started or connected it (and so should shut it down)."""
     if ray.is_initialized():
         return False
     ray.init(
-        include_dashboard=False,
+        address=address,
+        include_dashboard=False if not (address or os.environ.get("RAY_ADDRESS")) else None,
         log_to_driver=False,
         logging_level=logging.ERROR,
         configure_logging=True,
@@ -134,31 +146,59 @@ def _format_frontier(table: pd.DataFrame) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
-def run_search(config: Config, *, config_name: str = "search", tracking_uri: str | None = None, out: Callable[[str], None] | None = None) -> SearchResult:
+@dataclasses.dataclass
+class _Prepared:
+    task: Task
+    checkpoint: str
+    space: SearchSpace
+
+
+def _prepare(config: Config, out: Callable[[str], None], checkpoint: str | None = None) -> _Prepared:
+    """Everything that can fail on bad input, done before any record is made."""
+    task = make_task(config.task)
+    config.measure.resolve_device()
+    checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out))
+    groups = discover_groups(load_dense(task, checkpoint), task.test_data()[0][:1])
+    space = SearchSpace(config.space, groups, seed=config.search.seed)
+    out(f"{len(groups)} prunable groups, {len(space.searched_groups)} searched: {', '.join(space.searched_groups)}")
+    return _Prepared(task, checkpoint, space)
+
+
+def _tuner_parts(config: Config, prepared: _Prepared, dense: dict[str, float]):
+    context = TrialContext(
+        space=prepared.space,
+        task=config.task,
+        checkpoint=Path(prepared.checkpoint).read_bytes(),  # travels through the object store to every node
+        finetune=config.finetune,
+        measure=config.measure,
+        dense_accuracy=dense["accuracy"],
+        dense_params=int(dense["params"]),
+    )
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": config.search.cpus_per_trial})
+
+
+def run_search(
+    config: Config,
+    *,
+    config_name: str = "search",
+    tracking_uri: str | None = None,
+    out: Callable[[str], None] | None = None,
+    address: str | None = None,
+) -> SearchResult:
     """Run the whole search a validated config describes and return where it was recorded.
 
     Input problems (task, checkpoint, space rules) raise before anything is written to MLflow.
     """
-    out = out or (lambda line: print(line, file=sys.stderr, flush=True))
+    out = out or _stderr
     started = time.perf_counter()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-    # 1. Everything that can fail on bad input, before any record is made.
-    task = make_task(config.task)
-    config.measure.resolve_device()
-    checkpoint = str(ensure_dense_checkpoint(config.task, task, log=out))
-    example = task.test_data()[0][:1]
-    groups = discover_groups(load_dense(task, checkpoint), example)
-    space = SearchSpace(config.space, groups, seed=config.search.seed)
-    out(f"{len(groups)} prunable groups, {len(space.searched_groups)} searched: {', '.join(space.searched_groups)}")
-
+    _quiet()
+    prepared = _prepare(config, out)
     dense_policy = Policy(criterion=config.space.criteria[0], ratios={}, seed=config.search.seed)
-    dense = evaluate(dense_policy, task, checkpoint, FinetuneConfig(epochs=0), config.measure).to_dict()
+    dense = evaluate(dense_policy, prepared.task, prepared.checkpoint, FinetuneConfig(epochs=0), config.measure).to_dict()
     out(f"dense: acc {dense['accuracy']:.4f}  {dense['latency_ms']:.3f} ms  {dense['size_mb']:.3f} MB  {dense['macs']:,} MACs")
 
-    # 2. Records.
     tracker = SearchTracker(tracking_uri)
+    tracker.group_names = [g.name for g in prepared.space.groups]
     tracker.start_search(
         config.tracking.experiment,
         config.tracking.run_name or config_name,
@@ -170,36 +210,24 @@ def run_search(config: Config, *, config_name: str = "search", tracking_uri: str
             "num_trials": config.search.num_trials,
             "finetune.epochs": config.finetune.epochs,
             "criteria": ",".join(config.space.criteria),
-            "searched_groups": len(space.searched_groups),
+            "searched_groups": len(prepared.space.searched_groups),
         },
-        space=space.describe(),
+        space=prepared.space.describe(),
     )
-    tracker.log_dense({k: v for k, v in dense.items() if k in _REPORTED}, checkpoint)
-    recorder = TrialRecorder(tracker, space, config.search.num_trials, out)
-    status = "FAILED"
-    started_ray = False
-    try:
-        # 3. Trials.
-        started_ray = _init_ray()
-        context = TrialContext(
-            space=space,
-            task=config.task,
-            checkpoint=checkpoint,
-            finetune=config.finetune,
-            measure=config.measure,
-            dense_accuracy=dense["accuracy"],
-            dense_params=int(dense["params"]),
-        )
+    tracker.log_dense({k: v for k, v in dense.items() if k in _REPORTED}, prepared.checkpoint)
+    storage = Path(config.search.storage_path or Path(tempfile.gettempdir()) / "secateurs-ray").expanduser().resolve()
+    experiment_path = storage / f"{config_name}-{tracker.parent_run_id[:8]}"
+    tracker.set_tags({"secateurs.ray_experiment": str(experiment_path), "secateurs.config_name": config_name})
+
+    def make_tuner(recorder: TrialRecorder) -> tune.Tuner:
         searcher = OptunaSearch(
-            space=space,
+            space=prepared.space,
             metric=OBJECTIVE_METRICS,
             mode=OBJECTIVE_MODES,
             sampler=make_sampler(config.search.sampler, config.search.seed, config.search.population_size),
         )
-        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": config.search.cpus_per_trial})
-        storage = config.search.storage_path or str(Path(tempfile.gettempdir()) / "secateurs-ray")
-        tuner = tune.Tuner(
-            trainable,
+        return tune.Tuner(
+            _tuner_parts(config, prepared, dense),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
                 num_samples=config.search.num_trials,
@@ -207,31 +235,114 @@ def run_search(config: Config, *, config_name: str = "search", tracking_uri: str
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
-                name=f"{config_name}-{tracker.parent_run_id[:8]}",
-                storage_path=str(Path(storage).expanduser().resolve()),
+                name=experiment_path.name,
+                storage_path=str(experiment_path.parent),
                 verbose=0,
                 callbacks=[recorder],
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                failure_config=tune.FailureConfig(max_failures=config.search.max_failures, fail_fast=False),
             ),
         )
+
+    return _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address)
+
+
+def resume_search(
+    run_id: str,
+    *,
+    tracking_uri: str | None = None,
+    out: Callable[[str], None] | None = None,
+    address: str | None = None,
+) -> SearchResult:
+    """Continue a search whose driver died (or was interrupted) from its MLflow parent run.
+
+    Completed trials are kept and not run again; trials that were in flight are run again; the
+    same parent run receives the new trials and the final frontier.
+    """
+    out = out or _stderr
+    started = time.perf_counter()
+    _quiet()
+    tracker = SearchTracker(tracking_uri)
+    try:
+        parent = tracker.attach(run_id)
+    except LookupError as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = tracker.client.download_artifacts(run_id, "config.yaml", tmp)
+        config = validate(yaml.safe_load(Path(config_path).read_text()))
+    experiment_path = parent.data.tags.get("secateurs.ray_experiment", "")
+    if not experiment_path or not tune.Tuner.can_restore(experiment_path):
+        raise ConfigError(f"--resume: the Ray Tune state of run {run_id} ({experiment_path or 'not recorded'}) is missing; cannot resume")
+    dense_runs = tracker.child_runs("dense")
+    if not dense_runs:
+        raise ConfigError(f"--resume: run {run_id} has no dense reference run; cannot resume")
+    done, failed, _ = tracker.trial_table()
+    if len(done) + failed >= config.search.num_trials:
+        raise ConfigError(f"--resume: search {run_id} already recorded all {config.search.num_trials} trials; nothing to resume")
+    prepared = _prepare(config, out, checkpoint=dense_runs[0].data.tags["secateurs.checkpoint"])
+    tracker.group_names = [g.name for g in prepared.space.groups]
+    dense = dict(dense_runs[0].data.metrics)
+    config_name = parent.data.tags.get("secateurs.config_name", "search")
+    out(f"resuming search {run_id}: {len(done)} trials completed, {failed} failed, budget {config.search.num_trials}")
+    tracker.set_running()
+
+    def make_tuner(recorder: TrialRecorder) -> tune.Tuner:
+        tuner = tune.Tuner.restore(experiment_path, trainable=_tuner_parts(config, prepared, dense), resume_unfinished=True)
+        # The restored RunConfig carries a pickled copy of the old recorder; record with this one.
+        tuner._local_tuner.get_run_config().callbacks = [recorder]
+        return tuner
+
+    return _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address)
+
+
+def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address) -> SearchResult:
+    recorder = TrialRecorder(tracker, prepared.space, config.search.num_trials, out)
+    status = "FAILED"
+    started_ray = False
+    try:
+        started_ray = _init_ray(address)
+        tuner = make_tuner(recorder)
         out(f"searching {config.search.num_trials} policies with {config.search.sampler} "
             f"({config.search.max_concurrent} at a time); MLflow run {tracker.parent_run_id}")
         tuner.fit()
-        status = "FINISHED"
+        rows, failed, _ = tracker.trial_table()
+        if len(rows) + failed < config.search.num_trials:
+            status = "KILLED"  # Tune ends fit() quietly on Ctrl-C
+            out(f"interrupted: resume with `secateurs search --resume {tracker.parent_run_id}`")
+        else:
+            status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        out("interrupted: recording the frontier of the trials completed so far")
+        out(f"interrupted: resume with `secateurs search --resume {tracker.parent_run_id}`")
     finally:
         if started_ray:
             ray.shutdown()
-        result = _finish(tracker, recorder, dense, config_name, status, started, out)
+        result = _finish(tracker, prepared.space, dense, config_name, status, started, out)
     return result
 
 
-def _finish(tracker: SearchTracker, recorder: TrialRecorder, dense: dict[str, float], config_name: str, status: str, started: float, out: Callable[[str], None]) -> SearchResult:
-    trials = pd.DataFrame(recorder.rows)
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _quiet() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def _policy_json(row: pd.Series, params: dict[str, str], space: SearchSpace) -> str:
+    values: dict[str, Any] = {k: float(v) for k, v in params.items() if k.startswith("ratio.")}
+    values["criterion"] = params.get("policy.criterion")
+    values["granularity"] = params.get("policy.granularity")
+    return space.policy(values).to_json()
+
+
+def _finish(tracker: SearchTracker, space: SearchSpace, dense: dict[str, float], config_name: str, status: str, started: float, out: Callable[[str], None]) -> SearchResult:
+    rows, num_failed, _ = tracker.trial_table()  # MLflow is the record: the frontier is computed from it
+    trials = pd.DataFrame(rows)
     if len(trials):
-        trials = frontier.frontier_table(trials)
+        params = {run.info.run_id: run.data.params for run in tracker.child_runs("trial")}
+        trials["policy"] = [_policy_json(row, params[row.run_id], space) for row in trials.itertuples()]
+        trials = frontier.frontier_table(trials.sort_values("trial").reset_index(drop=True))
         tracker.tag_pareto(dict(zip(trials["run_id"], trials["pareto"].astype(bool))))
         front = trials[trials["pareto"]].sort_values("latency_ms").reset_index(drop=True)
     else:
@@ -245,7 +356,7 @@ def _finish(tracker: SearchTracker, recorder: TrialRecorder, dense: dict[str, fl
     wall_s = time.perf_counter() - started
     tracker.log_search_metrics({
         "trials_completed": len(trials),
-        "trials_failed": recorder.num_failed,
+        "trials_failed": num_failed,
         "frontier_size": len(front),
         "wall_time_s": wall_s,
     })
@@ -254,8 +365,8 @@ def _finish(tracker: SearchTracker, recorder: TrialRecorder, dense: dict[str, fl
         out("\nPareto frontier (accuracy max, latency_ms min, size_mb min):\n" + _format_frontier(front))
     else:
         out("\nno trial completed: the frontier is empty")
-    out(f"\n{len(trials)} trials completed, {recorder.num_failed} failed, {len(front)} on the frontier, "
-        f"{wall_s:.1f} s wall time")
+    out(f"\n{len(trials)} trials completed, {num_failed} failed, {len(front)} on the frontier, "
+        f"{wall_s:.1f} s wall time ({status.lower()})")
     out(f"MLflow: {ui_command(tracker.tracking_uri)}\n  then open http://127.0.0.1:5000/{tracker.experiment_url()}")
     return SearchResult(
         tracking_uri=tracker.tracking_uri,
@@ -264,6 +375,7 @@ def _finish(tracker: SearchTracker, recorder: TrialRecorder, dense: dict[str, fl
         trials=trials,
         frontier=front,
         dense=dense,
-        num_failed=recorder.num_failed,
+        num_failed=num_failed,
         wall_s=wall_s,
+        status=status,
     )

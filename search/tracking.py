@@ -45,9 +45,11 @@ def _default_artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
-def _params(policy: Policy) -> list[Param]:
+def _params(policy: Policy, groups: list[str]) -> list[Param]:
+    """The policy as MLflow params: one ``ratio.<group>`` for every group (0.0 = kept whole), so
+    that the runs table and parallel-coordinates view show every dimension."""
     items = {"policy.criterion": policy.criterion, "policy.granularity": policy.granularity}
-    items.update({f"ratio.{group}": f"{ratio:g}" for group, ratio in policy.ratios.items()})
+    items.update({f"ratio.{group}": repr(float(policy.ratios.get(group, 0.0))) for group in groups})
     return [Param(k, str(v)) for k, v in items.items()]
 
 
@@ -64,6 +66,7 @@ class SearchTracker:
         self.client = MlflowClient(self.tracking_uri)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
+        self.group_names: list[str] = []  # every prunable group, for ratio.<group> params
 
     def start_search(self, experiment: str, run_name: str, *, config_yaml: str, params: Mapping[str, Any], space: list[dict] | None = None) -> str:
         found = self.client.get_experiment_by_name(experiment)
@@ -80,6 +83,51 @@ class SearchTracker:
         if space is not None:
             self.client.log_text(self.parent_run_id, json.dumps(space, indent=2), "space.json")
         return self.parent_run_id
+
+    def attach(self, parent_run_id: str) -> Any:
+        """Continue recording into an existing search's parent run (for ``--resume``)."""
+        try:
+            run = self.client.get_run(parent_run_id)
+        except mlflow.exceptions.MlflowException:
+            raise LookupError(f"run id {parent_run_id!r} is not in the tracking store {self.tracking_uri}") from None
+        kind = run.data.tags.get(KIND)
+        if kind != "search":
+            raise LookupError(f"run {parent_run_id} is a secateurs {kind or 'non-secateurs'} run, not a search; pass the parent run id of a search")
+        self.experiment_id = run.info.experiment_id
+        self.parent_run_id = parent_run_id
+        return run
+
+    def set_running(self) -> None:
+        self.client.update_run(self.parent_run_id, status="RUNNING")
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def child_runs(self, kind: str) -> list:
+        """The search's child runs of one kind (``trial``, ``dense``), oldest first."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT}` = '{self.parent_run_id}' and tags.`{KIND}` = '{kind}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=50000,
+        )
+
+    def trial_table(self) -> tuple[list[dict[str, Any]], int, set[str]]:
+        """What MLflow holds of the search's trials: rows of the completed ones, the number that
+        failed, and the Ray trial ids already recorded."""
+        rows, failed, seen = [], 0, set()
+        for run in self.child_runs("trial"):
+            seen.add(run.data.tags.get("secateurs.ray_trial_id", ""))
+            if run.info.status != "FINISHED":
+                failed += 1
+                continue
+            rows.append({
+                "run_id": run.info.run_id,
+                "trial": int(run.data.tags.get("secateurs.trial", 0)),
+                "criterion": run.data.params.get("policy.criterion"),
+                **{k: v for k, v in run.data.metrics.items()},
+            })
+        return rows, failed, seen
 
     def _child(self, run_name: str, kind: str, tags: Mapping[str, str] | None = None) -> str:
         if self.parent_run_id is None:
@@ -99,7 +147,7 @@ class SearchTracker:
 
     def log_trial(self, index: int, policy: Policy, metrics: Mapping[str, float], tags: Mapping[str, str] | None = None) -> str:
         run_id = self._child(f"trial-{index:04d}", "trial", {"secateurs.trial": str(index), **(tags or {})})
-        self.client.log_batch(run_id, params=_params(policy))
+        self.client.log_batch(run_id, params=_params(policy, self.group_names or sorted(policy.ratios)))
         self._log_metrics(run_id, metrics)
         self.client.log_text(run_id, policy.to_json(), "policy.json")
         self.client.set_terminated(run_id, "FINISHED")
@@ -109,7 +157,7 @@ class SearchTracker:
         summary = error.strip().splitlines()[-1][:500] if error.strip() else "unknown error"
         run_id = self._child(f"trial-{index:04d}", "trial", {"secateurs.trial": str(index), "secateurs.error": summary, **(tags or {})})
         if policy is not None:
-            self.client.log_batch(run_id, params=_params(policy))
+            self.client.log_batch(run_id, params=_params(policy, self.group_names or sorted(policy.ratios)))
             self.client.log_text(run_id, policy.to_json(), "policy.json")
         self.client.log_text(run_id, error or summary, "error.txt")
         self.client.set_terminated(run_id, "FAILED")

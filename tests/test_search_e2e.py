@@ -74,12 +74,12 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
         params = run.data.params
         assert params["policy.granularity"] == "channel"
         assert params["policy.criterion"] in {"l1", "l2", "random"}
-        assert not any(k.startswith("ratio.classifier") for k in params)  # excluded by the rule
+        assert params["ratio.classifier.1"] == "0.0"  # excluded by the rule: logged, never pruned
         for key in ("accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params"):
             assert key in run.data.metrics
         policy_path = client.download_artifacts(run.info.run_id, "policy.json", str(tmp_path / run.info.run_id))
         policy = Policy.from_json(Path(policy_path).read_text())
-        assert {f"ratio.{g}": f"{r:g}" for g, r in policy.ratios.items()} == {k: v for k, v in params.items() if k.startswith("ratio.")}
+        assert {g: r for g, r in policy.ratios.items()} == {k[6:]: float(v) for k, v in params.items() if k.startswith("ratio.") and float(v) > 0}
         assert set(policy.ratios) <= set(searched)
         assert run.data.metrics["accuracy_drop"] == pytest.approx(result.dense["accuracy"] - run.data.metrics["accuracy"])
         if policy.ratios:
