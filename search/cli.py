@@ -22,7 +22,48 @@ def _parser() -> argparse.ArgumentParser:
                         help="continue the search recorded in this MLflow parent run (after a crash or Ctrl-C)")
     search.add_argument("--address", default=None,
                         help="Ray cluster to run on: auto, HOST:PORT or ray://HOST:PORT (default: $RAY_ADDRESS, else a local Ray)")
+    _production_parsers(commands)
     return parser
+
+
+def _production_parsers(commands) -> None:
+    """frontier, compare, pick and ui: from a finished search to a shipped model (search.production)."""
+    frontier = commands.add_parser("frontier", help="print the frontier of a search (and write it as CSV/JSON)")
+    frontier.add_argument("run_id", metavar="RUN_ID", help="the search's MLflow run id (the parent run)")
+    frontier.add_argument("--all", action="store_true", help="every completed trial, with a pareto column, not only the frontier")
+    frontier.add_argument("--csv", metavar="PATH", help="write the table as CSV (full run ids, ratio per group)")
+    frontier.add_argument("--json", metavar="PATH", help="write the table as JSON, with the dense reference")
+    frontier.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+
+    compare = commands.add_parser("compare", help="overlay the frontiers of several searches in one table and plot")
+    compare.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="search run ids (parent runs)")
+    compare.add_argument("--out", metavar="PNG", help="write the overlay plot (accuracy vs latency and vs size)")
+    compare.add_argument("--csv", metavar="PATH", help="write the union of the frontiers as CSV")
+    compare.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+
+    pick = commands.add_parser("pick", help="choose a frontier policy under constraints; rebuild, export and register it")
+    pick.add_argument("run_id", metavar="RUN_ID", help="the search's MLflow run id (the parent run)")
+    pick.add_argument("--min-accuracy", type=float, metavar="A", help="keep policies with accuracy >= A")
+    pick.add_argument("--max-accuracy-drop", type=float, metavar="D", help="keep policies at most D below the dense accuracy")
+    pick.add_argument("--max-latency-ms", type=float, metavar="MS", help="keep policies with latency_ms <= MS (as the search measured)")
+    pick.add_argument("--max-size-mb", type=float, metavar="MB", help="keep policies with size_mb <= MB")
+    pick.add_argument("--prefer", default="knee", choices=("knee", "accuracy", "latency_ms", "size_mb"),
+                      help="among the policies left: the knee of the frontier (default) or the best of one metric")
+    pick.add_argument("--trial", metavar="N|RUN_ID", help="take this trial of the search (number or run id) instead of choosing")
+    pick.add_argument("--finetune-epochs", type=float, metavar="N",
+                      help="rebuild and fine-tune for N epochs (default: as the search did), then measure as the search did")
+    pick.add_argument("--out", metavar="DIR", help="export policy.json, model.pt, model.pt2, model.onnx, metrics.json, MODEL_CARD.md")
+    pick.add_argument("--force", action="store_true", help="with --out: replace the export files in a non-empty DIR")
+    pick.add_argument("--onnx-tolerance", type=float, default=1e-4, metavar="T",
+                      help="largest max-abs difference allowed between ONNX/pt2 and torch outputs (default: 1e-4)")
+    pick.add_argument("--register", metavar="NAME", help="log the model (a kind=export run) and register it in the MLflow Model Registry")
+    pick.add_argument("--alias", default=None, metavar="ALIAS", help="with --register: the alias to set (default: candidate)")
+    pick.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+
+    ui = commands.add_parser("ui", help="start the MLflow UI on the tracking store (foreground; Ctrl-C stops it)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    ui.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
 
 
 def _fail(message: str) -> int:
@@ -59,7 +100,120 @@ def _search(args: argparse.Namespace) -> int:
     return 0 if result.status == "FINISHED" else 130
 
 
-COMMANDS = {"search": _search}
+def _production(handler):
+    """Run a frontier/compare/pick/ui handler: bad input is one line on stderr and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        import logging
+
+        from search.pick import ProductionError
+        from search.tracking import resolve_tracking_uri
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        try:
+            return handler(args, resolve_tracking_uri(args.tracking_uri))
+        except ValueError as exc:  # ProductionError, and task factories reporting bad input
+            return _fail(str(exc))
+
+    return run
+
+
+def _frontier(args: argparse.Namespace, uri: str) -> int:
+    from search.pick import format_table, load_search
+    from search.production import describe_search, write_frontier
+
+    record = load_search(args.run_id, uri)
+    table = record.trials if args.all else record.frontier
+    print(describe_search(record))
+    if len(table):
+        columns = ["trial", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params"]
+        print(format_table(table, columns + (["pareto"] if args.all else []) + ["run_id"]))
+    for path in write_frontier(record, table, csv=args.csv, json_path=args.json):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _compare(args: argparse.Namespace, uri: str) -> int:
+    from search.pick import format_table, load_search
+    from search.production import compare_tables, plot_compare
+
+    records = [load_search(run_id, uri) for run_id in dict.fromkeys(args.run_ids)]
+    summary, combined = compare_tables(records)
+    print(summary.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("(hypervolume: each objective scaled to [0, 1] over all the frontiers shown, reference 1.1; larger is better)")
+    if len({r.config.task.name for r in records}) > 1:
+        print("note: these searches are on different tasks; their accuracies are not comparable")
+    if len(combined):
+        print("\nunion of the frontiers, fastest first (overall = non-dominated among all of them):")
+        print(format_table(combined, ["search", "trial", "criterion", "accuracy", "latency_ms", "size_mb", "overall", "run_id"]))
+    if args.csv:
+        path = Path(args.csv).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        combined.to_csv(path, index=False)
+        print(f"wrote {path}", file=sys.stderr)
+    if args.out:
+        print(f"wrote {plot_compare(records, args.out)}", file=sys.stderr)
+    return 0
+
+
+def _pick_command(args: argparse.Namespace) -> str:
+    """The pick command line as parsed (for the model card)."""
+    import shlex
+
+    words = [PROG, "pick", args.run_id]
+    for flag in ("min_accuracy", "max_accuracy_drop", "max_latency_ms", "max_size_mb", "trial", "finetune_epochs",
+                 "out", "register", "alias", "tracking_uri"):
+        value = getattr(args, flag)
+        if value is not None:
+            words += [f"--{flag.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    if args.prefer != "knee":
+        words += ["--prefer", args.prefer]
+    return shlex.join(words)
+
+
+def _pick(args: argparse.Namespace, uri: str) -> int:
+    from search.pick import Constraints
+    from search.production import format_pick, pick
+    from search.registry import DEFAULT_ALIAS
+
+    if args.alias is not None and args.register is None:
+        return _fail("--alias needs --register NAME")
+    if args.force and args.out is None:
+        return _fail("--force applies only with --out DIR")
+    constraints = Constraints(args.min_accuracy, args.max_accuracy_drop, args.max_latency_ms, args.max_size_mb)
+    if args.trial is not None and constraints.active():
+        return _fail("--trial takes the trial given: it cannot be combined with constraints")
+    result = pick(
+        args.run_id,
+        constraints=constraints,
+        prefer=args.prefer,
+        trial=args.trial,
+        finetune_epochs=args.finetune_epochs,
+        out=args.out,
+        force=args.force,
+        register=args.register,
+        alias=args.alias or DEFAULT_ALIAS,
+        onnx_tolerance=args.onnx_tolerance,
+        tracking_uri=uri,
+        command=_pick_command(args),
+    )
+    print(format_pick(result))
+    return 0
+
+
+def _ui(args: argparse.Namespace, uri: str) -> int:
+    from search.production import serve_ui
+
+    return serve_ui(uri, args.host, args.port)
+
+
+COMMANDS = {
+    "search": _search,
+    "frontier": _production(_frontier),
+    "compare": _production(_compare),
+    "pick": _production(_pick),
+    "ui": _production(_ui),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

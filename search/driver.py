@@ -81,7 +81,8 @@ class TrialRecorder(tune.Callback):
             index = self._index()
             policy = self.space.policy(trial.config)
             metrics = {k: float(v) for k, v in result.items() if k in _REPORTED and isinstance(v, (int, float))}
-            run_id = self.tracker.log_trial(index, policy, metrics, tags={"secateurs.ray_trial_id": trial.trial_id})
+            tags = {"secateurs.ray_trial_id": trial.trial_id, "secateurs.node_id": str(result.get("node_id", ""))}
+            run_id = self.tracker.log_trial(index, policy, metrics, tags=tags)
             self.recorded.add(trial.trial_id)
             self.rows.append({"run_id": run_id, "trial": index, "criterion": policy.criterion, **metrics})
             self._progress(index, f"acc {metrics['accuracy']:.4f}  {metrics['latency_ms']:.3f} ms  {metrics['size_mb']:.3f} MB")
@@ -338,7 +339,7 @@ def _policy_json(row: pd.Series, params: dict[str, str], space: SearchSpace) -> 
 
 def _finish(tracker: SearchTracker, space: SearchSpace, dense: dict[str, float], config_name: str, status: str, started: float, out: Callable[[str], None]) -> SearchResult:
     rows, num_failed, _ = tracker.trial_table()  # MLflow is the record: the frontier is computed from it
-    trials = pd.DataFrame(rows)
+    trials = pd.DataFrame(rows, columns=None if rows else ["run_id", "trial", "criterion", *frontier.OBJECTIVES])
     if len(trials):
         params = {run.info.run_id: run.data.params for run in tracker.child_runs("trial")}
         trials["policy"] = [_policy_json(row, params[row.run_id], space) for row in trials.itertuples()]

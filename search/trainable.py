@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import ray
 from ray import tune
 
 from evaluators.tasks import TaskConfig, make_task
@@ -36,4 +37,4 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         dense_accuracy=context.dense_accuracy,
         dense_params=context.dense_params,
     )
-    tune.report(metrics.to_dict())
+    tune.report({**metrics.to_dict(), "node_id": ray.get_runtime_context().get_node_id()})

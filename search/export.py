@@ -1,0 +1,245 @@
+"""Ship a chosen policy: rebuild it, write deployable files, log and register it in MLflow.
+
+Files written by :func:`write_export` (staged in a temporary folder and moved into place only
+when every check passed, so a failure overwrites nothing):
+
+- ``policy.json`` — the :class:`~spaces.Policy` (replayed on the dense model it rebuilds the shapes);
+- ``model.pt`` — ``{"format", "policy", "state_dict", "input", "meta"}``, plain data that loads with
+  ``torch.load(weights_only=True)``; :func:`load_pruned` turns it back into a module;
+- ``model.pt2`` — a ``torch.export`` program (``torch.export.load(path).module()``), batch dimension dynamic;
+- ``model.onnx`` — one self-contained file, its outputs checked against torch with onnxruntime;
+- ``metrics.json`` and ``MODEL_CARD.md``.
+
+>>> model = load_pruned(task, "export/model.pt")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from evaluators import pruning
+from search.pick import ProductionError
+from spaces import Policy
+
+FORMAT = "secateurs.pruned-model/1"
+EXPORT_FILES = ("policy.json", "model.pt", "model.pt2", "model.onnx", "metrics.json", "MODEL_CARD.md")
+TASK_TAG = "secateurs.task"
+MODEL_CLASS_TAG = "secateurs.model_class"
+
+
+class ExportError(ProductionError):
+    """An export whose result failed a check (e.g. ONNX outputs that differ from torch)."""
+
+
+def model_identity(task_name: str, model: nn.Module) -> dict[str, str]:
+    """What a registered model must agree on to take a new version: the task and the model class."""
+    cls = type(model)
+    return {TASK_TAG: task_name, MODEL_CLASS_TAG: f"{cls.__module__}.{cls.__qualname__}"}
+
+
+# --- model.pt and load_pruned ----------------------------------------------------------------
+
+def save_weights(model: nn.Module, policy: Policy, path: str | Path, example_inputs: torch.Tensor, meta: Mapping[str, str] | None = None) -> Path:
+    """Write ``model.pt``: the policy and the pruned state dict, as plain data (no pickled code)."""
+    path = Path(path)
+    torch.save({
+        "format": FORMAT,
+        "policy": policy.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "input": {"shape": [1, *example_inputs.shape[1:]], "dtype": str(example_inputs.dtype).removeprefix("torch.")},
+        "meta": {str(k): str(v) for k, v in (meta or {}).items()},
+    }, path)
+    return path
+
+
+def load_pruned(task_or_model_factory: Any, path: str | Path, example_inputs: torch.Tensor | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_weights`: a fresh dense model (from a task's
+    ``build_model`` or a zero-argument factory), pruned by the saved policy to get the pruned
+    shapes, then loaded with the saved weights. Returns it in eval mode on the CPU.
+
+    >>> from evaluators.models import DigitsCNN
+    >>> model = load_pruned(DigitsCNN, "export/model.pt")  # doctest: +SKIP
+    """
+    saved = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ProductionError(f"{str(path)!r} is not a secateurs pruned model (expected format {FORMAT!r})")
+    if hasattr(task_or_model_factory, "build_model"):
+        model = task_or_model_factory.build_model()
+    elif callable(task_or_model_factory):
+        model = task_or_model_factory()
+    else:
+        raise TypeError(f"load_pruned needs a task (with build_model) or a model factory, but got {task_or_model_factory!r}")
+    if example_inputs is None:
+        spec = saved["input"]
+        example_inputs = torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+    policy = Policy.from_dict(saved["policy"])
+    model.eval()
+    if policy.ratios:
+        pruning.apply(policy, model, example_inputs)
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as exc:
+        first = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        raise ProductionError(f"{str(path)!r} does not fit {type(model).__name__} pruned by its policy: {first}") from None
+    return model.eval()
+
+
+# --- torch.export and ONNX -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_exporters():
+    """torch.export/ONNX print progress, deprecation warnings and 'torchvision is not installed' lines."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_program(model: nn.Module, example_inputs: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` the model with the batch dimension dynamic where the model allows it."""
+    with _quiet_exporters():
+        return torch.export.export(model, (example_inputs,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+
+
+def _flat(outputs: Any) -> list[np.ndarray]:
+    return [t.detach().cpu().numpy() for t in pruning._flat_tensors(outputs)]
+
+
+def max_abs_diff(expected: list[np.ndarray], got: list[np.ndarray]) -> float:
+    if len(expected) != len(got):
+        return math.inf
+    diffs = [float(np.abs(np.asarray(g, dtype=np.float64) - e).max()) if e.shape == np.shape(g) else math.inf
+             for e, g in zip(expected, got)]
+    return max(diffs, default=0.0)
+
+
+def write_onnx(program: torch.export.ExportedProgram, path: Path) -> Path:
+    with _quiet_exporters():
+        torch.onnx.export(program, f=str(path), dynamo=True, external_data=False, verbose=False,
+                          input_names=["input"], output_names=["output"])
+    return path
+
+
+def onnx_outputs(path: Path, inputs: torch.Tensor) -> list[np.ndarray]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return list(session.run(None, {session.get_inputs()[0].name: inputs.detach().cpu().numpy()}))
+
+
+# --- the export folder -------------------------------------------------------------------------
+
+def check_out_dir(out: str | Path, force: bool) -> Path:
+    """``out`` must be absent, an empty folder, or (with ``force``) a folder whose files we may replace."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ProductionError(f"--out {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ProductionError(f"--out {str(out)!r} exists and is not empty; choose another directory or pass --force to replace its export files")
+    return out
+
+
+def stage_export(stage: Path, model: nn.Module, policy: Policy, example_inputs: torch.Tensor, check_inputs: torch.Tensor, *, tolerance: float, meta: Mapping[str, str]) -> dict[str, float]:
+    """Write policy.json, model.pt, model.pt2 and model.onnx into ``stage`` and check each
+    reloads to the same outputs as ``model`` on ``check_inputs``. Returns the max abs diffs."""
+    model = model.cpu().eval()
+    with torch.no_grad():
+        expected = _flat(model(check_inputs))
+    (stage / "policy.json").write_text(policy.to_json() + "\n")
+    save_weights(model, policy, stage / "model.pt", example_inputs, meta)
+    program = export_program(model, example_inputs)
+    torch.export.save(program, str(stage / "model.pt2"))
+    with torch.no_grad():
+        pt2_diff = max_abs_diff(expected, _flat(torch.export.load(str(stage / "model.pt2")).module()(check_inputs)))
+    if pt2_diff > tolerance:
+        raise ExportError(f"model.pt2 outputs differ from the torch model by {pt2_diff:.3g} (max abs), above the tolerance {tolerance:g}")
+    write_onnx(program, stage / "model.onnx")
+    onnx_diff = max_abs_diff(expected, onnx_outputs(stage / "model.onnx", check_inputs))
+    if onnx_diff > tolerance:
+        raise ExportError(f"model.onnx outputs differ from the torch model by {onnx_diff:.3g} (max abs over "
+                          f"{len(check_inputs)} test inputs), above the tolerance {tolerance:g} (--onnx-tolerance); nothing was written")
+    return {"pt2_max_abs_diff": pt2_diff, "onnx_max_abs_diff": onnx_diff}
+
+
+def publish(stage: Path, out: Path) -> list[Path]:
+    """Move the staged files into ``out`` (created if needed); a stale export file there that this
+    export did not write (e.g. an old model.onnx) is removed, anything else is left alone."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in EXPORT_FILES:
+        source, target = stage / name, out / name
+        if source.exists():
+            os.replace(source, target) if _same_device(stage, out) else shutil.move(str(source), str(target))
+            written.append(target)
+        elif target.is_file():
+            target.unlink()
+    return written
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
+def staging_dir(out: Path | None) -> tempfile.TemporaryDirectory:
+    """A temporary folder beside ``out`` (same filesystem, so files move into place atomically)."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.staging-")
+    return tempfile.TemporaryDirectory(prefix="secateurs-export-")
+
+
+# --- MODEL_CARD.md ---------------------------------------------------------------------------
+
+_CARD_METRICS = ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms", "size_mb", "macs", "params")
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
+        return f"{int(value):,}"
+    return f"{float(value):.4f}"
+
+
+def model_card(*, title: str, columns: Mapping[str, Mapping[str, float]], facts: list[tuple[str, str]], policy: Policy, command: str, loading: list[str]) -> str:
+    """A short Markdown card: metrics side by side, how the model was made, how to load it."""
+    names = list(columns)
+    lines = [f"# {title}", "", "## Metrics", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for metric in _CARD_METRICS:
+        lines.append(f"| {metric} | " + " | ".join(_cell(columns[n].get(metric)) for n in names) + " |")
+    lines += ["", "Latency: median of timed forward passes (p10/p90 beside it) as configured in the search's "
+              "`measure` section; columns measured in the same process are comparable, across runs less so.", "",
+              "## How it was made", ""]
+    lines += [f"- {key}: {value}" for key, value in facts]
+    lines += ["", "Policy (fraction of channels removed per prunable group):", "", "```json", policy.to_json(), "```",
+              "", "Command:", "", "```", command, "```", "", "## Loading", ""]
+    lines += loading
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> Path:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    return path
+

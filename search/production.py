@@ -1,0 +1,401 @@
+"""From frontier to production: the work behind ``secateurs frontier | compare | pick | ui``.
+
+``pick`` reads a search back from MLflow, chooses a frontier policy under constraints, replays it
+on the dense checkpoint with the search's own config (optionally fine-tuning longer), measures it
+as the search did, writes deployable files and logs/registers it in MLflow.
+
+>>> result = pick("3241bd1d4aa04c958a6255df61a85320", constraints=Constraints(max_latency_ms=1.0),
+...               out="export", register="digits-cnn")  # doctest: +SKIP
+>>> print(format_pick(result))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from evaluators.checkpoint import CheckpointError, load_dense
+from evaluators.measure import torch_threads
+from evaluators.tasks import make_task
+from evaluators.trial import measure_model, prune_and_finetune
+from search import frontier
+from search.export import (
+    check_out_dir, model_card, model_identity, publish, stage_export, staging_dir, write_json,
+)
+from search.pick import (
+    PREFERENCES, TABLE_COLUMNS, Constraints, ProductionError, SearchRecord, check_store, choose,
+    find_trial, format_table, load_search, normalised_hypervolume,
+)
+from search.registry import (
+    DEFAULT_ALIAS, check_alias, check_registered_name, log_metrics, log_model, register as register_model,
+    start_export_run,
+)
+from spaces import Policy
+
+Log = Callable[[str], None]
+_SHOWN = ("accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# --- frontier -------------------------------------------------------------------------------
+
+def describe_search(record: SearchRecord) -> str:
+    d = record.dense
+    front = record.frontier
+    note = "" if record.pareto_from_tags else " (computed now: the search has not tagged its frontier)"
+    return (f"search {record.run_name} ({record.run_id}), {record.status}, task {record.config.task.name}, "
+            f"sampler {record.config.search.sampler}\n"
+            f"dense: acc {d.get('accuracy', float('nan')):.4f}  {d.get('latency_ms', float('nan')):.3f} ms  "
+            f"{d.get('size_mb', float('nan')):.3f} MB  {int(d.get('macs', 0)):,} MACs\n"
+            f"{len(record.trials)} trials completed, {len(front)} on the frontier{note}")
+
+
+def export_columns(table: pd.DataFrame) -> list[str]:
+    extra = ["latency_p10_ms", "latency_p90_ms", "param_sparsity"]
+    ratios = sorted(c for c in table.columns if c.startswith("ratio."))
+    return [c for c in TABLE_COLUMNS + extra + ["pareto"] + ratios if c in table.columns]
+
+
+def write_frontier(record: SearchRecord, table: pd.DataFrame, *, csv: str | None = None, json_path: str | None = None) -> list[Path]:
+    """Write ``table`` (frontier or all trials) as CSV (full run ids) and/or JSON (with the dense reference)."""
+    written = []
+    columns = export_columns(table)
+    if csv:
+        path = Path(csv).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table[columns].to_csv(path, index=False)
+        written.append(path)
+    if json_path:
+        path = Path(json_path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {
+            "search_run_id": record.run_id, "run_name": record.run_name, "tracking_uri": record.tracking_uri,
+            "task": record.config.task.name, "objectives": frontier.OBJECTIVES, "dense": record.dense,
+            "rows": json.loads(table[columns].to_json(orient="records", double_precision=15)),
+        })
+        written.append(path)
+    return written
+
+
+# --- compare --------------------------------------------------------------------------------
+
+def compare_tables(records: list[SearchRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A summary row per search and the union of their frontiers (``overall`` = non-dominated in the union)."""
+    fronts = [r.frontier for r in records]
+    volumes = normalised_hypervolume(fronts)
+    summary = pd.DataFrame([{
+        "search": r.label, "task": r.config.task.name, "sampler": r.config.search.sampler,
+        "trials": len(r.trials), "frontier": len(f),
+        "best_accuracy": f["accuracy"].max() if len(f) else float("nan"),
+        "min_latency_ms": f["latency_ms"].min() if len(f) else float("nan"),
+        "min_size_mb": f["size_mb"].min() if len(f) else float("nan"),
+        "hypervolume": hv, "run_id": r.run_id,
+    } for r, f, hv in zip(records, fronts, volumes)])
+    parts = [f.assign(search=r.label, search_run_id=r.run_id) for r, f in zip(records, fronts) if len(f)]
+    combined = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["search", *TABLE_COLUMNS])
+    if len(combined):
+        combined = frontier.frontier_table(combined.drop(columns=["pareto"])).rename(columns={"pareto": "overall"})
+        combined = combined.sort_values("latency_ms", kind="stable").reset_index(drop=True)
+    return summary, combined
+
+
+def plot_compare(records: list[SearchRecord], path: str | Path) -> Path:
+    """accuracy vs latency_ms and vs size_mb: each search's trials (faint), frontier (step line) and dense star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    try:
+        for ax, (column, label) in zip(axes, (("latency_ms", "latency (ms)"), ("size_mb", "size (MB)"))):
+            for i, record in enumerate(records):
+                color = colors[i % len(colors)]
+                if len(record.trials):
+                    ax.scatter(record.trials[column], record.trials["accuracy"], s=12, color=color, alpha=0.2, zorder=1)
+                front = record.frontier.sort_values(column, kind="stable")
+                if len(front):
+                    ax.step(front[column], front["accuracy"], where="post", color=color, linewidth=1.2, zorder=2)
+                    ax.scatter(front[column], front["accuracy"], s=28, color=color, zorder=3,
+                               label=f"{record.label}: {len(front)} on frontier")
+                if column in record.dense and "accuracy" in record.dense:
+                    ax.scatter([record.dense[column]], [record.dense["accuracy"]], marker="*", s=180, color=color,
+                               edgecolors="black", zorder=4)
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy")
+            ax.grid(True, alpha=0.3)
+            ax.legend(loc="lower right", fontsize="small")
+        fig.suptitle("frontiers compared (stars: dense models)")
+        fig.tight_layout()
+        fig.savefig(out, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out
+
+
+# --- pick -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PickResult:
+    """What ``pick`` chose and, when it rebuilt the model, what it measured and where it shipped it."""
+
+    record: SearchRecord
+    trial: pd.Series
+    policy: Policy
+    reason: str
+    finetune_epochs: float | None = None
+    final: dict[str, float] | None = None          # the rebuilt model, measured now
+    dense_now: dict[str, float] | None = None      # the dense model, measured now (back to back)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    out_dir: Path | None = None
+    files: list[Path] = dataclasses.field(default_factory=list)
+    check_diffs: dict[str, float] = dataclasses.field(default_factory=dict)
+    export_run_id: str | None = None
+    model_uri: str | None = None
+    registered: tuple[str, str, str] | None = None  # name, version, alias
+    model: torch.nn.Module | None = None
+
+
+def trial_policy(client: MlflowClient, run_id: str) -> Policy:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return Policy.from_json(Path(client.download_artifacts(run_id, "policy.json", tmp)).read_text())
+        except (MlflowException, OSError, ValueError) as exc:
+            raise ProductionError(f"trial run {run_id} has no readable policy.json: {exc}") from None
+
+
+def _reason(record: SearchRecord, constraints: Constraints, prefer: str, trial: str | None) -> str:
+    if trial is not None:
+        return f"asked for with --trial {trial}"
+    feasible = int(constraints.satisfied_by(record.frontier).sum())
+    what = "knee" if prefer == "knee" else f"best {prefer}"
+    scope = (f"the {feasible} of {len(record.frontier)} frontier policies that satisfy {constraints.describe()}"
+             if constraints.active() else f"all {len(record.frontier)} frontier policies")
+    return f"{what} of {scope}"
+
+
+def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str = "knee", trial: str | None = None,
+         finetune_epochs: float | None = None, out: str | Path | None = None, force: bool = False,
+         register: str | None = None, alias: str = DEFAULT_ALIAS, onnx_tolerance: float = 1e-4,
+         tracking_uri: str | None = None, command: str | None = None, log: Log = _stderr) -> PickResult:
+    """Choose a policy of search ``run_id``; with ``finetune_epochs``, ``out`` or ``register`` also
+    rebuild, measure, export and register it. Every input is checked before any work is done."""
+    if prefer not in PREFERENCES:
+        raise ProductionError(f"--prefer: unknown preference {prefer!r}; valid: {', '.join(PREFERENCES)}")
+    if finetune_epochs is not None and not finetune_epochs >= 0:
+        raise ProductionError(f"--finetune-epochs must be >= 0, but got {finetune_epochs}")
+    if not onnx_tolerance > 0:
+        raise ProductionError(f"--onnx-tolerance must be > 0, but got {onnx_tolerance}")
+    record = load_search(run_id, tracking_uri)
+    row = find_trial(record, trial) if trial is not None else choose(record.frontier, constraints, prefer)
+    out_dir = check_out_dir(out, force) if out is not None else None
+    client = MlflowClient(record.tracking_uri)
+    config = record.config
+    task = make_task(config.task)
+    identity = model_identity(config.task.name, task.build_model())
+    if register is not None:
+        check_registered_name(client, register, identity)
+        check_alias(alias)
+    policy = trial_policy(client, row["run_id"])
+    result = PickResult(record, row, policy, _reason(record, constraints, prefer, trial), finetune_epochs)
+    if finetune_epochs is None and out_dir is None and register is None:
+        return result
+
+    if not record.checkpoint or not Path(record.checkpoint).is_file():
+        raise ProductionError(f"the dense checkpoint {record.checkpoint!r} that search {record.run_id} recorded does not exist any more")
+    finetune = config.finetune if finetune_epochs is None else dataclasses.replace(config.finetune, epochs=finetune_epochs)
+    threads = max(1, int(config.search.cpus_per_trial))  # a Ray trial gets OMP_NUM_THREADS = its CPUs
+    log(f"rebuilding trial {int(row['trial'])}: prune the dense model, fine-tune {finetune.epochs:g} epochs "
+        f"({threads} torch thread{'s' if threads > 1 else ''}, as a trial), measure")
+    try:
+        with torch_threads(threads):
+            model, timings = prune_and_finetune(policy, task, record.checkpoint, finetune, config.measure.resolve_device())
+        dense_model = load_dense(task, record.checkpoint)
+    except CheckpointError as exc:
+        raise ProductionError(str(exc)) from None
+    final = measure_model(model, task, config.measure)
+    dense_now = measure_model(dense_model, task, config.measure)
+    final["accuracy_drop"] = record.dense.get("accuracy", dense_now["accuracy"]) - final["accuracy"]
+    final["param_sparsity"] = 1.0 - final["params"] / dense_now["params"]
+    final.update(timings)
+    result.final, result.dense_now, result.model = final, dense_now, model
+    result.warnings = [f"measured now, the model misses {v} (the search recorded it within bounds)"
+                       for v in constraints.violations(final)] if trial is None else []
+    if out_dir is None and register is None:
+        return result
+    _ship(result, client, task, identity, out_dir=out_dir, register=register, alias=alias,
+          onnx_tolerance=onnx_tolerance, command=command, log=log)
+    return result
+
+
+def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[str, str], *, out_dir: Path | None,
+          register: str | None, alias: str, onnx_tolerance: float, command: str | None, log: Log) -> None:
+    record, row, model = result.record, result.trial, result.model
+    x_test = task.test_data()[0]
+    example, check = x_test[:2], x_test[:256]
+    meta = {"search_run_id": record.run_id, "trial_run_id": row["run_id"], **identity}
+    epochs = record.config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
+    with staging_dir(out_dir) as tmp:
+        stage = Path(tmp)
+        if out_dir is not None:
+            log("exporting: model.pt, model.pt2 (torch.export), model.onnx (checked with onnxruntime)")
+            result.check_diffs = stage_export(stage, model, result.policy, example, check, tolerance=onnx_tolerance, meta=meta)
+            result.check_diffs["check_inputs"] = len(check)
+        else:
+            (stage / "policy.json").write_text(result.policy.to_json() + "\n")
+        run_id = start_export_run(
+            client, record.experiment_id, record.run_id, f"export-trial-{int(row['trial']):04d}",
+            tags={"secateurs.source_run": row["run_id"], "secateurs.trial": str(int(row["trial"])), **identity},
+            params={"source_run_id": row["run_id"], "finetune.epochs": epochs, "policy.criterion": result.policy.criterion,
+                    **{f"ratio.{g}": f"{r:g}" for g, r in result.policy.ratios.items()}},
+        )
+        result.export_run_id = run_id
+        try:
+            log_metrics(client, run_id, {**{k: v for k, v in result.final.items() if isinstance(v, (int, float))}, **result.check_diffs})
+            log("logging the model to MLflow (pt2)" + (f" and registering it as {register!r}" if register else ""))
+            result.model_uri = log_model(record.tracking_uri, run_id, model, example)
+            if register is not None:
+                version = register_model(client, register, result.model_uri, run_id, registry_uri=record.tracking_uri,
+                                         identity=identity, alias=alias,
+                                         version_tags={"secateurs.search_run": record.run_id, "secateurs.trial_run": row["run_id"],
+                                                       "accuracy": f"{result.final['accuracy']:.6f}"},
+                                         description=f"Pruned {identity['secateurs.model_class']} for task {identity['secateurs.task']} (secateurs).")
+                result.registered = (register, version, alias)
+            write_json(stage / "metrics.json", {"final": result.final, "dense_measured_now": result.dense_now,
+                                                "search_trial": _row_metrics(row), "dense_search": record.dense,
+                                                "checks": result.check_diffs})
+            (stage / "MODEL_CARD.md").write_text(_card(result, command, onnx_tolerance))
+            for name in ("policy.json", "metrics.json", "MODEL_CARD.md"):
+                client.log_artifact(run_id, str(stage / name))
+            if out_dir is not None:
+                result.files = publish(stage, out_dir)
+                result.out_dir = out_dir
+            client.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+
+
+def _row_metrics(row: pd.Series) -> dict[str, float]:
+    return {k: float(row[k]) for k in ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms",
+                                        "size_mb", "macs", "params") if k in row}
+
+
+def _card(result: PickResult, command: str | None, tolerance: float) -> str:
+    record, row = result.record, result.trial
+    config = record.config
+    epochs = config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
+    facts = [
+        ("search run", f"`{record.run_id}` ({record.run_name}, experiment {record.experiment_id}, tracking URI `{record.tracking_uri}`)"),
+        ("source trial", f"trial {int(row['trial'])}, run `{row['run_id']}` ({'on' if row.get('pareto') else 'not on'} the frontier)"),
+        ("chosen as", result.reason),
+        ("task / model", f"{config.task.name} / {result.model.__class__.__module__}.{type(result.model).__qualname__}"),
+        ("dense reference", f"`{record.checkpoint}`"),
+        ("fine-tune", f"{epochs:g} epochs (search: {config.finetune.epochs:g}), lr {config.finetune.lr:g}, batch {config.finetune.batch_size}"),
+        ("measured on", f"{config.measure.device}, batch {config.measure.batch_size}, {config.measure.threads} thread(s), "
+                        f"{config.measure.repeats} timed passes after {config.measure.warmup} warm-up"),
+        ("export run", f"`{result.export_run_id}` (tag secateurs.kind=export)"),
+    ]
+    if result.check_diffs:
+        facts.append(("export checks", f"max abs output diff vs torch on {int(result.check_diffs['check_inputs'])} test inputs: "
+                                       f"model.pt2 {result.check_diffs['pt2_max_abs_diff']:.3g}, "
+                                       f"model.onnx {result.check_diffs['onnx_max_abs_diff']:.3g} (tolerance {tolerance:g})"))
+    loading = [
+        "- `model.pt` (weights + policy, `torch.load(weights_only=True)`): "
+        "`search.export.load_pruned(task_or_model_factory, \"model.pt\")` rebuilds the dense model, applies the policy, loads the weights.",
+        "- `model.pt2`: `torch.export.load(\"model.pt2\").module()` (no Python class needed).",
+        "- `model.onnx`: `onnxruntime.InferenceSession(\"model.onnx\")`, input `input` (dynamic batch), output `output`.",
+    ]
+    if result.registered:
+        name, version, alias = result.registered
+        facts.append(("registered", f"`{name}` version {version}, alias `{alias}`"))
+        loading.append(f"- MLflow: `mlflow.pytorch.load_model(\"models:/{name}@{alias}\")` gives a torch.export program; "
+                       "call it directly (it is in inference mode; `.eval()` is not supported on it).")
+    columns = {"dense (search)": record.dense, f"trial {int(row['trial'])} (search)": _row_metrics(row),
+               "final (measured now)": result.final, "dense (measured now)": result.dense_now}
+    return model_card(title=f"Pruned {config.task.name} model from search {record.run_name}", columns=columns, facts=facts,
+                      policy=result.policy, command=command or f"secateurs pick {record.run_id}", loading=loading)
+
+
+def format_pick(result: PickResult) -> str:
+    """The report ``secateurs pick`` prints."""
+    record, row = result.record, result.trial
+    ratios = ", ".join(f"{g} {r:g}" for g, r in result.policy.ratios.items()) or "none (dense)"
+    lines = [
+        f"search {record.label}: {len(record.trials)} trials, {len(record.frontier)} on the frontier",
+        f"chosen: trial {int(row['trial'])} (run {row['run_id']}), {result.reason}",
+        f"policy: criterion {result.policy.criterion}; fraction of channels removed: {ratios}",
+        "",
+    ]
+    table = [{"": "dense (search)", **record.dense}, {"": f"trial {int(row['trial'])} (search)", **_row_metrics(row)}]
+    if result.final is not None:
+        epochs = record.config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
+        table += [{"": f"final ({epochs:g} ep fine-tune)", **result.final}, {"": "dense (measured now)", **result.dense_now}]
+    frame = pd.DataFrame(table)[["", *_SHOWN]]
+    frame[["macs", "params"]] = frame[["macs", "params"]].astype(int)
+    lines.append(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    lines += [f"warning: {w}" for w in result.warnings]
+    if result.files:
+        diffs = result.check_diffs
+        lines.append(f"\nexported to {result.out_dir}: {', '.join(p.name for p in result.files)}")
+        lines.append(f"  outputs vs torch (max abs): model.pt2 {diffs['pt2_max_abs_diff']:.2g}, model.onnx {diffs['onnx_max_abs_diff']:.2g}")
+    if result.export_run_id:
+        lines.append(f"MLflow export run {result.export_run_id} (parent {record.run_id}), model {result.model_uri}")
+    if result.registered:
+        name, version, alias = result.registered
+        lines.append(f"registered: {name} version {version}, alias {alias} -> mlflow.pytorch.load_model(\"models:/{name}@{alias}\")")
+    if result.final is None:
+        lines.append(f"\nrebuild and ship it: secateurs pick {record.run_id} ... --out DIR [--register NAME] [--finetune-epochs N]")
+    return "\n".join(lines)
+
+
+# --- ui -------------------------------------------------------------------------------------
+
+def ui_argv(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """``mlflow ui --backend-store-uri URI --host HOST --port PORT``, run with this Python's MLflow."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host, "--port", str(port)]
+
+
+def check_ui(tracking_uri: str, host: str, port: int) -> None:
+    if tracking_uri.startswith(("http://", "https://")):
+        raise ProductionError(f"the tracking URI {tracking_uri} is already a server: open it in a browser")
+    check_store(tracking_uri)
+    if not 0 < port < 65536:
+        raise ProductionError(f"--port must be in 1..65535, but got {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ProductionError(f"cannot serve on {host}:{port} ({exc.strerror}); choose another --port") from None
+
+
+def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, log: Log = print) -> int:
+    """Run the MLflow UI in the foreground until it exits or Ctrl-C; returns its exit status (0 on Ctrl-C)."""
+    check_ui(tracking_uri, host, port)
+    log(f"MLflow UI for {tracking_uri}\n  http://{host}:{port}  (Ctrl-C stops it)")
+    process = subprocess.Popen(ui_argv(tracking_uri, host, port))
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # the server got the same SIGINT from the terminal
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait()
+        return 0

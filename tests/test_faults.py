@@ -1,0 +1,158 @@
+"""A search that survives faults: SIGKILL + --resume, Ctrl-C, and trials spread over a two-node Ray cluster."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def write_config(tmp_path: Path, num_trials: int, max_concurrent: int = 1) -> Path:
+    config = {
+        "task": {"dense_epochs": 3},
+        "space": {"criteria": ["l1", "l2"], "ratio": {"low": 0.0, "high": 0.6, "step": 0.05}},
+        "finetune": {"epochs": 0.5},
+        "measure": {"warmup": 2, "repeats": 5},
+        "search": {"num_trials": num_trials, "population_size": 4, "max_concurrent": max_concurrent,
+                   "seed": 1, "storage_path": str(tmp_path / "ray")},
+        "tracking": {"experiment": "faults"},
+    }
+    path = tmp_path / "faults.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, tmp_path_factory):
+    return {
+        **os.environ,
+        "SECATEURS_CACHE": str(tmp_path_factory.getbasetemp() / "secateurs-cache"),
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start_search(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "search.cli", "search", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(proc: subprocess.Popen, marker: str, timeout: float = 240) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)[-3000:]}")
+
+
+def search_runs(uri: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("faults")
+    parents = client.search_runs([experiment.experiment_id], "tags.`secateurs.kind` = 'search'")
+    assert len(parents) == 1
+    parent = parents[0]
+    trials = client.search_runs([experiment.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`secateurs.kind` = 'trial'",
+                                max_results=1000)
+    return client, parent, trials
+
+
+def test_sigkill_then_resume_keeps_every_trial_once(tmp_path, env):
+    config = write_config(tmp_path, num_trials=8)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = start_search([str(config), "--tracking-uri", uri], tmp_path, env)
+    wait_for(proc, "[3/8]")
+    os.killpg(proc.pid, signal.SIGKILL)  # power loss: the driver and the Ray it started die at once
+    proc.wait(timeout=30)
+
+    _, parent, before = search_runs(uri)
+    assert 3 <= len(before) < 8
+    assert parent.info.status == "RUNNING"
+
+    resumed = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", parent.info.run_id, "--tracking-uri", uri],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming search {parent.info.run_id}: {len(before)} trials completed" in resumed.stderr
+
+    client, parent_after, after = search_runs(uri)
+    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
+    assert len(after) == 8
+    assert sorted(int(r.data.tags["secateurs.trial"]) for r in after) == list(range(1, 9))
+    assert len({r.data.tags["secateurs.ray_trial_id"] for r in after}) == 8
+    assert {r.info.run_id for r in before} <= {r.info.run_id for r in after}  # nothing lost or replaced
+    assert all("secateurs.pareto" in r.data.tags for r in after)
+    assert parent_after.data.metrics["trials_completed"] + parent_after.data.metrics["trials_failed"] == 8
+
+    again = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", parent.info.run_id, "--tracking-uri", uri],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already recorded all 8 trials" in again.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_records_the_frontier(tmp_path, env):
+    config = write_config(tmp_path, num_trials=40)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = start_search([str(config), "--tracking-uri", uri], tmp_path, env)
+    wait_for(proc, "[ 2/40]")
+    os.kill(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted: resume with `secateurs search --resume" in output
+    client, parent, trials = search_runs(uri)
+    assert parent.info.status == "KILLED"
+    assert 2 <= len(trials) < 40
+    assert parent.data.metrics["trials_completed"] == len([t for t in trials if t.info.status == "FINISHED"])
+    assert {"frontier.csv", "frontier.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert all("secateurs.pareto" in t.data.tags for t in trials if t.info.status == "FINISHED")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_search_on_a_two_node_cluster(tmp_path, env):
+    port = free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    token = tmp_path / "ray_auth_token"
+    token.write_text(os.urandom(16).hex())
+    # Ray 2.60 clusters authenticate with a token; every node and the driver must share it.
+    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+    nodes = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", *common],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        time.sleep(8)
+        nodes.append(subprocess.Popen([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", *common],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        time.sleep(8)
+        config = write_config(tmp_path, num_trials=6, max_concurrent=2)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        done = subprocess.run([sys.executable, "-m", "search.cli", "search", str(config), "--tracking-uri", uri,
+                               "--address", f"127.0.0.1:{port}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        _, parent, trials = search_runs(uri)
+        assert parent.info.status == "FINISHED" and len(trials) == 6
+        assert len({t.data.tags["secateurs.node_id"] for t in trials}) == 2  # both nodes ran trials
+    finally:
+        for node in reversed(nodes):
+            try:
+                os.killpg(node.pid, signal.SIGTERM)
+                node.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(node.pid, signal.SIGKILL)
