@@ -116,9 +116,9 @@ def channels_to_keep(size: int, ratio: float, round_to: int = 1, min_channels: i
     >>> channels_to_keep(32, 0.5), channels_to_keep(32, 0.55, round_to=8), channels_to_keep(4, 0.9)
     (16, 16, 1)
     """
-    keep = size - math.floor(size * ratio + 1e-9)
+    keep = max(size - math.floor(size * ratio + 1e-9), 1)
     keep = int(math.ceil(keep / round_to) * round_to)
-    return max(min(keep, size), min(min_channels, size), 1)
+    return min(max(keep, min_channels), size)
 
 
 def apply(policy: Policy, model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
@@ -128,6 +128,14 @@ def apply(policy: Policy, model: nn.Module, example_inputs: torch.Tensor) -> nn.
     """
     graph, protected = _build_graph(model, example_inputs)
     importance = make_criterion(policy.criterion)
+    available = [name for name, *_ in _groups(model, graph, protected)]
+    unknown = sorted(set(policy.ratios) - set(available))
+    if unknown:  # checked before anything is pruned: the model is left untouched
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        raise PruningError(
+            f"policy names group(s) {unknown} that this model does not have; "
+            f"available groups: {', '.join(sorted(available, key=order.__getitem__))}"
+        )
     pending = dict(policy.ratios)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(policy.seed)
@@ -145,10 +153,4 @@ def apply(policy: Policy, model: nn.Module, example_inputs: torch.Tensor) -> nn.
                 raise PruningError(f"criterion {policy.criterion!r} gives no score for group {name!r}")
             drop = torch.argsort(scores)[: size - keep].tolist()
             group.prune(idxs=drop)
-    if pending:
-        available = [n for n, *_ in _groups(model, graph, protected)]
-        raise PruningError(
-            f"policy names group(s) {sorted(pending)} that this model does not have; "
-            f"available groups: {', '.join(available)}"
-        )
     return model

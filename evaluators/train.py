@@ -23,7 +23,7 @@ def train(
     seed: int = 0,
     max_steps: int | None = None,
 ) -> int:
-    """SGD with momentum and a cosine learning-rate schedule; returns the number of steps taken.
+    """SGD (Nesterov momentum when ``momentum > 0``) with a cosine learning-rate schedule; returns the number of steps taken.
 
     ``epochs`` may be fractional (0.5 = half a pass over the data). Raises
     :class:`NonFiniteLossError` as soon as the loss stops being finite.
@@ -35,7 +35,7 @@ def train(
         total = min(total, max_steps)
     if total <= 0:
         return 0
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()

@@ -6,6 +6,7 @@ worker or in-process.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -38,10 +39,14 @@ class FinetuneConfig:
     max_steps: int | None = None  # cap on optimizer steps, whatever the epochs
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"epochs: must be >= 0, but got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be > 0, but got {self.lr}")
+        if not 0 <= self.epochs < math.inf:
+            raise ValueError(f"epochs: must be a finite number >= 0, but got {self.epochs}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr: must be a finite number > 0, but got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: must satisfy 0 <= momentum < 1, but got {self.momentum}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay: must be a finite number >= 0, but got {self.weight_decay}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, but got {self.batch_size}")
         if self.max_steps is not None and self.max_steps < 0:
