@@ -63,6 +63,7 @@ def _production_parsers(commands) -> None:
     ui = commands.add_parser("ui", help="start the MLflow UI on the tracking store (foreground; Ctrl-C stops it)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    ui.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     ui.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
 
 
@@ -204,7 +205,7 @@ def _pick(args: argparse.Namespace, uri: str) -> int:
 def _ui(args: argparse.Namespace, uri: str) -> int:
     from search.production import serve_ui
 
-    return serve_ui(uri, args.host, args.port)
+    return serve_ui(uri, args.host, args.port, args.workers)
 
 
 COMMANDS = {

@@ -31,6 +31,7 @@ class SearchSettings:
     population_size: int = 8       # NSGA-II/III generation size
     max_concurrent: int = 2        # trials running at once
     cpus_per_trial: float = 1.0    # Ray CPU resources per trial
+    gpus_per_trial: float = 0.0    # Ray GPU resources per trial; fractions (0.25) pack small trials on one GPU
     storage_path: str | None = None  # Ray Tune experiment state (default: <tmp>/secateurs-ray); shared FS or URI on a cluster
     max_failures: int = 0          # times Ray retries a failed trial (its worker died, or it raised)
 
@@ -45,6 +46,8 @@ class SearchSettings:
             raise ValueError(f"max_concurrent: must be >= 1, but got {self.max_concurrent}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures: must be >= 0, but got {self.max_failures}")
+        if self.gpus_per_trial < 0:
+            raise ValueError(f"gpus_per_trial: must be >= 0, but got {self.gpus_per_trial}")
         if not self.cpus_per_trial > 0:
             raise ValueError(f"cpus_per_trial: must be > 0, but got {self.cpus_per_trial}")
 

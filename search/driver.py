@@ -125,13 +125,18 @@ _REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prun
 
 
 def _init_ray(address: str | None) -> bool:
-    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local Ray; True if this call
-    started or connected it (and so should shut it down)."""
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a private local Ray; True if this
+    call started or connected it (and so should shut it down).
+
+    Without an address we pass ``address="local"``: plain ``ray.init()`` would instead join any
+    cluster that ``ray start`` left on this machine, and hang if that cluster is gone.
+    """
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=address,
-        include_dashboard=False if not (address or os.environ.get("RAY_ADDRESS")) else None,
+        include_dashboard=False if address == "local" else None,
         log_to_driver=False,
         logging_level=logging.ERROR,
         configure_logging=True,
@@ -175,7 +180,7 @@ def _tuner_parts(config: Config, prepared: _Prepared, dense: dict[str, float]):
         dense_accuracy=dense["accuracy"],
         dense_params=int(dense["params"]),
     )
-    return tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": config.search.cpus_per_trial})
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial})
 
 
 def run_search(
@@ -304,7 +309,9 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
         tuner = make_tuner(recorder)
         out(f"searching {config.search.num_trials} policies with {config.search.sampler} "
             f"({config.search.max_concurrent} at a time); MLflow run {tracker.parent_run_id}")
+        fit_started = time.perf_counter()
         tuner.fit()
+        tracker.log_search_metrics({"fit_wall_s": time.perf_counter() - fit_started})
         rows, failed, _ = tracker.trial_table()
         if len(rows) + failed < config.search.num_trials:
             status = "KILLED"  # Tune ends fit() quietly on Ctrl-C

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -221,7 +223,7 @@ def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str =
         raise ProductionError(f"the dense checkpoint {record.checkpoint!r} that search {record.run_id} recorded does not exist any more")
     finetune = config.finetune if finetune_epochs is None else dataclasses.replace(config.finetune, epochs=finetune_epochs)
     threads = max(1, int(config.search.cpus_per_trial))  # a Ray trial gets OMP_NUM_THREADS = its CPUs
-    log(f"rebuilding trial {int(row['trial'])}: prune the dense model, fine-tune {finetune.epochs:g} epochs "
+    log(f"rebuilding trial {int(row['trial'])}: prune the dense model, fine-tune {finetune.epochs:g} epoch(s) "
         f"({threads} torch thread{'s' if threads > 1 else ''}, as a trial), measure")
     try:
         with torch_threads(threads):
@@ -231,7 +233,9 @@ def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str =
         raise ProductionError(str(exc)) from None
     final = measure_model(model, task, config.measure)
     dense_now = measure_model(dense_model, task, config.measure)
-    final["accuracy_drop"] = record.dense.get("accuracy", dense_now["accuracy"]) - final["accuracy"]
+    dense_accuracy = record.dense.get("accuracy", dense_now["accuracy"])
+    final["accuracy_drop"] = dense_accuracy - final["accuracy"]
+    dense_now["accuracy_drop"] = dense_accuracy - dense_now["accuracy"]
     final["param_sparsity"] = 1.0 - final["params"] / dense_now["params"]
     final.update(timings)
     result.final, result.dense_now, result.model = final, dense_now, model
@@ -307,7 +311,7 @@ def _card(result: PickResult, command: str | None, tolerance: float) -> str:
         ("chosen as", result.reason),
         ("task / model", f"{config.task.name} / {result.model.__class__.__module__}.{type(result.model).__qualname__}"),
         ("dense reference", f"`{record.checkpoint}`"),
-        ("fine-tune", f"{epochs:g} epochs (search: {config.finetune.epochs:g}), lr {config.finetune.lr:g}, batch {config.finetune.batch_size}"),
+        ("fine-tune", f"{epochs:g} epoch(s) (search: {config.finetune.epochs:g}), lr {config.finetune.lr:g}, batch {config.finetune.batch_size}"),
         ("measured on", f"{config.measure.device}, batch {config.measure.batch_size}, {config.measure.threads} thread(s), "
                         f"{config.measure.repeats} timed passes after {config.measure.warmup} warm-up"),
         ("export run", f"`{result.export_run_id}` (tag secateurs.kind=export)"),
@@ -347,9 +351,10 @@ def format_pick(result: PickResult) -> str:
     if result.final is not None:
         epochs = record.config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
         table += [{"": f"final ({epochs:g} ep fine-tune)", **result.final}, {"": "dense (measured now)", **result.dense_now}]
-    frame = pd.DataFrame(table)[["", *_SHOWN]]
+    frame = pd.DataFrame(table).set_index("")[list(_SHOWN)]
+    frame.index.name = None
     frame[["macs", "params"]] = frame[["macs", "params"]].astype(int)
-    lines.append(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    lines.append(frame.to_string(float_format=lambda v: f"{v:.4f}"))
     lines += [f"warning: {w}" for w in result.warnings]
     if result.files:
         diffs = result.check_diffs
@@ -367,12 +372,14 @@ def format_pick(result: PickResult) -> str:
 
 # --- ui -------------------------------------------------------------------------------------
 
-def ui_argv(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """``mlflow ui --backend-store-uri URI --host HOST --port PORT``, run with this Python's MLflow."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host, "--port", str(port)]
+def ui_argv(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
+    """``mlflow ui --backend-store-uri URI --host HOST --port PORT --workers N``, run with this Python's MLflow."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
+            "--port", str(port), "--workers", str(workers)]
 
 
 def check_ui(tracking_uri: str, host: str, port: int) -> None:
+    """Fail early, in one line, where ``mlflow ui`` would fail late or create an empty store."""
     if tracking_uri.startswith(("http://", "https://")):
         raise ProductionError(f"the tracking URI {tracking_uri} is already a server: open it in a browser")
     check_store(tracking_uri)
@@ -385,17 +392,34 @@ def check_ui(tracking_uri: str, host: str, port: int) -> None:
             raise ProductionError(f"cannot serve on {host}:{port} ({exc.strerror}); choose another --port") from None
 
 
-def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, log: Log = print) -> int:
-    """Run the MLflow UI in the foreground until it exits or Ctrl-C; returns its exit status (0 on Ctrl-C)."""
+def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1, log: Log = print) -> int:
+    """Run the MLflow UI in the foreground until it exits, Ctrl-C or SIGTERM; returns its exit
+    status (0 when stopped). The server runs in its own process group (mlflow starts a uvicorn
+    child), which is stopped as a whole. MLflow's GenAI job runner is off unless
+    ``$MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise: it adds seven processes and ~25 s of start-up."""
     check_ui(tracking_uri, host, port)
+    if workers < 1:
+        raise ProductionError(f"--workers must be >= 1, but got {workers}")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     log(f"MLflow UI for {tracking_uri}\n  http://{host}:{port}  (Ctrl-C stops it)")
-    process = subprocess.Popen(ui_argv(tracking_uri, host, port))
+    process = subprocess.Popen(ui_argv(tracking_uri, host, port, workers), env=env, start_new_session=True)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return process.wait()
-    except KeyboardInterrupt:  # the server got the same SIGINT from the terminal
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            process.wait()
+    except KeyboardInterrupt:
+        for sig, wait_s in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(process.pid, sig)
+                process.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                break
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -9,6 +9,8 @@ task or model class is refused before anything is logged.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from typing import Mapping
 
@@ -120,7 +122,8 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, *, re
     else:
         for key, value in identity.items():
             client.set_registered_model_tag(name, key, value)
-    version = mlflow.register_model(model_uri, name, tags={**identity, **version_tags}).version
+    with contextlib.redirect_stderr(io.StringIO()):  # "Registered model ... already exists. Creating a new version"
+        version = mlflow.register_model(model_uri, name, tags={**identity, **version_tags}).version
     client.set_registered_model_alias(name, alias, version)
     client.set_tag(run_id, "secateurs.registered", f"{name}/{version}@{alias}")
     return str(version)
