@@ -24,8 +24,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SECATEURS_CACHE") or Path.home() / ".cache" / "secateurs").expanduser()
 
 
-def cached_checkpoint_path(config: TaskConfig) -> Path:
-    key = hashlib.sha256(config.cache_key().encode()).hexdigest()[:16]
+def data_fingerprint(task: Task) -> str:
+    """A digest of the training data itself, so that the same config over other data files
+    (another ``data_root`` or ``$SECATEURS_DATA``) never reuses a dense model trained on the old ones."""
+    digest = hashlib.sha256()
+    for tensor in task.train_data():
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_checkpoint_path(config: TaskConfig, task: Task) -> Path:
+    """Where the dense model for ``config`` trained on ``task``'s data is cached."""
+    key = hashlib.sha256((config.cache_key() + data_fingerprint(task)).encode()).hexdigest()[:16]
     safe_name = config.name.replace(":", "_").replace("/", "_")
     return cache_dir() / "dense" / f"{safe_name}-{key}.pt"
 
@@ -67,7 +78,7 @@ def ensure_dense_checkpoint(config: TaskConfig, task: Task, log: Callable[[str],
         path = Path(config.checkpoint).expanduser().resolve()
         load_dense(task, path)  # fail before any trial if it does not fit
         return path
-    path = cached_checkpoint_path(config)
+    path = cached_checkpoint_path(config, task)
     if path.is_file():
         try:
             load_dense(task, path)

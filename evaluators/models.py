@@ -1,9 +1,12 @@
-"""Small models defined here (torchvision does not import on the CPU torch this project targets)."""
+"""The model registry: small models defined here and the task models of :mod:`evaluators.zoo`
+(torchvision does not import on the CPU torch this project targets)."""
 from __future__ import annotations
 
 from typing import Callable
 
 from torch import nn
+
+from evaluators.zoo import ZOO_MODELS
 
 
 class DigitsCNN(nn.Module):
@@ -62,7 +65,7 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"digits_cnn": DigitsCNN, "mlp": MLP}
+MODELS: dict[str, Callable[..., nn.Module]] = {"digits_cnn": DigitsCNN, "mlp": MLP, **ZOO_MODELS}
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

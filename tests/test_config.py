@@ -56,7 +56,7 @@ def test_parse_overrides_builds_nested_values():
         ("search:\n  num_trials: 0\n", r"`search.num_trials`: must be >= 1, but got 0"),
         ("search:\n  sampler: annealing\n", r"`search.sampler`: unknown sampler 'annealing'; valid: gp, nsga2, nsga3, qmc, random, tpe"),
         ("finetune:\n  epochs: lots\n", r"`finetune.epochs`: .*number.*'lots'"),
-        ("task:\n  name: imagenet\n", r"`task.name`: unknown task 'imagenet'; valid: digits"),
+        ("task:\n  name: imagenet\n", r"`task.name`: unknown task 'imagenet'; valid: cifar10, digits, fashion_mnist, sst2"),
         ("- a\n- b\n", r"top level must be a mapping"),
         ("search: [1, 2\n", r"is not valid YAML at line"),
     ],

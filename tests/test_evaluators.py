@@ -1,6 +1,8 @@
 """Unit tests for evaluators: measurement, training, dense checkpoints, one trial, configs."""
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import io
 import math
@@ -209,7 +211,7 @@ def test_ensure_dense_checkpoint_trains_once_then_reuses_cache(tmp_path, monkeyp
 
     monkeypatch.setattr(checkpoint_mod, "train", counting_train)
     path = ensure_dense_checkpoint(config, digits_task, log=lambda _msg: None)
-    assert path == cached_checkpoint_path(config)
+    assert path == cached_checkpoint_path(config, digits_task)
     assert path.is_file() and tmp_path in path.parents
     assert len(calls) == 1
     assert calls[0]["epochs"] == 1 and calls[0]["lr"] == config.dense_lr
@@ -229,21 +231,31 @@ def test_ensure_dense_checkpoint_trains_once_then_reuses_cache(tmp_path, monkeyp
     assert accuracy(model, digits_task.test_data()) > 0.5  # it was really trained
 
 
-def test_cache_key_depends_on_training_settings_but_not_on_checkpoint(tmp_path, monkeypatch):
+def test_cache_key_depends_on_training_settings_but_not_on_checkpoint(tmp_path, monkeypatch, digits_task):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
-    a = cached_checkpoint_path(TaskConfig(name="digits", dense_epochs=1))
-    assert a != cached_checkpoint_path(TaskConfig(name="digits", dense_epochs=2))
-    assert a != cached_checkpoint_path(TaskConfig(name="digits", dense_epochs=1, model="mlp"))
-    assert a == cached_checkpoint_path(TaskConfig(name="digits", dense_epochs=1, checkpoint="x.pt"))
+    a = cached_checkpoint_path(TaskConfig(name="digits", dense_epochs=1), digits_task)
+    assert a != cached_checkpoint_path(TaskConfig(name="digits", dense_epochs=2), digits_task)
+    assert a != cached_checkpoint_path(TaskConfig(name="digits", dense_epochs=1, model="mlp"), digits_task)
+    assert a == cached_checkpoint_path(TaskConfig(name="digits", dense_epochs=1, checkpoint="x.pt"), digits_task)
+
+
+def test_cache_key_depends_on_the_training_data(tmp_path, monkeypatch, digits_task):
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    config = TaskConfig(name="digits", dense_epochs=1)
+    x, y = digits_task.train_data()
+    other = dataclasses.replace(digits_task, train=(x.clone(), y.roll(1)))
+    same = dataclasses.replace(digits_task, train=(x.clone(), y.clone()))
+    assert cached_checkpoint_path(config, digits_task) == cached_checkpoint_path(config, same)
+    assert cached_checkpoint_path(config, digits_task) != cached_checkpoint_path(config, other)
 
 
 def test_unreadable_cached_checkpoint_is_retrained(tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
     config = TaskConfig(name="digits", dense_epochs=1, model="mlp")
-    path = cached_checkpoint_path(config)
+    task = _tiny_task()
+    path = cached_checkpoint_path(config, task)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a checkpoint")
-    task = _tiny_task()
     messages = []
     assert ensure_dense_checkpoint(config, task, log=messages.append) == path
     assert any("unreadable" in m for m in messages)
