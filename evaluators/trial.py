@@ -145,6 +145,15 @@ def prune_and_finetune(
     return model, {"finetune_steps": steps, "time_prune_s": time_prune, "time_finetune_s": time.perf_counter() - start}
 
 
+def _timing_batch(task: Task, measure_config: MeasureConfig) -> torch.Tensor:
+    """The first ``batch_size`` test inputs (repeated if the test set is smaller): what latency is timed on."""
+    batch = task.test_data()[0][: measure_config.batch_size]
+    if len(batch) < measure_config.batch_size:
+        repeat = -(-measure_config.batch_size // len(batch))
+        batch = batch.repeat(repeat, *([1] * (batch.dim() - 1)))[: measure_config.batch_size]
+    return batch
+
+
 def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureConfig) -> dict[str, float]:
     """Accuracy, latency, size, MACs and parameters of ``model`` as it is (moved to the measure device)."""
     device = measure_config.resolve_device()
@@ -152,12 +161,9 @@ def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureCon
     model.to(device).eval()
     x_test, y_test = task.test_data()
     acc = accuracy(model, (x_test.to(device), y_test.to(device)))
-    batch = x_test[: measure_config.batch_size]
-    if len(batch) < measure_config.batch_size:
-        repeat = -(-measure_config.batch_size // len(batch))
-        batch = batch.repeat(repeat, *([1] * (batch.dim() - 1)))[: measure_config.batch_size]
     timing = measure.latency_ms(
-        model, batch.to(device), warmup=measure_config.warmup, repeats=measure_config.repeats, threads=measure_config.threads
+        model, _timing_batch(task, measure_config).to(device), warmup=measure_config.warmup,
+        repeats=measure_config.repeats, threads=measure_config.threads,
     )
     model.cpu()
     macs, params = measure.macs_and_params(model, x_test[:1])
@@ -191,4 +197,16 @@ def evaluate(
         param_sparsity=1.0 - measured["params"] / dense_params,
         **measured,
         **timings,
+    )
+
+
+def measure_latency(policy: Policy, task: Task, checkpoint: str | Path | bytes, measure_config: MeasureConfig) -> dict[str, float]:
+    """Latency of the model ``policy`` makes, without fine-tuning it (on dense kernels the time
+    depends on the shapes alone). Used to re-time frontier policies after a search, one at a time."""
+    model = load_dense(task, checkpoint)
+    if policy.ratios:
+        pruning.apply(policy, model, task.test_data()[0][:1])
+    device = measure_config.resolve_device()
+    return measure.latency_ms(
+        model.to(device), _timing_batch(task, measure_config).to(device), warmup=measure_config.warmup, repeats=measure_config.repeats, threads=measure_config.threads
     )

@@ -12,6 +12,7 @@ from evaluators.pruning import CRITERIA
 from evaluators.tasks import TaskConfig
 from evaluators.trial import FinetuneConfig, MeasureConfig
 from spaces import SpaceConfig
+from search.constraints import Constraint
 from search.samplers import SAMPLERS
 
 
@@ -33,6 +34,10 @@ class SearchSettings:
     cpus_per_trial: float = 1.0    # Ray CPU resources per trial
     gpus_per_trial: float = 0.0    # Ray GPU resources per trial; fractions (0.25) pack small trials on one GPU
     storage_path: str | None = None  # Ray Tune experiment state (default: <tmp>/secateurs-ray); shared FS or URI on a cluster
+    baseline_ratios: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 0.75])  # uniform policies evaluated first (extra to num_trials)
+    constraints: list[str] = dataclasses.field(default_factory=list)  # e.g. "accuracy_drop <= 0.01", "macs <= 0.5 * dense"
+    patience: int | None = None    # stop once this many trials in a row did not grow the hypervolume
+    remeasure: bool = True         # re-time the frontier's policies at the end, one at a time
     max_failures: int = 0          # times Ray retries a failed trial (its worker died, or it raised)
 
     def __post_init__(self) -> None:
@@ -44,6 +49,16 @@ class SearchSettings:
             raise ValueError(f"population_size: must be >= 2, but got {self.population_size}")
         if self.max_concurrent < 1:
             raise ValueError(f"max_concurrent: must be >= 1, but got {self.max_concurrent}")
+        for ratio in self.baseline_ratios:
+            if not 0 < ratio < 1:
+                raise ValueError(f"baseline_ratios: each must satisfy 0 < ratio < 1, but got {ratio!r}")
+        for text in self.constraints:
+            try:
+                Constraint.parse(text)
+            except ValueError as exc:
+                raise ValueError(f"constraints: {exc}") from None
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience: must be >= 1 or null, but got {self.patience}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures: must be >= 0, but got {self.max_failures}")
         if self.gpus_per_trial < 0:

@@ -22,17 +22,20 @@ import pandas as pd
 import ray
 import yaml
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
 from evaluators.pruning import discover_groups
 from evaluators.tasks import make_task
-from evaluators.trial import FinetuneConfig, evaluate
+from evaluators.trial import FinetuneConfig, evaluate, measure_latency
 from evaluators.tasks import Task
 from search import frontier
 from search.config import Config, ConfigError, validate
 from search.samplers import make_sampler
-from search.tracking import TRIAL_METRICS, SearchTracker, ui_command
+from search.constraints import parse_all
+from search.recorder import REPORTED as _REPORTED
+from search.recorder import HypervolumePlateau, TrialRecorder, normalised_hypervolume
+from search.searcher import SecateursSearch, baseline_points
+from search.tracking import SearchTracker, ui_command
 from search.trainable import TrialContext, run_trial
 from spaces import Policy, SearchSpace
 
@@ -53,75 +56,6 @@ class SearchResult:
     num_failed: int
     wall_s: float
     status: str = "FINISHED"  # MLflow status of the parent run: FINISHED, KILLED or FAILED
-
-
-class TrialRecorder(tune.Callback):
-    """Driver-side Ray Tune callback: logs each finished trial to MLflow and prints progress.
-
-    It starts from what MLflow already holds for the search (so a resumed search neither
-    renumbers nor logs a trial twice). Exceptions are caught and printed: an exception in a
-    callback would abort the whole search.
-    """
-
-    def __init__(self, tracker: SearchTracker, space: SearchSpace, total: int, out: Callable[[str], None]) -> None:
-        self.tracker = tracker
-        self.space = space
-        self.total = total
-        self.out = out
-        self.rows, self.num_failed, self.recorded = tracker.trial_table()
-
-    def _index(self) -> int:
-        return len(self.rows) + self.num_failed + 1
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        try:
-            result = trial.last_result or {}
-            if trial.trial_id in self.recorded or not all(m in result for m in OBJECTIVE_METRICS):
-                return  # already in MLflow (resumed search), or an error that on_trial_error records
-            index = self._index()
-            policy = self.space.policy(trial.config)
-            metrics = {k: float(v) for k, v in result.items() if k in _REPORTED and isinstance(v, (int, float))}
-            tags = {"secateurs.ray_trial_id": trial.trial_id, "secateurs.node_id": str(result.get("node_id", ""))}
-            run_id = self.tracker.log_trial(index, policy, metrics, tags=tags)
-            self.recorded.add(trial.trial_id)
-            self.rows.append({"run_id": run_id, "trial": index, "criterion": policy.criterion, **metrics})
-            self._progress(index, f"acc {metrics['accuracy']:.4f}  {metrics['latency_ms']:.3f} ms  {metrics['size_mb']:.3f} MB")
-        except Exception as exc:  # never let logging kill the search
-            self.out(f"warning: could not record trial {trial.trial_id}: {exc!r}")
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        try:
-            if trial.trial_id in self.recorded:
-                return
-            index = self._index()
-            error = ""
-            if trial.error_file and Path(trial.error_file).is_file():
-                error = Path(trial.error_file).read_text()
-            try:
-                policy = self.space.policy(trial.config)
-            except Exception:
-                policy = None
-            self.tracker.log_failed_trial(index, policy, error, tags={"secateurs.ray_trial_id": trial.trial_id})
-            self.recorded.add(trial.trial_id)
-            self.num_failed += 1
-            reason = error.strip().splitlines()[-1] if error.strip() else "unknown error"
-            self._progress(index, f"FAILED: {reason[:120]}")
-        except Exception as exc:
-            self.out(f"warning: could not record failed trial {trial.trial_id}: {exc!r}")
-
-    def _progress(self, index: int, what: str) -> None:
-        done = len(self.rows) + self.num_failed
-        best = ""
-        if self.rows:
-            table = frontier.frontier_table(pd.DataFrame(self.rows))
-            best = (
-                f" | frontier {int(table['pareto'].sum())}, best acc {table['accuracy'].max():.4f}, "
-                f"fastest {table['latency_ms'].min():.3f} ms"
-            )
-        self.out(f"[{done:>{len(str(self.total))}}/{self.total}] trial {index}: {what}{best}")
-
-
-_REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prune_s", "time_finetune_s", "time_measure_s"}
 
 
 def _init_ray(address: str | None) -> bool:
@@ -225,18 +159,21 @@ def run_search(
     experiment_path = storage / f"{config_name}-{tracker.parent_run_id[:8]}"
     tracker.set_tags({"secateurs.ray_experiment": str(experiment_path), "secateurs.config_name": config_name})
 
-    def make_tuner(recorder: TrialRecorder) -> tune.Tuner:
-        searcher = OptunaSearch(
+    def make_tuner(recorder: TrialRecorder, stopper: tune.Stopper | None) -> tune.Tuner:
+        searcher = SecateursSearch(
             space=prepared.space,
             metric=OBJECTIVE_METRICS,
             mode=OBJECTIVE_MODES,
             sampler=make_sampler(config.search.sampler, config.search.seed, config.search.population_size),
+            points_to_evaluate=baseline_points(prepared.space, config.search.baseline_ratios) or None,
+            constraints=parse_all(config.search.constraints),
+            dense=dense,
         )
         return tune.Tuner(
             _tuner_parts(config, prepared, dense),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
-                num_samples=config.search.num_trials,
+                num_samples=_budget(config),
                 max_concurrent_trials=config.search.max_concurrent,
                 reuse_actors=True,
             ),
@@ -245,6 +182,7 @@ def run_search(
                 storage_path=str(experiment_path.parent),
                 verbose=0,
                 callbacks=[recorder],
+                stop=stopper,
                 failure_config=tune.FailureConfig(max_failures=config.search.max_failures, fail_fast=False),
             ),
         )
@@ -282,38 +220,56 @@ def resume_search(
     if not dense_runs:
         raise ConfigError(f"--resume: run {run_id} has no dense reference run; cannot resume")
     done, failed, _ = tracker.trial_table()
-    if len(done) + failed >= config.search.num_trials:
-        raise ConfigError(f"--resume: search {run_id} already recorded all {config.search.num_trials} trials; nothing to resume")
+    if len(done) + failed >= _budget(config) or parent.info.status == "FINISHED":
+        raise ConfigError(f"--resume: search {run_id} already finished ({len(done) + failed} of {_budget(config)} trials recorded); nothing to resume")
     prepared = _prepare(config, out, checkpoint=dense_runs[0].data.tags["secateurs.checkpoint"])
     tracker.group_names = [g.name for g in prepared.space.groups]
     dense = dict(dense_runs[0].data.metrics)
     config_name = parent.data.tags.get("secateurs.config_name", "search")
-    out(f"resuming search {run_id}: {len(done)} trials completed, {failed} failed, budget {config.search.num_trials}")
+    out(f"resuming search {run_id}: {len(done)} trials completed, {failed} failed, budget {_budget(config)}")
     tracker.set_running()
 
-    def make_tuner(recorder: TrialRecorder) -> tune.Tuner:
+    def make_tuner(recorder: TrialRecorder, stopper: tune.Stopper | None) -> tune.Tuner:
         tuner = tune.Tuner.restore(experiment_path, trainable=_tuner_parts(config, prepared, dense), resume_unfinished=True)
-        # The restored RunConfig carries a pickled copy of the old recorder; record with this one.
-        tuner._local_tuner.get_run_config().callbacks = [recorder]
+        # The restored RunConfig carries pickled copies of the old recorder and stopper; use these.
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = [recorder]
+        run_config.stop = stopper
         return tuner
 
     return _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address)
 
 
+def _budget(config: Config) -> int:
+    """Trials a search runs: the baselines first, then ``num_trials`` sampled policies."""
+    return config.search.num_trials + len(config.search.baseline_ratios)
+
+
 def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address) -> SearchResult:
-    recorder = TrialRecorder(tracker, prepared.space, config.search.num_trials, out)
+    recorder = TrialRecorder(
+        tracker, prepared.space, _budget(config), out,
+        dense=dense,
+        constraints=parse_all(config.search.constraints),
+        baselines=baseline_points(prepared.space, config.search.baseline_ratios),
+    )
+    stopper = HypervolumePlateau(recorder, config.search.patience) if config.search.patience else None
+    tracker.set_tags({"secateurs.hypervolume_reference": "accuracy=0, latency_ms=dense, size_mb=dense (objectives divided by dense)"})
     status = "FAILED"
     started_ray = False
     try:
         started_ray = _init_ray(address)
-        tuner = make_tuner(recorder)
-        out(f"searching {config.search.num_trials} policies with {config.search.sampler} "
-            f"({config.search.max_concurrent} at a time); MLflow run {tracker.parent_run_id}")
+        tuner = make_tuner(recorder, stopper)
+        out(f"searching {config.search.num_trials} policies with {config.search.sampler} after "
+            f"{len(config.search.baseline_ratios)} uniform baselines ({config.search.max_concurrent} at a time); "
+            f"MLflow run {tracker.parent_run_id}")
         fit_started = time.perf_counter()
         tuner.fit()
         tracker.log_search_metrics({"fit_wall_s": time.perf_counter() - fit_started})
         rows, failed, _ = tracker.trial_table()
-        if len(rows) + failed < config.search.num_trials:
+        if stopper is not None and stopper.stop_all():
+            status = "FINISHED"
+            out(f"stopped early: the hypervolume did not grow for {config.search.patience} trials")
+        elif len(rows) + failed < _budget(config):
             status = "KILLED"  # Tune ends fit() quietly on Ctrl-C
             out(f"interrupted: resume with `secateurs search --resume {tracker.parent_run_id}`")
         else:
@@ -324,8 +280,40 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
     finally:
         if started_ray:
             ray.shutdown()
+        if status == "FINISHED" and config.search.remeasure:
+            _remeasure_frontier(config, tracker, prepared, dense, out)
         result = _finish(tracker, prepared.space, dense, config_name, status, started, out)
     return result
+
+
+def _remeasure_frontier(config: Config, tracker: SearchTracker, prepared: _Prepared, dense: dict[str, float], out, rounds: int = 5) -> None:
+    """Time the dense model and each frontier policy again, one at a time with nothing else running,
+    and record those latencies (the in-search ones stay as ``latency_ms_in_search``).
+
+    New timings can reshape the frontier, so this repeats until every frontier policy has been
+    re-timed (at most ``rounds`` times)."""
+    params = {run.info.run_id: run.data.params for run in tracker.child_runs("trial", "baseline")}
+    dense_run = tracker.child_runs("dense")[0]
+    fresh = measure_latency(Policy(criterion=config.space.criteria[0], ratios={}), prepared.task, prepared.checkpoint, config.measure)
+    tracker.update_metrics(dense_run.info.run_id, {**fresh, "latency_ms_in_search": dense["latency_ms"]})
+    dense.update(fresh)
+    measured: set[str] = set()
+    for _ in range(rounds):
+        table = pd.DataFrame(tracker.trial_table()[0])
+        if "feasible" in table:
+            table = table[table["feasible"].fillna(1.0) > 0]
+        if table.empty:
+            return
+        front = table[frontier.frontier_table(table)["pareto"].to_numpy()]
+        todo = front[~front["run_id"].isin(measured)]
+        if todo.empty:
+            return
+        out(f"re-measuring the latency of {len(todo)} frontier policies, one at a time")
+        for row in todo.itertuples():
+            policy = Policy.from_json(_policy_json(row, params[row.run_id], prepared.space))
+            fresh = measure_latency(policy, prepared.task, prepared.checkpoint, config.measure)
+            tracker.update_metrics(row.run_id, {**fresh, "latency_ms_in_search": row.latency_ms})
+            measured.add(row.run_id)
 
 
 def _stderr(line: str) -> None:
@@ -348,9 +336,13 @@ def _finish(tracker: SearchTracker, space: SearchSpace, dense: dict[str, float],
     rows, num_failed, _ = tracker.trial_table()  # MLflow is the record: the frontier is computed from it
     trials = pd.DataFrame(rows, columns=None if rows else ["run_id", "trial", "criterion", *frontier.OBJECTIVES])
     if len(trials):
-        params = {run.info.run_id: run.data.params for run in tracker.child_runs("trial")}
+        params = {run.info.run_id: run.data.params for run in tracker.child_runs("trial", "baseline")}
         trials["policy"] = [_policy_json(row, params[row.run_id], space) for row in trials.itertuples()]
-        trials = frontier.frontier_table(trials.sort_values("trial").reset_index(drop=True))
+        trials = trials.sort_values("trial").reset_index(drop=True)
+        feasible = trials["feasible"].fillna(1.0) > 0 if "feasible" in trials else pd.Series(True, index=trials.index)
+        trials["pareto"] = False
+        if feasible.any():
+            trials.loc[feasible, "pareto"] = frontier.frontier_table(trials[feasible])["pareto"].to_numpy()
         tracker.tag_pareto(dict(zip(trials["run_id"], trials["pareto"].astype(bool))))
         front = trials[trials["pareto"]].sort_values("latency_ms").reset_index(drop=True)
     else:
@@ -366,6 +358,7 @@ def _finish(tracker: SearchTracker, space: SearchSpace, dense: dict[str, float],
         "trials_completed": len(trials),
         "trials_failed": num_failed,
         "frontier_size": len(front),
+        "hypervolume_final": normalised_hypervolume(front, dense) if len(front) else 0.0,
         "wall_time_s": wall_s,
     })
     tracker.end_search(status)

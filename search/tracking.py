@@ -103,20 +103,22 @@ class SearchTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def child_runs(self, kind: str) -> list:
-        """The search's child runs of one kind (``trial``, ``dense``), oldest first."""
-        return self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{PARENT}` = '{self.parent_run_id}' and tags.`{KIND}` = '{kind}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=50000,
-        )
+    def child_runs(self, *kinds: str) -> list:
+        """The search's child runs of the given kinds (``trial``, ``baseline``, ``dense``), oldest first."""
+        runs = []
+        for kind in kinds:  # MLflow's filter has no IN for tags
+            runs += self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT}` = '{self.parent_run_id}' and tags.`{KIND}` = '{kind}'",
+                max_results=50000,
+            )
+        return sorted(runs, key=lambda run: (run.info.start_time, int(run.data.tags.get("secateurs.trial", 0))))
 
     def trial_table(self) -> tuple[list[dict[str, Any]], int, set[str]]:
         """What MLflow holds of the search's trials: rows of the completed ones, the number that
         failed, and the Ray trial ids already recorded."""
         rows, failed, seen = [], 0, set()
-        for run in self.child_runs("trial"):
+        for run in self.child_runs("trial", "baseline"):
             seen.add(run.data.tags.get("secateurs.ray_trial_id", ""))
             if run.info.status != "FINISHED":
                 failed += 1
@@ -124,6 +126,7 @@ class SearchTracker:
             rows.append({
                 "run_id": run.info.run_id,
                 "trial": int(run.data.tags.get("secateurs.trial", 0)),
+                "kind": run.data.tags.get(KIND),
                 "criterion": run.data.params.get("policy.criterion"),
                 **{k: v for k, v in run.data.metrics.items()},
             })
@@ -135,9 +138,13 @@ class SearchTracker:
         all_tags = {KIND: kind, PARENT: self.parent_run_id, **(tags or {})}
         return self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
 
-    def _log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def update_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        """Log newer values of a run's metrics (step 1); MLflow shows the latest."""
+        self._log_metrics(run_id, metrics, step=1)
 
     def log_dense(self, metrics: Mapping[str, float], checkpoint: str) -> str:
         run_id = self._child("dense", "dense", {"secateurs.checkpoint": checkpoint})
@@ -145,17 +152,17 @@ class SearchTracker:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
-    def log_trial(self, index: int, policy: Policy, metrics: Mapping[str, float], tags: Mapping[str, str] | None = None) -> str:
-        run_id = self._child(f"trial-{index:04d}", "trial", {"secateurs.trial": str(index), **(tags or {})})
+    def log_trial(self, index: int, policy: Policy, metrics: Mapping[str, float], tags: Mapping[str, str] | None = None, kind: str = "trial") -> str:
+        run_id = self._child(f"{kind}-{index:04d}", kind, {"secateurs.trial": str(index), **(tags or {})})
         self.client.log_batch(run_id, params=_params(policy, self.group_names or sorted(policy.ratios)))
         self._log_metrics(run_id, metrics)
         self.client.log_text(run_id, policy.to_json(), "policy.json")
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
-    def log_failed_trial(self, index: int, policy: Policy | None, error: str, tags: Mapping[str, str] | None = None) -> str:
+    def log_failed_trial(self, index: int, policy: Policy | None, error: str, tags: Mapping[str, str] | None = None, kind: str = "trial") -> str:
         summary = error.strip().splitlines()[-1][:500] if error.strip() else "unknown error"
-        run_id = self._child(f"trial-{index:04d}", "trial", {"secateurs.trial": str(index), "secateurs.error": summary, **(tags or {})})
+        run_id = self._child(f"{kind}-{index:04d}", kind, {"secateurs.trial": str(index), "secateurs.error": summary, **(tags or {})})
         if policy is not None:
             self.client.log_batch(run_id, params=_params(policy, self.group_names or sorted(policy.ratios)))
             self.client.log_text(run_id, policy.to_json(), "policy.json")
@@ -167,8 +174,8 @@ class SearchTracker:
         for run_id, on_frontier in flags.items():
             self.client.set_tag(run_id, PARETO, "true" if on_frontier else "false")
 
-    def log_search_metrics(self, metrics: Mapping[str, float]) -> None:
-        self._log_metrics(self.parent_run_id, metrics)
+    def log_search_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        self._log_metrics(self.parent_run_id, metrics, step=step)
 
     def log_artifact(self, path: str | Path) -> None:
         self.client.log_artifact(self.parent_run_id, str(path))

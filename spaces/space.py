@@ -176,6 +176,10 @@ class SearchSpace:
                     fixed[n] = None
         self._dims = [_Dim(n, fixed[n], ranges[n]) for n in names]
 
+    def dimensions(self) -> list[_Dim]:
+        """One entry per group: its fixed ratio, or the range the search samples it from."""
+        return list(self._dims)
+
     @property
     def searched_groups(self) -> list[str]:
         return [d.group for d in self._dims if d.range is not None]

@@ -24,7 +24,7 @@ def write_config(tmp_path: Path, num_trials: int, max_concurrent: int = 1) -> Pa
         "finetune": {"epochs": 0.5},
         "measure": {"warmup": 2, "repeats": 5},
         "search": {"num_trials": num_trials, "population_size": 4, "max_concurrent": max_concurrent,
-                   "seed": 1, "storage_path": str(tmp_path / "ray")},
+                   "seed": 1, "storage_path": str(tmp_path / "ray"), "baseline_ratios": []},
         "tracking": {"experiment": "faults"},
     }
     path = tmp_path / "faults.yaml"

@@ -27,7 +27,7 @@ def tiny_config(tmp_path: Path, **task) -> dict:
         "finetune": {"epochs": 0.2},
         "measure": {"warmup": 2, "repeats": 5},
         "search": {"num_trials": 6, "population_size": 4, "max_concurrent": 2, "seed": 3,
-                   "storage_path": str(tmp_path / "ray")},
+                   "storage_path": str(tmp_path / "ray"), "baseline_ratios": [0.5]},
         "tracking": {"experiment": "e2e"},
     }
 
@@ -67,9 +67,13 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
 
     trials = children(client, result, "trial")
     assert len(trials) == 6
+    baselines = children(client, result, "baseline")
+    assert len(baselines) == 1  # uniform 0.5 on every searched group, evaluated first
+    assert {k: v for k, v in baselines[0].data.params.items() if k.startswith("ratio.")} == {
+        "ratio.features.0": "0.5", "ratio.features.3": "0.5", "ratio.features.7": "0.5", "ratio.classifier.1": "0.0"}
     searched = ["features.0", "features.3", "features.7"]
     rows = []
-    for run in trials:
+    for run in trials + baselines:
         assert run.info.status == "FINISHED"
         params = run.data.params
         assert params["policy.granularity"] == "channel"
@@ -97,16 +101,25 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
     assert set(front["run_id"]) == set(table.loc[expected, "run_id"])
     assert np.all(front["latency_ms"].diff().dropna() >= 0)
 
-    assert parent.data.metrics["trials_completed"] == 6
+    assert parent.data.metrics["trials_completed"] == 7
     assert parent.data.metrics["frontier_size"] == expected.sum()
+    # hypervolume after every completed trial; it can only grow as points are added
+    history = [m.value for m in sorted(client.get_metric_history(result.parent_run_id, "hypervolume"), key=lambda m: m.step)]
+    assert len(history) == 7 and all(b >= a for a, b in zip(history, history[1:])) and history[-1] > 0
+    # the frontier was timed again at the end, alone; the in-search timing is kept beside it
+    for run_id in front["run_id"]:
+        metrics = client.get_run(run_id).data.metrics
+        assert "latency_ms_in_search" in metrics and metrics["latency_ms"] > 0
+    assert "latency_ms_in_search" in client.get_run(dense[0].info.run_id).data.metrics
     output = "\n".join(lines)
-    assert "[6/6]" in output and "Pareto frontier" in output and "mlflow ui --backend-store-uri" in output
+    assert "[7/7]" in output and "Pareto frontier" in output and "mlflow ui --backend-store-uri" in output
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, store):
     raw = tiny_config(tmp_path, name="tests.fragile_task:make_task")
     raw["space"]["rules"] = [{"match": "classifier.*", "exclude": True}, {"match": "features.0", "low": 0.0, "high": 0.6}]
     raw["search"]["num_trials"] = 8
+    raw["search"]["baseline_ratios"] = []
     result = run_search(validate(raw), config_name="fragile", tracking_uri=store, out=lambda line: None)
     client = MlflowClient(store)
     trials = children(client, result, "trial")
@@ -126,3 +139,22 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, store):
     assert result.num_failed == len(failed)
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert client.get_run(result.parent_run_id).data.metrics["trials_failed"] == len(failed)
+
+
+def test_constraints_and_patience(tmp_path, store):
+    raw = tiny_config(tmp_path)
+    raw["search"].update({"num_trials": 30, "patience": 3, "baseline_ratios": [0.3, 0.6],
+                          "constraints": ["accuracy_drop <= 0.02", "macs <= 0.6 * dense"], "remeasure": False})
+    lines: list[str] = []
+    result = run_search(validate(raw), config_name="constrained", tracking_uri=store, out=lines.append)
+    client = MlflowClient(store)
+    runs = children(client, result, "trial") + children(client, result, "baseline")
+    assert len(runs) < 32, "patience should stop the search long before its budget"
+    assert any("stopped early" in line for line in lines)
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    for run in runs:
+        m = run.data.metrics
+        feasible = m["accuracy_drop"] <= 0.02 + 1e-12 and m["macs"] <= 0.6 * result.dense["macs"]
+        assert m["feasible"] == float(feasible)
+        if run.data.tags["secateurs.pareto"] == "true":
+            assert feasible  # the reported frontier honours the constraints

@@ -1,0 +1,64 @@
+"""Constraints on trial metrics, absolute or relative to the dense model.
+
+``"accuracy_drop <= 0.01"``, ``"latency_ms <= 4"``, ``"macs <= 0.5 * dense"``. Each becomes an
+Optuna constraint value (feasible when <= 0) that the sampler sees, and the reported frontier
+keeps only feasible trials.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Mapping
+
+METRICS = ("accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params")
+_PATTERN = re.compile(
+    r"^\s*(?P<metric>[a-z_]+)\s*(?P<op><=|>=)\s*(?P<value>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*(?P<dense>\*\s*dense)?\s*$"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """``metric op value`` (``value`` times the dense model's metric when ``relative``).
+
+    >>> c = Constraint.parse("macs <= 0.5 * dense")
+    >>> c.violation({"macs": 40.0}, dense={"macs": 100.0})
+    -10.0
+    """
+
+    metric: str
+    op: str
+    value: float
+    relative: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        match = _PATTERN.match(text)
+        if not match:
+            raise ValueError(
+                f"constraint {text!r} is not of the form 'METRIC <= VALUE', 'METRIC >= VALUE' or "
+                f"'METRIC <= VALUE * dense'; METRIC is one of {', '.join(METRICS)}"
+            )
+        if match["metric"] not in METRICS:
+            raise ValueError(f"constraint {text!r}: unknown metric {match['metric']!r}; valid: {', '.join(METRICS)}")
+        return cls(match["metric"], match["op"], float(match["value"]), bool(match["dense"]))
+
+    def bound(self, dense: Mapping[str, float]) -> float:
+        return self.value * float(dense[self.metric]) if self.relative else self.value
+
+    def violation(self, metrics: Mapping[str, float], dense: Mapping[str, float]) -> float:
+        """How far ``metrics`` is outside the constraint (<= 0 when it holds), in the metric's unit."""
+        bound = self.bound(dense)
+        value = float(metrics[self.metric])
+        return value - bound if self.op == "<=" else bound - value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.value:g}" + (" * dense" if self.relative else "")
+
+
+def parse_all(texts: list[str]) -> list[Constraint]:
+    return [Constraint.parse(t) for t in texts]
+
+
+def violations(constraints: list[Constraint], metrics: Mapping[str, float], dense: Mapping[str, float]) -> dict[str, float]:
+    """One violation value per constraint, keyed by its text."""
+    return {str(c): c.violation(metrics, dense) for c in constraints}

@@ -1,0 +1,156 @@
+"""The driver-side Ray Tune callback that records trials in MLflow, tracks the frontier's
+hypervolume and prints progress; and the stopper that ends a search whose frontier stopped growing."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+from ray import tune
+
+from search import frontier
+from search.constraints import Constraint, violations
+from search.tracking import TRIAL_METRICS, SearchTracker
+from spaces import SearchSpace
+
+REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prune_s", "time_finetune_s", "time_measure_s"}
+
+# Hypervolume is computed on (accuracy, latency / dense latency, size / dense size) against the
+# dense model's (0, 1, 1): the share of the "better than dense" box that the frontier covers.
+HV_REFERENCE = (0.0, 1.0, 1.0)
+
+
+def normalised_hypervolume(rows: pd.DataFrame, dense: Mapping[str, float]) -> float:
+    if rows.empty:
+        return 0.0
+    values = np.column_stack([
+        rows["accuracy"].to_numpy(float),
+        rows["latency_ms"].to_numpy(float) / float(dense["latency_ms"]),
+        rows["size_mb"].to_numpy(float) / float(dense["size_mb"]),
+    ])
+    return frontier.hypervolume(values, list(frontier.OBJECTIVES.values()), HV_REFERENCE)
+
+
+class TrialRecorder(tune.Callback):
+    """Logs each finished trial to MLflow (the only writer), then the frontier's hypervolume on the
+    parent run, and prints one progress line.
+
+    It starts from what MLflow already holds for the search, so a resumed search neither renumbers
+    nor logs a trial twice. Exceptions are caught and printed: one raised in a callback would
+    abort the whole search.
+    """
+
+    def __init__(
+        self,
+        tracker: SearchTracker,
+        space: SearchSpace,
+        total: int,
+        out: Callable[[str], None],
+        *,
+        dense: Mapping[str, float],
+        constraints: list[Constraint] = (),
+        baselines: list[dict[str, Any]] = (),
+    ) -> None:
+        self.tracker = tracker
+        self.space = space
+        self.total = total
+        self.out = out
+        self.dense = dict(dense)
+        self.constraints = list(constraints)
+        self.baselines = [space.policy(b) for b in baselines]
+        self.rows, self.num_failed, self.recorded = tracker.trial_table()
+        self.best_hypervolume = normalised_hypervolume(self._feasible(), self.dense)
+        self.since_improvement = 0
+
+    def _index(self) -> int:
+        return len(self.rows) + self.num_failed + 1
+
+    def _kind(self, config: Mapping[str, Any]) -> str:
+        return "baseline" if self.space.policy(config) in self.baselines else "trial"
+
+    def _feasible(self) -> pd.DataFrame:
+        table = pd.DataFrame(self.rows, columns=None if self.rows else ["feasible", *frontier.OBJECTIVES])
+        if "feasible" in table:
+            table = table[table["feasible"].fillna(1.0) > 0]
+        return table
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        try:
+            result = trial.last_result or {}
+            if trial.trial_id in self.recorded or not all(m in result for m in frontier.OBJECTIVES):
+                return  # already in MLflow (resumed search), or an error that on_trial_error records
+            index = self._index()
+            policy = self.space.policy(trial.config)
+            metrics = {k: float(v) for k, v in result.items() if k in REPORTED and isinstance(v, (int, float))}
+            tags = {"secateurs.ray_trial_id": trial.trial_id, "secateurs.node_id": str(result.get("node_id", ""))}
+            if self.constraints:
+                worst = max(violations(self.constraints, metrics, self.dense).values())
+                metrics["feasible"] = float(worst <= 0)
+                metrics["constraint_violation"] = max(worst, 0.0)
+            kind = self._kind(trial.config)
+            run_id = self.tracker.log_trial(index, policy, metrics, tags=tags, kind=kind)
+            self.recorded.add(trial.trial_id)
+            self.rows.append({"run_id": run_id, "trial": index, "kind": kind, "criterion": policy.criterion, **metrics})
+            self._update_hypervolume(index)
+            self._progress(index, f"{'baseline ' if kind == 'baseline' else ''}acc {metrics['accuracy']:.4f}  "
+                                  f"{metrics['latency_ms']:.3f} ms  {metrics['size_mb']:.3f} MB"
+                                  + ("" if metrics.get("feasible", 1.0) else "  (infeasible)"))
+        except Exception as exc:  # never let logging kill the search
+            self.out(f"warning: could not record trial {trial.trial_id}: {exc!r}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        try:
+            if trial.trial_id in self.recorded:
+                return
+            index = self._index()
+            error = ""
+            if trial.error_file and Path(trial.error_file).is_file():
+                error = Path(trial.error_file).read_text()
+            try:
+                policy = self.space.policy(trial.config)
+            except Exception:
+                policy = None
+            self.tracker.log_failed_trial(index, policy, error, tags={"secateurs.ray_trial_id": trial.trial_id},
+                                          kind=self._kind(trial.config))
+            self.recorded.add(trial.trial_id)
+            self.num_failed += 1
+            self.since_improvement += 1
+            reason = error.strip().splitlines()[-1] if error.strip() else "unknown error"
+            self._progress(index, f"FAILED: {reason[:120]}")
+        except Exception as exc:
+            self.out(f"warning: could not record failed trial {trial.trial_id}: {exc!r}")
+
+    def _update_hypervolume(self, step: int) -> None:
+        hv = normalised_hypervolume(self._feasible(), self.dense)
+        if hv > self.best_hypervolume + 1e-12:
+            self.best_hypervolume, self.since_improvement = hv, 0
+        else:
+            self.since_improvement += 1
+        self.tracker.log_search_metrics({"hypervolume": hv}, step=step)
+
+    def _progress(self, index: int, what: str) -> None:
+        done = len(self.rows) + self.num_failed
+        best = ""
+        feasible = self._feasible()
+        if len(feasible):
+            table = frontier.frontier_table(feasible)
+            best = (
+                f" | frontier {int(table['pareto'].sum())}, hv {self.best_hypervolume:.4f}, "
+                f"best acc {table['accuracy'].max():.4f}, fastest {table['latency_ms'].min():.3f} ms"
+            )
+        self.out(f"[{done:>{len(str(self.total))}}/{self.total}] trial {index}: {what}{best}")
+
+
+class HypervolumePlateau(tune.Stopper):
+    """Stops the whole search once ``patience`` trials in a row have not grown the hypervolume."""
+
+    def __init__(self, recorder: TrialRecorder, patience: int) -> None:
+        self.recorder = recorder
+        self.patience = patience
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.recorder.since_improvement >= self.patience

@@ -1,0 +1,71 @@
+"""Constraints, baselines and the searcher that tells Optuna about constraints (no Ray needed)."""
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from search.constraints import Constraint, parse_all, violations
+from search.searcher import SecateursSearch, baseline_points
+from spaces import PrunableGroup, RatioRange, Rule, SearchSpace, SpaceConfig
+
+DENSE = {"accuracy": 0.9, "accuracy_drop": 0.0, "latency_ms": 2.0, "size_mb": 1.0, "macs": 1000.0, "params": 500.0}
+
+
+@pytest.mark.parametrize(
+    "text, metrics, expected",
+    [
+        ("accuracy_drop <= 0.01", {"accuracy_drop": 0.03}, 0.02),
+        ("latency_ms <= 4", {"latency_ms": 3.0}, -1.0),
+        ("macs <= 0.5 * dense", {"macs": 600.0}, 100.0),
+        ("accuracy >= 0.95 * dense", {"accuracy": 0.9}, 0.855 - 0.9),
+        ("size_mb<=2.5e-1*dense", {"size_mb": 0.25}, 0.0),
+    ],
+)
+def test_constraint_violation(text, metrics, expected):
+    assert Constraint.parse(text).violation(metrics, DENSE) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("latency_ms < 4", "is not of the form"),
+    ("flops <= 3", "unknown metric 'flops'; valid: accuracy, accuracy_drop, latency_ms, size_mb, macs, params"),
+    ("macs <= dense", "is not of the form"),
+])
+def test_bad_constraints_are_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        Constraint.parse(text)
+
+
+def space() -> SearchSpace:
+    groups = [PrunableGroup("a", "conv", 16), PrunableGroup("b", "conv", 16), PrunableGroup("c", "linear", 8)]
+    config = SpaceConfig(criteria=["l2", "l1"], ratio=RatioRange(0.0, 0.6, 0.1),
+                         rules=[Rule(match="b", high=0.3), Rule(match="c", exclude=True)])
+    return SearchSpace(config, groups)
+
+
+def test_baseline_points_are_uniform_and_clipped_to_each_range():
+    points = baseline_points(space(), [0.25, 0.5])
+    # 0.25 snaps to the 0.1 grid (0.2 or 0.3); b's range stops at 0.3; c is excluded; default criterion
+    assert points[0]["ratio.a"] in (0.2, 0.3) and points[0]["ratio.b"] in (0.2, 0.3)
+    assert points[1] == {"ratio.a": 0.5, "ratio.b": 0.3, "criterion": "l2"}
+    policy = space().policy(points[1])
+    assert policy.ratios == {"a": 0.5, "b": 0.3} and policy.criterion == "l2"
+
+
+def test_searcher_enqueues_baselines_and_tells_optuna_the_constraints():
+    s = space()
+    constraints = parse_all(["accuracy_drop <= 0.01", "macs <= 0.5 * dense"])
+    searcher = SecateursSearch(
+        space=s, metric=["accuracy", "latency_ms", "size_mb"], mode=["max", "min", "min"],
+        sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=4),
+        points_to_evaluate=baseline_points(s, [0.5]), constraints=constraints, dense=DENSE,
+    )
+    first = searcher.suggest("t1")
+    assert first["ratio.a"] == 0.5 and first["ratio.b"] == 0.3 and first["criterion"] == "l2"
+    result = {"accuracy": 0.88, "accuracy_drop": 0.02, "latency_ms": 1.0, "size_mb": 0.5, "macs": 400.0, "params": 200.0}
+    searcher.on_trial_complete("t1", result=result)
+    trial = searcher._ot_study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.system_attrs["constraints:accuracy_drop <= 0.01"] == pytest.approx(0.01)
+    assert trial.system_attrs["constraints:macs <= 0.5 * dense"] == pytest.approx(-100.0)
+    expected = violations(constraints, result, DENSE)
+    assert {k.removeprefix("constraints:"): v for k, v in trial.system_attrs.items() if k.startswith("constraints:")} == pytest.approx(expected)
