@@ -16,6 +16,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # Snapshot Tune's experiment state after every trial (default: at most every 10 s), so that a
 # driver killed hard loses no finished trial on --resume.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import optuna
 import pandas as pd

@@ -100,7 +100,7 @@ def test_sigkill_then_resume_keeps_every_trial_once(tmp_path, env):
 
     again = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", parent.info.run_id, "--tracking-uri", uri],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "already recorded all 8 trials" in again.stderr
+    assert again.returncode == 2 and "already finished (8 of 8 trials recorded)" in again.stderr
 
 
 def test_ctrl_c_stops_cleanly_and_records_the_frontier(tmp_path, env):
