@@ -115,12 +115,14 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
     assert "[7/7]" in output and "Pareto frontier" in output and "mlflow ui --backend-store-uri" in output
 
 
-def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, store):
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, store, monkeypatch):
     raw = tiny_config(tmp_path, name="tests.fragile_task:make_task")
     raw["space"]["rules"] = [{"match": "classifier.*", "exclude": True}, {"match": "features.0", "low": 0.0, "high": 0.6}]
     raw["search"]["num_trials"] = 8
     raw["search"]["baseline_ratios"] = []
-    result = run_search(validate(raw), config_name="fragile", tracking_uri=store, out=lambda line: None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = run_search(validate(raw), config_name="fragile", tracking_uri=None, out=lambda line: None)
+    assert result.tracking_uri == store  # the default: sqlite:///mlflow.db in the working directory
     client = MlflowClient(store)
     trials = children(client, result, "trial")
     assert len(trials) == 8
