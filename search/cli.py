@@ -107,7 +107,6 @@ def _production(handler):
     def run(args: argparse.Namespace) -> int:
         import logging
 
-        from search.pick import ProductionError
         from search.tracking import resolve_tracking_uri
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -127,8 +126,9 @@ def _frontier(args: argparse.Namespace, uri: str) -> int:
     table = record.trials if args.all else record.frontier
     print(describe_search(record))
     if len(table):
-        columns = ["trial", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params"]
-        print(format_table(table, columns + (["pareto"] if args.all else []) + ["run_id"]))
+        columns = ["trial", "kind", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params"]
+        extra = (["pareto"] + ([] if table["feasible"].all() else ["feasible"])) if args.all else []
+        print(format_table(table, columns + extra + ["run_id"]))
     for path in write_frontier(record, table, csv=args.csv, json_path=args.json):
         print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -146,7 +146,7 @@ def _compare(args: argparse.Namespace, uri: str) -> int:
         print("note: these searches are on different tasks; their accuracies are not comparable")
     if len(combined):
         print("\nunion of the frontiers, fastest first (overall = non-dominated among all of them):")
-        print(format_table(combined, ["search", "trial", "criterion", "accuracy", "latency_ms", "size_mb", "overall", "run_id"]))
+        print(format_table(combined, ["search", "trial", "kind", "criterion", "accuracy", "latency_ms", "size_mb", "overall", "run_id"]))
     if args.csv:
         path = Path(args.csv).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def _pick(args: argparse.Namespace, uri: str) -> int:
 
 
 def _ui(args: argparse.Namespace, uri: str) -> int:
-    from search.production import serve_ui
+    from search.ui import serve_ui
 
     return serve_ui(uri, args.host, args.port, args.workers)
 

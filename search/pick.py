@@ -30,7 +30,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no pro
 PREFERENCES = ("knee", "accuracy", "latency_ms", "size_mb")
 """How :func:`choose` breaks the tie among feasible frontier policies."""
 
-TABLE_COLUMNS = ["trial", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params", "run_id"]
+TABLE_COLUMNS = ["trial", "kind", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params", "run_id"]
 
 
 class ProductionError(ValueError):
@@ -53,7 +53,7 @@ class SearchRecord:
     config: Config
     dense: dict[str, float]
     checkpoint: str
-    trials: pd.DataFrame        # one row per completed trial, with a boolean ``pareto`` column
+    trials: pd.DataFrame        # one row per completed trial or baseline, with a boolean ``pareto`` column
     pareto_from_tags: bool      # False when the search never tagged its frontier (still running, crashed)
 
     @property
@@ -115,9 +115,11 @@ def _trial_rows(runs: list) -> pd.DataFrame:
         row: dict[str, Any] = {
             "run_id": run.info.run_id,
             "trial": int(tags.get("secateurs.trial", 0)),
+            "kind": tags.get(KIND, "trial"),
             "criterion": params.get("policy.criterion", ""),
         }
         row.update({m: metrics.get(m, math.nan) for m in (*TRIAL_METRICS, "param_sparsity")})
+        row["feasible"] = metrics.get("feasible", 1.0) != 0
         row.update({m: int(metrics[m]) for m in ("macs", "params") if m in metrics})
         row.update({k: float(v) for k, v in sorted(params.items()) if k.startswith("ratio.")})
         row["pareto_tag"] = tags.get(PARETO)
@@ -151,13 +153,16 @@ def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
     if not dense_runs:
         raise ProductionError(f"search {run_id} has no dense run (tag {KIND}=dense): it was not recorded by secateurs search")
     dense_run = dense_runs[0]
-    trials = _trial_rows(_children(client, experiment_id, run_id, "trial"))
+    # Baselines (uniform policies the search evaluates first) compete for the frontier like trials.
+    trials = _trial_rows(_children(client, experiment_id, run_id, "trial") + _children(client, experiment_id, run_id, "baseline"))
     tagged = bool(len(trials)) and trials["pareto_tag"].notna().all()
     if len(trials):
         if tagged:
             trials["pareto"] = trials["pareto_tag"] == "true"
-        else:
-            trials = frontier.frontier_table(trials)
+        else:  # only feasible trials (search.constraints) can be on the frontier
+            trials["pareto"] = False
+            feasible = trials["feasible"]
+            trials.loc[feasible, "pareto"] = frontier.frontier_table(trials[feasible])["pareto"]
         trials = trials.drop(columns=["pareto_tag"])
     return SearchRecord(
         tracking_uri=uri,

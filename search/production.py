@@ -1,4 +1,4 @@
-"""From frontier to production: the work behind ``secateurs frontier | compare | pick | ui``.
+"""From frontier to production: the work behind ``secateurs frontier | compare | pick``.
 
 ``pick`` reads a search back from MLflow, chooses a frontier policy under constraints, replays it
 on the dense checkpoint with the search's own config (optionally fine-tuning longer), measures it
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
@@ -35,8 +32,8 @@ from search.export import (
     check_out_dir, model_card, model_identity, publish, stage_export, staging_dir, write_json,
 )
 from search.pick import (
-    PREFERENCES, TABLE_COLUMNS, Constraints, ProductionError, SearchRecord, check_store, choose,
-    find_trial, format_table, load_search, normalised_hypervolume,
+    PREFERENCES, TABLE_COLUMNS, Constraints, ProductionError, SearchRecord, choose,
+    find_trial, load_search, normalised_hypervolume,
 )
 from search.registry import (
     DEFAULT_ALIAS, check_alias, check_registered_name, log_metrics, log_model, register as register_model,
@@ -66,7 +63,7 @@ def describe_search(record: SearchRecord) -> str:
 
 
 def export_columns(table: pd.DataFrame) -> list[str]:
-    extra = ["latency_p10_ms", "latency_p90_ms", "param_sparsity"]
+    extra = ["latency_p10_ms", "latency_p90_ms", "param_sparsity", "feasible"]
     ratios = sorted(c for c in table.columns if c.startswith("ratio."))
     return [c for c in TABLE_COLUMNS + extra + ["pareto"] + ratios if c in table.columns]
 
@@ -115,7 +112,8 @@ def compare_tables(records: list[SearchRecord]) -> tuple[pd.DataFrame, pd.DataFr
 
 
 def plot_compare(records: list[SearchRecord], path: str | Path) -> Path:
-    """accuracy vs latency_ms and vs size_mb: each search's trials (faint), frontier (step line) and dense star."""
+    """accuracy vs latency_ms and vs size_mb: each search's trials (faint), frontier points with the
+    best accuracy reached at each x (step line), and its dense model (star)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +131,8 @@ def plot_compare(records: list[SearchRecord], path: str | Path) -> Path:
                     ax.scatter(record.trials[column], record.trials["accuracy"], s=12, color=color, alpha=0.2, zorder=1)
                 front = record.frontier.sort_values(column, kind="stable")
                 if len(front):
-                    ax.step(front[column], front["accuracy"], where="post", color=color, linewidth=1.2, zorder=2)
+                    best_so_far = np.maximum.accumulate(front["accuracy"].to_numpy(dtype=float))  # 2-D staircase
+                    ax.step(front[column], best_so_far, where="post", color=color, linewidth=1.2, zorder=2)
                     ax.scatter(front[column], front["accuracy"], s=28, color=color, zorder=3,
                                label=f"{record.label}: {len(front)} on frontier")
                 if column in record.dense and "accuracy" in record.dense:
@@ -223,7 +222,7 @@ def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str =
         raise ProductionError(f"the dense checkpoint {record.checkpoint!r} that search {record.run_id} recorded does not exist any more")
     finetune = config.finetune if finetune_epochs is None else dataclasses.replace(config.finetune, epochs=finetune_epochs)
     threads = max(1, int(config.search.cpus_per_trial))  # a Ray trial gets OMP_NUM_THREADS = its CPUs
-    log(f"rebuilding trial {int(row['trial'])}: prune the dense model, fine-tune {finetune.epochs:g} epoch(s) "
+    log(f"rebuilding {_name(row)}: prune the dense model, fine-tune {finetune.epochs:g} epoch(s) "
         f"({threads} torch thread{'s' if threads > 1 else ''}, as a trial), measure")
     try:
         with torch_threads(threads):
@@ -264,7 +263,7 @@ def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[st
         else:
             (stage / "policy.json").write_text(result.policy.to_json() + "\n")
         run_id = start_export_run(
-            client, record.experiment_id, record.run_id, f"export-trial-{int(row['trial']):04d}",
+            client, record.experiment_id, record.run_id, f"export-{row['kind']}-{int(row['trial']):04d}",
             tags={"secateurs.source_run": row["run_id"], "secateurs.trial": str(int(row["trial"])), **identity},
             params={"source_run_id": row["run_id"], "finetune.epochs": epochs, "policy.criterion": result.policy.criterion,
                     **{f"ratio.{g}": f"{r:g}" for g, r in result.policy.ratios.items()}},
@@ -296,6 +295,10 @@ def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[st
             raise
 
 
+def _name(row: pd.Series) -> str:
+    return f"{row.get('kind', 'trial')} {int(row['trial'])}"
+
+
 def _row_metrics(row: pd.Series) -> dict[str, float]:
     return {k: float(row[k]) for k in ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms",
                                         "size_mb", "macs", "params") if k in row}
@@ -307,7 +310,7 @@ def _card(result: PickResult, command: str | None, tolerance: float) -> str:
     epochs = config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
     facts = [
         ("search run", f"`{record.run_id}` ({record.run_name}, experiment {record.experiment_id}, tracking URI `{record.tracking_uri}`)"),
-        ("source trial", f"trial {int(row['trial'])}, run `{row['run_id']}` ({'on' if row.get('pareto') else 'not on'} the frontier)"),
+        ("source trial", f"{_name(row)}, run `{row['run_id']}` ({'on' if row.get('pareto') else 'not on'} the frontier)"),
         ("chosen as", result.reason),
         ("task / model", f"{config.task.name} / {result.model.__class__.__module__}.{type(result.model).__qualname__}"),
         ("dense reference", f"`{record.checkpoint}`"),
@@ -331,7 +334,7 @@ def _card(result: PickResult, command: str | None, tolerance: float) -> str:
         facts.append(("registered", f"`{name}` version {version}, alias `{alias}`"))
         loading.append(f"- MLflow: `mlflow.pytorch.load_model(\"models:/{name}@{alias}\")` gives a torch.export program; "
                        "call it directly (it is in inference mode; `.eval()` is not supported on it).")
-    columns = {"dense (search)": record.dense, f"trial {int(row['trial'])} (search)": _row_metrics(row),
+    columns = {"dense (search)": record.dense, f"{_name(row)} (search)": _row_metrics(row),
                "final (measured now)": result.final, "dense (measured now)": result.dense_now}
     return model_card(title=f"Pruned {config.task.name} model from search {record.run_name}", columns=columns, facts=facts,
                       policy=result.policy, command=command or f"secateurs pick {record.run_id}", loading=loading)
@@ -343,11 +346,11 @@ def format_pick(result: PickResult) -> str:
     ratios = ", ".join(f"{g} {r:g}" for g, r in result.policy.ratios.items()) or "none (dense)"
     lines = [
         f"search {record.label}: {len(record.trials)} trials, {len(record.frontier)} on the frontier",
-        f"chosen: trial {int(row['trial'])} (run {row['run_id']}), {result.reason}",
+        f"chosen: {_name(row)} (run {row['run_id']}), {result.reason}",
         f"policy: criterion {result.policy.criterion}; fraction of channels removed: {ratios}",
         "",
     ]
-    table = [{"": "dense (search)", **record.dense}, {"": f"trial {int(row['trial'])} (search)", **_row_metrics(row)}]
+    table = [{"": "dense (search)", **record.dense}, {"": f"{_name(row)} (search)", **_row_metrics(row)}]
     if result.final is not None:
         epochs = record.config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
         table += [{"": f"final ({epochs:g} ep fine-tune)", **result.final}, {"": "dense (measured now)", **result.dense_now}]
@@ -368,58 +371,3 @@ def format_pick(result: PickResult) -> str:
     if result.final is None:
         lines.append(f"\nrebuild and ship it: secateurs pick {record.run_id} ... --out DIR [--register NAME] [--finetune-epochs N]")
     return "\n".join(lines)
-
-
-# --- ui -------------------------------------------------------------------------------------
-
-def ui_argv(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
-    """``mlflow ui --backend-store-uri URI --host HOST --port PORT --workers N``, run with this Python's MLflow."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
-            "--port", str(port), "--workers", str(workers)]
-
-
-def check_ui(tracking_uri: str, host: str, port: int) -> None:
-    """Fail early, in one line, where ``mlflow ui`` would fail late or create an empty store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        raise ProductionError(f"the tracking URI {tracking_uri} is already a server: open it in a browser")
-    check_store(tracking_uri)
-    if not 0 < port < 65536:
-        raise ProductionError(f"--port must be in 1..65535, but got {port}")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ProductionError(f"cannot serve on {host}:{port} ({exc.strerror}); choose another --port") from None
-
-
-def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1, log: Log = print) -> int:
-    """Run the MLflow UI in the foreground until it exits, Ctrl-C or SIGTERM; returns its exit
-    status (0 when stopped). The server runs in its own process group (mlflow starts a uvicorn
-    child), which is stopped as a whole. MLflow's GenAI job runner is off unless
-    ``$MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise: it adds seven processes and ~25 s of start-up."""
-    check_ui(tracking_uri, host, port)
-    if workers < 1:
-        raise ProductionError(f"--workers must be >= 1, but got {workers}")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
-    log(f"MLflow UI for {tracking_uri}\n  http://{host}:{port}  (Ctrl-C stops it)")
-    process = subprocess.Popen(ui_argv(tracking_uri, host, port, workers), env=env, start_new_session=True)
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        for sig, wait_s in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(process.pid, sig)
-                process.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                break
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
