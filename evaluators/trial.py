@@ -15,7 +15,7 @@ import torch
 from evaluators import measure, pruning
 from evaluators.checkpoint import load_dense
 from evaluators.tasks import Task
-from evaluators.train import accuracy, train
+from evaluators.train import OPTIMIZERS, accuracy, recalibrate_batchnorm, train
 from spaces import Policy
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -37,6 +37,11 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     max_steps: int | None = None  # cap on optimizer steps, whatever the epochs
+    optimizer: str = "sgd"     # sgd (Nesterov when momentum > 0) or adamw
+    distill_alpha: float = 0.0  # weight of knowledge distillation from the dense model (0 = off)
+    distill_temperature: float = 4.0
+    bn_recalibration_batches: int = 0  # re-estimate BatchNorm statistics on this many batches before fine-tuning
+    amp: bool = True           # bfloat16 autocast when fine-tuning on CUDA (no effect on CPU)
 
     def __post_init__(self) -> None:
         if not 0 <= self.epochs < math.inf:
@@ -49,6 +54,14 @@ class FinetuneConfig:
             raise ValueError(f"weight_decay: must be a finite number >= 0, but got {self.weight_decay}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, but got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, but got {self.optimizer!r}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha: must satisfy 0 <= alpha <= 1, but got {self.distill_alpha}")
+        if not 0 < self.distill_temperature < math.inf:
+            raise ValueError(f"distill_temperature: must be a finite number > 0, but got {self.distill_temperature}")
+        if self.bn_recalibration_batches < 0:
+            raise ValueError(f"bn_recalibration_batches: must be >= 0, but got {self.bn_recalibration_batches}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps: must be >= 0 or null, but got {self.max_steps}")
 
@@ -103,6 +116,7 @@ class Metrics:
     time_prune_s: float
     time_finetune_s: float
     time_measure_s: float
+    bn_recalibration_batches: int = 0
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -129,10 +143,13 @@ def prune_and_finetune(
     start = time.perf_counter()
     model.to(device)
     x_train, y_train = task.train_data()
+    x_train, y_train = x_train.to(device), y_train.to(device)
     torch.manual_seed(policy.seed)
+    recalibrated = recalibrate_batchnorm(model, x_train, batches=finetune.bn_recalibration_batches, batch_size=finetune.batch_size)
+    teacher = load_dense(task, checkpoint).to(device) if finetune.distill_alpha > 0 else None
     steps = train(
         model,
-        (x_train.to(device), y_train.to(device)),
+        (x_train, y_train),
         epochs=finetune.epochs,
         lr=finetune.lr,
         batch_size=finetune.batch_size,
@@ -140,9 +157,14 @@ def prune_and_finetune(
         weight_decay=finetune.weight_decay,
         seed=policy.seed,
         max_steps=finetune.max_steps,
+        optimizer=finetune.optimizer,
+        teacher=teacher,
+        distill_alpha=finetune.distill_alpha,
+        distill_temperature=finetune.distill_temperature,
+        amp=finetune.amp,
     )
     model.eval()
-    return model, {"finetune_steps": steps, "time_prune_s": time_prune, "time_finetune_s": time.perf_counter() - start}
+    return model, {"finetune_steps": steps, "bn_recalibration_batches": recalibrated, "time_prune_s": time_prune, "time_finetune_s": time.perf_counter() - start}
 
 
 def _timing_batch(task: Task, measure_config: MeasureConfig) -> torch.Tensor:
