@@ -38,7 +38,7 @@ def exclusive_measurement(lock_path: str | None = None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
+def quantile(sorted_values: list[float], q: float) -> float:
     position = q * (len(sorted_values) - 1)
     low = int(position)
     high = min(low + 1, len(sorted_values) - 1)
@@ -69,8 +69,8 @@ def latency_ms(model: nn.Module, inputs: torch.Tensor, *, warmup: int = 10, repe
     times.sort()
     return {
         "latency_ms": statistics.median(times),
-        "latency_p10_ms": _quantile(times, 0.1),
-        "latency_p90_ms": _quantile(times, 0.9),
+        "latency_p10_ms": quantile(times, 0.1),
+        "latency_p90_ms": quantile(times, 0.9),
     }
 
 

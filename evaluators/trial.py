@@ -19,6 +19,7 @@ from evaluators.train import OPTIMIZERS, accuracy, recalibrate_batchnorm, train
 from spaces import Policy
 
 DEVICES = ("cpu", "cuda", "auto")
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,7 @@ class MeasureConfig:
     warmup: int = 10       # untimed passes first
     repeats: int = 30      # timed passes; latency_ms is their median
     device: str = "cpu"    # cpu, cuda, or auto (cuda when present)
+    backend: str = "torch"  # torch (eager), or onnxruntime: export to ONNX, check outputs, time ONNX Runtime (CPU)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "threads", "repeats"):
@@ -88,6 +90,10 @@ class MeasureConfig:
                 raise ValueError(f"{name}: must be >= 1, but got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup: must be >= 0, but got {self.warmup}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: must be one of {', '.join(BACKENDS)}, but got {self.backend!r}")
+        if self.backend == "onnxruntime" and self.device == "cuda":
+            raise ValueError("backend: onnxruntime times on the CPU; use device: cpu with it")
         if self.device not in DEVICES:
             raise ValueError(f"device: must be one of {', '.join(DEVICES)}, but got {self.device!r}")
 
@@ -117,6 +123,7 @@ class Metrics:
     time_finetune_s: float
     time_measure_s: float
     bn_recalibration_batches: int = 0
+    onnx_max_abs_diff: float | None = None  # with measure.backend onnxruntime: ONNX vs torch outputs
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -167,6 +174,14 @@ def prune_and_finetune(
     return model, {"finetune_steps": steps, "bn_recalibration_batches": recalibrated, "time_prune_s": time_prune, "time_finetune_s": time.perf_counter() - start}
 
 
+def _time(model: torch.nn.Module, batch: torch.Tensor, config: MeasureConfig) -> dict[str, float]:
+    if config.backend == "onnxruntime":
+        from evaluators.onnx_backend import onnxruntime_latency_ms
+
+        return onnxruntime_latency_ms(model, batch, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
+    return measure.latency_ms(model, batch, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
+
+
 def _timing_batch(task: Task, measure_config: MeasureConfig) -> torch.Tensor:
     """The first ``batch_size`` test inputs (repeated if the test set is smaller): what latency is timed on."""
     batch = task.test_data()[0][: measure_config.batch_size]
@@ -183,10 +198,7 @@ def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureCon
     model.to(device).eval()
     x_test, y_test = task.test_data()
     acc = accuracy(model, (x_test.to(device), y_test.to(device)))
-    timing = measure.latency_ms(
-        model, _timing_batch(task, measure_config).to(device), warmup=measure_config.warmup,
-        repeats=measure_config.repeats, threads=measure_config.threads,
-    )
+    timing = _time(model, _timing_batch(task, measure_config).to(device), measure_config)
     model.cpu()
     macs, params = measure.macs_and_params(model, x_test[:1])
     return {
@@ -229,6 +241,4 @@ def measure_latency(policy: Policy, task: Task, checkpoint: str | Path | bytes, 
     if policy.ratios:
         pruning.apply(policy, model, task.test_data()[0][:1])
     device = measure_config.resolve_device()
-    return measure.latency_ms(
-        model.to(device), _timing_batch(task, measure_config).to(device), warmup=measure_config.warmup, repeats=measure_config.repeats, threads=measure_config.threads
-    )
+    return _time(model.to(device), _timing_batch(task, measure_config).to(device), measure_config)

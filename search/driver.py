@@ -135,7 +135,8 @@ def run_search(
     _quiet()
     prepared = _prepare(config, out)
     dense_policy = Policy(criterion=config.space.criteria[0], ratios={}, seed=config.search.seed)
-    dense = evaluate(dense_policy, prepared.task, prepared.checkpoint, FinetuneConfig(epochs=0), config.measure).to_dict()
+    measured = evaluate(dense_policy, prepared.task, prepared.checkpoint, FinetuneConfig(epochs=0), config.measure)
+    dense = {k: v for k, v in measured.to_dict().items() if v is not None}
     out(f"dense: acc {dense['accuracy']:.4f}  {dense['latency_ms']:.3f} ms  {dense['size_mb']:.3f} MB  {dense['macs']:,} MACs")
 
     tracker = SearchTracker(tracking_uri)

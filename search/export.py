@@ -14,15 +14,11 @@ when every check passed, so a failure overwrites nothing):
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import math
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +27,7 @@ import torch
 from torch import nn
 
 from evaluators import pruning
+from evaluators.onnx_backend import export_program, flat_outputs, max_abs_diff, onnx_outputs, write_onnx
 from search.pick import ProductionError
 from spaces import Policy
 
@@ -99,50 +96,7 @@ def load_pruned(task_or_model_factory: Any, path: str | Path, example_inputs: to
 
 # --- torch.export and ONNX -------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _quiet_exporters():
-    """torch.export/ONNX print progress, deprecation warnings and 'torchvision is not installed' lines."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def export_program(model: nn.Module, example_inputs: torch.Tensor) -> torch.export.ExportedProgram:
-    """``torch.export`` the model with the batch dimension dynamic where the model allows it."""
-    with _quiet_exporters():
-        return torch.export.export(model, (example_inputs,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
-
-
-def _flat(outputs: Any) -> list[np.ndarray]:
-    return [t.detach().cpu().numpy() for t in pruning._flat_tensors(outputs)]
-
-
-def max_abs_diff(expected: list[np.ndarray], got: list[np.ndarray]) -> float:
-    if len(expected) != len(got):
-        return math.inf
-    diffs = [float(np.abs(np.asarray(g, dtype=np.float64) - e).max()) if e.shape == np.shape(g) else math.inf
-             for e, g in zip(expected, got)]
-    return max(diffs, default=0.0)
-
-
-def write_onnx(program: torch.export.ExportedProgram, path: Path) -> Path:
-    with _quiet_exporters():
-        torch.onnx.export(program, f=str(path), dynamo=True, external_data=False, verbose=False,
-                          input_names=["input"], output_names=["output"])
-    return path
-
-
-def onnx_outputs(path: Path, inputs: torch.Tensor) -> list[np.ndarray]:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return list(session.run(None, {session.get_inputs()[0].name: inputs.detach().cpu().numpy()}))
+# torch.export and ONNX live in evaluators.onnx_backend (the ONNX Runtime latency backend uses them too).
 
 
 # --- the export folder -------------------------------------------------------------------------
@@ -162,13 +116,13 @@ def stage_export(stage: Path, model: nn.Module, policy: Policy, example_inputs: 
     reloads to the same outputs as ``model`` on ``check_inputs``. Returns the max abs diffs."""
     model = model.cpu().eval()
     with torch.no_grad():
-        expected = _flat(model(check_inputs))
+        expected = flat_outputs(model(check_inputs))
     (stage / "policy.json").write_text(policy.to_json() + "\n")
     save_weights(model, policy, stage / "model.pt", example_inputs, meta)
     program = export_program(model, example_inputs)
     torch.export.save(program, str(stage / "model.pt2"))
     with torch.no_grad():
-        pt2_diff = max_abs_diff(expected, _flat(torch.export.load(str(stage / "model.pt2")).module()(check_inputs)))
+        pt2_diff = max_abs_diff(expected, flat_outputs(torch.export.load(str(stage / "model.pt2")).module()(check_inputs)))
     if pt2_diff > tolerance:
         raise ExportError(f"model.pt2 outputs differ from the torch model by {pt2_diff:.3g} (max abs), above the tolerance {tolerance:g}")
     write_onnx(program, stage / "model.onnx")

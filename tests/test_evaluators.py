@@ -92,10 +92,10 @@ def test_latency_restores_thread_count_and_rejects_zero_repeats():
 
 def test_quantile_interpolates_linearly():
     values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
-    assert measure._quantile(values, 0.1) == pytest.approx(2.0)
-    assert measure._quantile(values, 0.5) == pytest.approx(6.0)
-    assert measure._quantile([1.0, 3.0], 0.25) == pytest.approx(1.5)
-    assert measure._quantile([4.0], 0.9) == 4.0
+    assert measure.quantile(values, 0.1) == pytest.approx(2.0)
+    assert measure.quantile(values, 0.5) == pytest.approx(6.0)
+    assert measure.quantile([1.0, 3.0], 0.25) == pytest.approx(1.5)
+    assert measure.quantile([4.0], 0.9) == 4.0
 
 
 def test_size_mb_is_bytes_of_saved_state_dict_and_shrinks_after_pruning():
