@@ -33,6 +33,7 @@ def one(config_path: str, overrides: list[str], concurrency: int, trials: int, t
     parent = client.get_run(result.parent_run_id)
     fit_wall = parent.data.metrics["fit_wall_s"]
     runs = client.search_runs([result.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}' and tags.`secateurs.kind` = 'trial'", max_results=1000)
+    runs = [r for r in runs if r.info.status == "FINISHED"]
     work = [r.data.metrics["time_prune_s"] + r.data.metrics["time_finetune_s"] + r.data.metrics["time_measure_s"] for r in runs]
     per_trial_wall = fit_wall * concurrency / len(runs)
     overhead = per_trial_wall - statistics.mean(work)
