@@ -1,156 +1,152 @@
-"""Structured pruning through torch-pruning's dependency graph, behind one ``apply`` call.
+"""One path for every granularity: ``apply(policy, model, example_inputs, calibration=None)``.
 
-torch-pruning finds which layers are coupled (a conv, its BatchNorm, the next layer's input
-channels, residual partners); this module decides how many channels each group keeps and which.
+- ``channel``: conv filters and linear neurons through torch-pruning's dependency graph (coupled
+  BatchNorms, next-layer inputs, residual partners, depthwise convs and concatenations follow);
+- ``structured``: ``channel`` plus attention heads and LSTM/GRU/RNN hidden units;
+- ``unstructured``: per-layer or global masks on single weights, baked into the weights;
+- ``nm``: N:M semi-structured masks (2:4 = ratio 0.5 with ``nm_block`` 4).
+
+The pruned model is a plain ``nn.Module``. Criteria live in :mod:`evaluators.criteria`; ``taylor``
+and ``wanda`` need ``calibration`` batches. Errors are :class:`PruningError`s that name the group or
+module at fault and what to do; a policy that cannot apply is refused before the model changes.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from spaces import Policy, PrunableGroup
+from evaluators import sparsity, structured
+from evaluators.criteria import CRITERIA, Criterion, Stats, applicable, calibrate, get_criterion, register_criterion
+from evaluators.prune_base import PruneReport, PruningError, channels_to_keep, check_runs, output_layers
+from evaluators.prune_base import flat_tensors as _flat_tensors  # noqa: F401 (search.export uses it)
+from evaluators.sparsity import effective_macs_and_params, load_sparse_state_dict, sparse_state_dict_bytes
+from spaces import GRANULARITIES, Policy, PrunableGroup
 
-_WEIGHT_TYPES = [nn.modules.conv._ConvNd, nn.Linear]
-_ROOT_TYPES = (nn.Conv2d, nn.Conv1d, nn.Linear)
+__all__ = [
+    "CRITERIA", "GRANULARITY_KINDS", "Criterion", "PruneReport", "PruningError", "apply", "channels_to_keep", "check_space",
+    "discover_groups", "effective_macs_and_params", "load_sparse_state_dict", "output_layers", "prune", "register_criterion",
+    "register_pruner", "restore", "sparse_state_dict_bytes",
+]
 
-CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
-    "l1": lambda: tp.importance.MagnitudeImportance(p=1, target_types=_WEIGHT_TYPES),
-    "l2": lambda: tp.importance.MagnitudeImportance(p=2, target_types=_WEIGHT_TYPES),
-    "random": lambda: tp.importance.RandomImportance(),
+GRANULARITY_KINDS: dict[str, tuple[str, ...]] = {
+    "channel": ("conv", "linear"),
+    "structured": ("conv", "linear", "attention-heads", "rnn-hidden"),
+    "unstructured": ("weight",),
+    "nm": ("weight",),
 }
 
 
-class PruningError(ValueError):
-    """A policy that cannot be applied to a model."""
+def register_pruner(module_type: type, pruner: tp.pruner.function.BasePruningFunc) -> None:
+    """Teach structured pruning a layer type: a torch-pruning pruner (``prune_out_channels``,
+    ``prune_in_channels``, ``get_out_channels``, ``get_in_channels``) for ``module_type``."""
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise TypeError(f"register_pruner needs an nn.Module subclass, but got {module_type!r}")
+    structured.CUSTOM_PRUNERS[module_type] = pruner
 
 
-def make_criterion(name: str) -> tp.importance.Importance:
-    if name not in CRITERIA:
-        raise PruningError(f"unknown criterion {name!r}; valid: {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[name]()
-
-
-def _flat_tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _flat_tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _flat_tensors(v)]
-    return []
-
-
-def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
-    """Layers whose output is the model's output: removing their channels would change what it predicts."""
-    produced: dict[nn.Module, list[torch.Tensor]] = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, _in, out: produced.__setitem__(mod, _flat_tensors(out)))
-        for m in model.modules()
-        if isinstance(m, _ROOT_TYPES)
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outputs = _flat_tensors(model(example_inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return [m for m, outs in produced.items() if any(o is y for o in outs for y in outputs)]
-
-
-def _build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tuple[tp.DependencyGraph, list[nn.Module]]:
-    protected = output_layers(model, example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    except Exception as exc:  # torch-pruning raises many kinds when tracing fails
-        raise PruningError(
-            f"cannot trace {type(model).__name__} with example inputs of shape "
-            f"{tuple(example_inputs.shape)}: {exc}"
-        ) from exc
-    finally:
-        model.train(was_training)
-    return graph, protected
-
-
-def _groups(model: nn.Module, graph: tp.DependencyGraph, protected: list[nn.Module]):
-    names = {m: n for n, m in model.named_modules()}
-    for group in graph.get_all_groups(ignored_layers=protected, root_module_types=_ROOT_TYPES):
-        root = group[0].dep.target.module
-        members = [
-            names[dep.target.module]
-            for dep, _ in group
-            if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, _ROOT_TYPES)
-        ]
-        yield names[root], root, group, list(dict.fromkeys(members))
-
-
-def discover_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[PrunableGroup]:
-    """The model's prunable groups, in module order; output layers are never included.
+def discover_groups(model: nn.Module, example_inputs: torch.Tensor, granularities: Iterable[str] = ("channel",),
+                    nm_block: int = 4) -> list[PrunableGroup]:
+    """The model's prunable groups for ``granularities``, in module order (each group once; its
+    ``granularities`` say which can prune it). Output layers are never structured groups.
 
     >>> from evaluators.models import DigitsCNN
     >>> [g.name for g in discover_groups(DigitsCNN(), torch.zeros(1, 1, 8, 8))]
     ['features.0', 'features.3', 'features.7', 'classifier.1']
     """
-    graph, protected = _build_graph(model, example_inputs)
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    found = []
-    for name, root, _group, members in _groups(model, graph, protected):
-        kind = "linear" if isinstance(root, nn.Linear) else "conv"
-        size = graph.get_out_channels(root)
-        found.append(PrunableGroup(name=name, kind=kind, size=int(size), modules=tuple(members)))
-    return sorted(found, key=lambda g: order[g.name])
+    granularities = tuple(granularities)
+    unknown = [g for g in granularities if g not in GRANULARITIES]
+    if unknown:
+        raise PruningError(f"unknown granularity {unknown[0]!r}; valid: {', '.join(GRANULARITIES)}")
+    found: list[PrunableGroup] = []
+    kinds = tuple(k for g in granularities for k in GRANULARITY_KINDS[g] if k != "weight")
+    if kinds:
+        for unit in structured.StructuredGraph(model, example_inputs).units(kinds):
+            grans = tuple(g for g in ("channel", "structured") if unit.kind in GRANULARITY_KINDS[g])
+            found.append(PrunableGroup(unit.name, unit.kind, unit.size, unit.members or (unit.name,), grans))
+    if {"unstructured", "nm"} & set(granularities):
+        found += sparsity.discover(model, granularities, nm_block)
+    return found
 
 
-def channels_to_keep(size: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
-    """How many of ``size`` channels a group keeps at ``ratio``: rounded up to a multiple of
-    ``round_to`` and never below ``min_channels`` (nor above ``size``).
+def check_space(granularities: Iterable[str], criteria: Iterable[str], groups: Iterable[PrunableGroup]) -> None:
+    """Raise unless every criterion can score the groups of every granularity it may be paired with.
 
-    >>> channels_to_keep(32, 0.5), channels_to_keep(32, 0.55, round_to=8), channels_to_keep(4, 0.9)
-    (16, 16, 1)
+    >>> check_space(["unstructured"], ["fpgm"], [PrunableGroup("fc.weight", "weight", 8)])
+    Traceback (most recent call last):
+    evaluators.prune_base.PruningError: criterion 'fpgm' does not apply to granularity 'unstructured' (weight groups such as 'fc.weight'); criteria for it: l1, l2, lamp, random, taylor, wanda
     """
-    keep = max(size - math.floor(size * ratio + 1e-9), 1)
-    keep = int(math.ceil(keep / round_to) * round_to)
-    return min(max(keep, min_channels), size)
+    groups = list(groups)
+    for gran in granularities:
+        kinds = {g.kind: g.name for g in groups if gran in g.granularities}
+        for name in criteria:
+            criterion = get_criterion(name)
+            for kind, example in kinds.items():
+                if kind not in criterion.kinds:
+                    raise PruningError(f"criterion {name!r} does not apply to granularity {gran!r} ({kind} groups such as "
+                                       f"{example!r}); criteria for it: {', '.join(applicable(kind))}")
 
 
-def apply(policy: Policy, model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
-    """Prune ``model`` in place as ``policy`` says and return it (a plain, smaller ``nn.Module``).
+def prune(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, calibration: Any = None) -> PruneReport:
+    """Prune ``model`` in place as ``policy`` says; return what was removed (and the model).
 
-    Every group named in ``policy.ratios`` must exist in the model; groups it does not name are kept.
+    ``calibration`` is a tensor of inputs or ``(inputs, targets)`` (at most the first
+    ``criteria.CALIBRATION_SAMPLES`` are used); ``taylor`` needs targets, ``wanda`` inputs. Every
+    group named in ``policy.ratios`` must exist in the model; groups it does not name are kept.
+    Gradients left by calibration are cleared.
     """
-    graph, protected = _build_graph(model, example_inputs)
-    importance = make_criterion(policy.criterion)
-    available = [name for name, *_ in _groups(model, graph, protected)]
-    unknown = sorted(set(policy.ratios) - set(available))
-    if unknown:  # checked before anything is pruned: the model is left untouched
-        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        raise PruningError(
-            f"policy names group(s) {unknown} that this model does not have; "
-            f"available groups: {', '.join(sorted(available, key=order.__getitem__))}"
-        )
-    pending = dict(policy.ratios)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(policy.seed)
-        for name, root, group, _members in list(_groups(model, graph, protected)):
-            ratio = pending.pop(name, 0.0)
-            if ratio <= 0.0:
-                continue
-            size = graph.get_out_channels(root)
-            keep = channels_to_keep(size, ratio, policy.round_to, policy.min_channels)
-            if keep >= size:
-                continue
-            with torch.no_grad():
-                scores = importance(group)
-            if scores is None:
-                raise PruningError(f"criterion {policy.criterion!r} gives no score for group {name!r}")
-            drop = torch.argsort(scores)[: size - keep].tolist()
-            group.prune(idxs=drop)
+    criterion = get_criterion(policy.criterion)
+    if not policy.ratios:
+        return PruneReport(policy.granularity, {}, model)
+    needs = criterion.needs_gradients or criterion.needs_activations
+    if needs and calibration is None:
+        raise PruningError(f"criterion {policy.criterion!r} needs calibration data: pass calibration=(inputs, targets) "
+                           "to apply(); or choose a data-free criterion (l1, l2, lamp, fpgm, bn_scale, random)")
+
+    def stats() -> Stats | None:
+        if not needs:
+            return None
+        return calibrate(model, calibration, gradients=criterion.needs_gradients, activations=criterion.needs_activations)
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(policy.seed)
+            if policy.granularity in ("unstructured", "nm"):
+                report = sparsity.prune(model, policy, criterion, stats)
+            else:
+                report = structured.prune(model, example_inputs, policy, criterion, stats,
+                                          kinds=GRANULARITY_KINDS[policy.granularity])
+    finally:
+        if criterion.needs_gradients:
+            for p in model.parameters():
+                p.grad = None
+    if policy.granularity in ("channel", "structured"):
+        check_runs(model, example_inputs, f"{policy.granularity} pruning")
+    return report
+
+
+def apply(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, calibration: Any = None) -> nn.Module:
+    """Prune ``model`` in place as ``policy`` says and return it (a plain ``nn.Module``); see :func:`prune`."""
+    return prune(policy, model, example_inputs, calibration).model
+
+
+def restore(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a saved pruned model: give the dense ``model`` the shapes ``state_dict`` has (as
+    ``policy`` pruned them), load the weights, return it. Needs no calibration data: which units
+    were kept is in the weights (and for masks, the zeros in ``state_dict`` become the masks again).
+    """
+    get_criterion(policy.criterion)
+    if policy.ratios:
+        if policy.granularity in ("unstructured", "nm"):
+            sparsity.prune(model, policy, None, lambda: None, shapes=state_dict)
+        else:
+            structured.prune(model, example_inputs, policy, None, lambda: None, kinds=GRANULARITY_KINDS[policy.granularity],
+                             shapes=state_dict)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        raise PruningError(f"the saved weights do not fit {type(model).__name__} pruned by their policy: {first}") from None
     return model

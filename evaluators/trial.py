@@ -144,7 +144,7 @@ def prune_and_finetune(
     start = time.perf_counter()
     model = load_dense(task, checkpoint)
     if policy.ratios:
-        pruning.apply(policy, model, task.test_data()[0][:1])
+        pruning.apply(policy, model, task.test_data()[0][:1], calibration=task.train_data())
     time_prune = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -200,10 +200,11 @@ def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureCon
     acc = accuracy(model, (x_test.to(device), y_test.to(device)))
     timing = _time(model, _timing_batch(task, measure_config).to(device), measure_config)
     model.cpu()
-    macs, params = measure.macs_and_params(model, x_test[:1])
+    macs, params = pruning.effective_macs_and_params(model, x_test[:1])  # zeros of unstructured/N:M masks do not count
     return {
         "accuracy": acc,
-        "size_mb": measure.size_mb(model),
+        # the file export writes: the dense state dict, or the compressed sparse one when that is smaller
+        "size_mb": min(measure.size_mb(model), len(pruning.sparse_state_dict_bytes(model)) / 1e6),
         "macs": macs,
         "params": params,
         "time_measure_s": time.perf_counter() - start,
@@ -239,6 +240,6 @@ def measure_latency(policy: Policy, task: Task, checkpoint: str | Path | bytes, 
     depends on the shapes alone). Used to re-time frontier policies after a search, one at a time."""
     model = load_dense(task, checkpoint)
     if policy.ratios:
-        pruning.apply(policy, model, task.test_data()[0][:1])
+        pruning.apply(policy, model, task.test_data()[0][:1], calibration=task.train_data())
     device = measure_config.resolve_device()
     return _time(model.to(device), _timing_batch(task, measure_config).to(device), measure_config)

@@ -328,6 +328,36 @@ class TextTransformer(nn.Module):
         return self.classifier(_masked_mean(self.norm(x), mask))
 
 
+# ---------------------------------------------------------------- small ViT (images)
+
+
+class VisionTransformer(nn.Module):
+    """A small ViT (Dosovitskiy et al., 2021): ``patch`` x ``patch`` patches embedded by a strided conv,
+    learned positions, a ``num_layers`` ``nn.TransformerEncoder`` (pre-norm, batch first), mean over the
+    patches, a linear head. Inputs must be ``image_size`` square.
+
+    >>> VisionTransformer(image_size=8, patch=4, embed_dim=16, num_heads=2, ff_dim=32)(torch.zeros(2, 3, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch: int = 4,
+                 embed_dim: int = 64, num_heads: int = 4, ff_dim: int = 128, num_layers: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size must be a multiple of patch, but got (image_size={image_size}, patch={patch})")
+        self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch, stride=patch)
+        self.position = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, embed_dim))
+        nn.init.normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(embed_dim, num_heads, ff_dim, dropout=dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.position
+        return self.head(self.norm(self.encoder(tokens)).mean(1))
+
+
 ZOO_MODELS: dict[str, Callable[..., nn.Module]] = {
     "fashion_cnn": FashionCNN,
     "resnet20": resnet20,
@@ -336,4 +366,5 @@ ZOO_MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg_cifar": VGGCifar,
     "text_lstm": TextLSTM,
     "text_transformer": TextTransformer,
+    "vit_tiny": VisionTransformer,
 }

@@ -25,7 +25,7 @@ import yaml
 from ray import tune
 
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
-from evaluators.pruning import discover_groups
+from evaluators.pruning import check_space, discover_groups
 from evaluators.tasks import make_task
 from evaluators.trial import FinetuneConfig, evaluate, measure_latency
 from evaluators.tasks import Task
@@ -99,7 +99,8 @@ def _prepare(config: Config, out: Callable[[str], None], checkpoint: str | None 
     task = make_task(config.task)
     config.measure.resolve_device()
     checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out))
-    groups = discover_groups(load_dense(task, checkpoint), task.test_data()[0][:1])
+    groups = discover_groups(load_dense(task, checkpoint), task.test_data()[0][:1], config.space.granularity, config.space.nm_block)
+    check_space(config.space.granularity, config.space.criteria, groups)
     space = SearchSpace(config.space, groups, seed=config.search.seed)
     out(f"{len(groups)} prunable groups, {len(space.searched_groups)} searched: {', '.join(space.searched_groups)}")
     return _Prepared(task, checkpoint, space)

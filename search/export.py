@@ -83,12 +83,9 @@ def load_pruned(task_or_model_factory: Any, path: str | Path, example_inputs: to
         spec = saved["input"]
         example_inputs = torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
     policy = Policy.from_dict(saved["policy"])
-    model.eval()
-    if policy.ratios:
-        pruning.apply(policy, model, example_inputs)
     try:
-        model.load_state_dict(saved["state_dict"])
-    except RuntimeError as exc:
+        pruning.restore(policy, model.eval(), example_inputs, saved["state_dict"])
+    except (pruning.PruningError, RuntimeError) as exc:
         first = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
         raise ProductionError(f"{str(path)!r} does not fit {type(model).__name__} pruned by its policy: {first}") from None
     return model.eval()

@@ -52,7 +52,7 @@ def baseline_points(space: SearchSpace, ratios: list[float]) -> list[dict[str, A
     points = []
     for ratio in ratios:
         point: dict[str, Any] = {}
-        for dim in space.dimensions():
+        for dim in space.dimensions(space.config.granularity[0]):
             if dim.range is not None:
                 point[RATIO_PREFIX + dim.group] = _snap(ratio, dim.range.low, dim.range.high, dim.range.step)
         if len(space.config.criteria) > 1:

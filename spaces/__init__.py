@@ -5,8 +5,11 @@ read, validated and sampled anywhere (the driver, a Ray worker, a notebook).
 """
 from __future__ import annotations
 
-from spaces.groups import PrunableGroup
-from spaces.policy import Policy
-from spaces.space import RatioRange, Rule, SearchSpace, SpaceConfig, SpaceError
+from spaces.groups import GROUP_KINDS, PrunableGroup
+from spaces.policy import GRANULARITIES, Policy
+from spaces.space import Dimension, RatioRange, Rule, SearchSpace, SpaceConfig, SpaceError
 
-__all__ = ["PrunableGroup", "Policy", "RatioRange", "Rule", "SearchSpace", "SpaceConfig", "SpaceError"]
+__all__ = [
+    "GRANULARITIES", "GROUP_KINDS", "Dimension", "PrunableGroup", "Policy", "RatioRange", "Rule", "SearchSpace",
+    "SpaceConfig", "SpaceError",
+]

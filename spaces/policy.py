@@ -5,16 +5,27 @@ import json
 import math
 from typing import Any
 
-GRANULARITIES = ("channel",)
+# What a policy's ratios remove (evaluators.pruning carries out each one):
+GRANULARITIES = ("channel", "structured", "unstructured", "nm")
+GRANULARITY_HELP = {
+    "channel": "whole conv filters and linear neurons (coupled layers follow); a smaller, faster model",
+    "structured": "channel, plus attention heads and recurrent (LSTM/GRU/RNN) hidden units",
+    "unstructured": "single weights with the lowest scores, zeroed in place (masks baked into the weights)",
+    "nm": "N:M semi-structured: in every block of nm_block weights along the input, floor(ratio * nm_block) are zeroed",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """A complete pruning decision: replaying it on the dense checkpoint rebuilds the model.
 
-    ``ratios`` maps a prunable group's name to the fraction of its channels to remove
-    (groups that are absent are left whole). ``seed`` fixes the randomness of criteria
-    such as ``random``.
+    ``ratios`` maps a prunable group's name to the fraction of its units to remove (groups that
+    are absent are left whole): channels, heads or hidden units for ``channel``/``structured``,
+    weights for ``unstructured``; for ``nm`` a weight tensor loses ``floor(ratio * nm_block)`` of
+    every ``nm_block`` consecutive input weights (ratio 0.5 with blocks of 4 = 2:4 sparsity).
+    ``global_groups`` are pruned together: they lose as many units in total as their ratios ask,
+    but which ones is decided by one ranking across all of them. ``seed`` fixes the randomness
+    of criteria such as ``random``.
 
     >>> p = Policy(criterion="l1", ratios={"conv1": 0.25})
     >>> Policy.from_json(p.to_json()) == p
@@ -27,6 +38,8 @@ class Policy:
     round_to: int = 1
     min_channels: int = 1
     seed: int = 0
+    global_groups: tuple[str, ...] = ()
+    nm_block: int = 4
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -36,16 +49,29 @@ class Policy:
         if not isinstance(self.criterion, str) or not self.criterion:
             raise ValueError(f"Policy.criterion must be a non-empty string, but got {self.criterion!r}")
         for name, ratio in self.ratios.items():
-            if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 <= ratio < 1.0:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 <= ratio < 1.0:
                 raise ValueError(f"Policy ratio for group {name!r} must satisfy 0 <= ratio < 1, but got {ratio!r}")
         if self.round_to < 1:
             raise ValueError(f"Policy.round_to must be >= 1, but got {self.round_to}")
         if self.min_channels < 1:
             raise ValueError(f"Policy.min_channels must be >= 1, but got {self.min_channels}")
+        if self.nm_block < 2:
+            raise ValueError(f"Policy.nm_block must be >= 2, but got {self.nm_block}")
         object.__setattr__(self, "ratios", {str(k): float(v) for k, v in sorted(self.ratios.items())})
+        if isinstance(self.global_groups, str):
+            raise ValueError(f"Policy.global_groups must be a list of group names, but got the string {self.global_groups!r}")
+        global_groups = tuple(sorted(set(str(g) for g in self.global_groups)))
+        missing = [g for g in global_groups if g not in self.ratios]
+        if missing:
+            raise ValueError(f"Policy.global_groups must all have a ratio in Policy.ratios, but {missing} have none")
+        if global_groups and self.granularity == "nm":
+            raise ValueError("Policy.global_groups must be empty for granularity 'nm' (N:M masks are chosen per block)")
+        object.__setattr__(self, "global_groups", global_groups)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["global_groups"] = list(self.global_groups)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -3,12 +3,16 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import re
 from typing import Any, Protocol, Sequence
 
 from spaces.groups import PrunableGroup
 from spaces.policy import GRANULARITIES, Policy
 
 RATIO_PREFIX = "ratio."
+GLOBAL_DIM = "global"  # the one ratio of scope: global (parameter ratio.global)
+SCOPES = ("layer", "global")
+_TIE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 class SpaceError(ValueError):
@@ -56,45 +60,88 @@ class RatioRange:
                     f"(high - low) must be a multiple of step, but got (low={self.low}, high={self.high}, step={self.step})"
                 )
 
+    def narrowed(self, low: float | None, high: float | None, step: float | None) -> RatioRange:
+        return RatioRange(
+            low=self.low if low is None else low,
+            high=self.high if high is None else high,
+            step=self.step if step is None else step,
+        )
+
+    def describe(self) -> str:
+        return f"{self.low:g}..{self.high:g}" + (f" step {self.step:g}" if self.step else "")
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Overrides the space for every group whose name matches the glob ``match``.
+    """Overrides the space for every group whose name matches the glob ``match`` (or the regular
+    expression ``regex``, matched against the whole name).
 
-    Exactly one effect: ``exclude: true`` (never prune), ``ratio: x`` (fix the ratio), or any of
-    ``low``/``high``/``step`` (narrow the range). Later rules override earlier ones.
+    Exactly one effect: ``exclude: true`` (never prune), ``ratio: x`` (fix the ratio), or a range
+    (any of ``low``/``high``/``step``) and/or ``tie: NAME`` (every matched group shares one sampled
+    ratio, the parameter ``ratio.NAME``, e.g. one ratio per ResNet stage). ``granularity`` limits
+    the rule to one granularity's groups. Later rules override earlier ones.
 
     >>> Rule(match="classifier.*", exclude=True).exclude
+    True
+    >>> Rule(regex=r"layer1\\..*conv1", tie="stage1").matches("layer1.0.conv1")
     True
     """
 
     __pydantic_config__ = {"extra": "forbid"}
 
-    match: str
+    match: str = ""
+    regex: str = ""
     exclude: bool = False
     ratio: float | None = None
     low: float | None = None
     high: float | None = None
     step: float | None = None
+    tie: str | None = None
+    granularity: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.match:
-            raise ValueError("match: must be a non-empty glob pattern over group names")
+        if bool(self.match) == bool(self.regex):
+            raise ValueError(
+                "match: a rule needs exactly one of match (a non-empty glob over group names) or regex, "
+                f"but got (match={self.match!r}, regex={self.regex!r})"
+            )
+        if self.regex:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex: {self.regex!r} is not a valid regular expression ({exc})") from None
         if self.ratio is not None:
             _check_ratio("ratio", self.ratio)
-        effects = [self.exclude, self.ratio is not None, any(v is not None for v in (self.low, self.high, self.step))]
-        if sum(effects) != 1:
+        ranged = any(v is not None for v in (self.low, self.high, self.step)) or self.tie is not None
+        if sum([self.exclude, self.ratio is not None, ranged]) != 1:
             raise ValueError(
-                f"rule for {self.match!r} must set exactly one of exclude: true, ratio: x, or low/high/step"
+                f"rule for {self.pattern!r} must set exactly one of exclude: true, ratio: x, or low/high/step "
+                "(optionally with tie: name)"
             )
+        if self.tie is not None and (not _TIE_NAME.fullmatch(self.tie) or self.tie == GLOBAL_DIM):
+            raise ValueError(
+                f"tie: must be a name of letters, digits, '_', '.', '-' (and not {GLOBAL_DIM!r}), but got {self.tie!r}"
+            )
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity: unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
+
+    @property
+    def pattern(self) -> str:
+        return self.match or f"regex:{self.regex}"
 
     def matches(self, group_name: str) -> bool:
+        if self.regex:
+            return re.fullmatch(self.regex, group_name) is not None
         return fnmatch.fnmatchcase(group_name, self.match)
 
 
 @dataclasses.dataclass(frozen=True)
 class SpaceConfig:
     """The ``space:`` section of a config: what a search may choose.
+
+    ``granularity`` lists the granularities to choose among (see ``spaces.policy.GRANULARITIES``);
+    ``scope: global`` gives every searched group one shared ratio (``ratio.global``) and ranks their
+    units together; ``nm_block`` is the M of N:M sparsity.
 
     >>> SpaceConfig(criteria=["l1", "l2"], ratio=RatioRange(0.0, 0.5, 0.1)).criteria
     ['l1', 'l2']
@@ -108,6 +155,8 @@ class SpaceConfig:
     round_to: int = 1
     min_channels: int = 1
     rules: list[Rule] = dataclasses.field(default_factory=list)
+    scope: str = "layer"
+    nm_block: int = 4
 
     def __post_init__(self) -> None:
         if not self.granularity:
@@ -115,26 +164,57 @@ class SpaceConfig:
         for g in self.granularity:
             if g not in GRANULARITIES:
                 raise ValueError(f"granularity: unknown granularity {g!r}; valid: {', '.join(GRANULARITIES)}")
+        if len(set(self.granularity)) != len(self.granularity):
+            raise ValueError(f"granularity: lists a granularity twice: {self.granularity}")
         if not self.criteria:
             raise ValueError("criteria: must list at least one criterion")
         if self.round_to < 1:
             raise ValueError(f"round_to: must be >= 1, but got {self.round_to}")
         if self.min_channels < 1:
             raise ValueError(f"min_channels: must be >= 1, but got {self.min_channels}")
+        if self.nm_block < 2:
+            raise ValueError(f"nm_block: must be >= 2, but got {self.nm_block}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope: must be one of {', '.join(SCOPES)}, but got {self.scope!r}")
+        if self.scope == "global" and "nm" in self.granularity:
+            raise ValueError("scope: global does not apply to granularity nm (N:M masks are chosen per block); use scope: layer")
+        ties: dict[str, int] = {}
+        for i, rule in enumerate(self.rules):
+            if self.scope == "global" and (rule.tie is not None or any(v is not None for v in (rule.low, rule.high, rule.step))):
+                raise ValueError(
+                    f"rules[{i}] ({rule.pattern!r}): with scope: global every searched group shares ratio.{GLOBAL_DIM}; "
+                    "only exclude: true and ratio: x rules apply"
+                )
+            if rule.tie is not None:
+                if rule.tie in ties:
+                    raise ValueError(f"rules[{i}]: tie {rule.tie!r} is already declared by rules[{ties[rule.tie]}]; "
+                                     "use one rule per tie (a regex can match several patterns)")
+                ties[rule.tie] = i
+            if rule.granularity is not None and rule.granularity not in self.granularity:
+                raise ValueError(f"rules[{i}].granularity: {rule.granularity!r} is not searched; granularity lists "
+                                 f"{', '.join(self.granularity)}")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Dim:
+class Dimension:
+    """One ratio of the space: the parameter ``ratio.<group>`` (a group, a tie or ``global``),
+    fixed or sampled from ``range``, applied to ``members`` (ranked together when ``joint``)."""
+
     group: str
     fixed: float | None
     range: RatioRange | None
+    members: tuple[str, ...]
+    granularities: tuple[str, ...]
+    joint: bool = False
 
 
 class SearchSpace:
-    """The resolved space for one model: one ratio dimension per prunable group plus the criterion.
+    """The resolved space for one model: per granularity, one ratio dimension per prunable group
+    (or per tie, or one global ratio), plus the criterion and the granularity.
 
     Built from a :class:`SpaceConfig` and the model's groups; every rule must match at least one
-    group. Instances are callables usable as Optuna define-by-run spaces (``space(trial) -> dict``).
+    group. Instances are callables usable as Optuna define-by-run spaces (``space(trial) -> dict``);
+    the ratios sampled are those of the granularity the trial picked.
 
     >>> groups = [PrunableGroup("conv1", "conv", 16), PrunableGroup("fc", "linear", 32)]
     >>> space = SearchSpace(SpaceConfig(rules=[Rule(match="fc", exclude=True)]), groups)
@@ -143,87 +223,171 @@ class SearchSpace:
     """
 
     def __init__(self, config: SpaceConfig, groups: Sequence[PrunableGroup], seed: int = 0) -> None:
-        if not groups:
-            raise SpaceError("the model has no prunable groups (no Conv2d/Linear layer whose outputs can be removed)")
         self.config = config
-        self.groups = list(groups)
         self.seed = seed
-        names = [g.name for g in self.groups]
-        fixed: dict[str, float | None] = {n: None for n in names}
-        ranges: dict[str, RatioRange | None] = {n: config.ratio for n in names}
-        for i, rule in enumerate(config.rules):
-            hits = [n for n in names if rule.matches(n)]
+        wanted = set(config.granularity)
+        unique: dict[str, PrunableGroup] = {}
+        for g in groups:
+            if wanted & set(g.granularities):
+                unique.setdefault(g.name, g)
+        self.groups = list(unique.values())
+        if not self.groups:
+            found = sorted({x for g in groups for x in g.granularities})
+            raise SpaceError(
+                f"the model has no prunable groups for granularity {', '.join(config.granularity)}"
+                + (f" (its groups are for: {', '.join(found)})" if found else " (no Conv/Linear/attention/RNN layer to prune)")
+            )
+        self._dims: dict[str, list[Dimension]] = {}
+        hits_per_rule = [0] * len(config.rules)
+        for gran in config.granularity:
+            names = [g.name for g in self.groups if gran in g.granularities]
+            if not names:
+                others = ", ".join(g.name for g in self.groups)
+                raise SpaceError(f"space.granularity: {gran!r} finds no prunable group in this model; available groups "
+                                 f"(for {', '.join(x for x in config.granularity if x != gran)}): {others}")
+            self._dims[gran] = self._resolve(gran, names, hits_per_rule)
+        for i, hits in enumerate(hits_per_rule):
             if not hits:
+                rule = config.rules[i]
+                grans = [rule.granularity] if rule.granularity else config.granularity
+                names = [g.name for g in self.groups if set(grans) & set(g.granularities)]
                 raise SpaceError(
-                    f"space.rules[{i}].match: {rule.match!r} matches no prunable group; "
+                    f"space.rules[{i}].{'regex' if rule.regex else 'match'}: {rule.regex or rule.match!r} matches no "
+                    f"prunable group{' of granularity ' + rule.granularity if rule.granularity else ''}; "
                     f"available groups: {', '.join(names)}"
                 )
-            for n in hits:
-                if rule.exclude:
-                    fixed[n], ranges[n] = 0.0, None
-                elif rule.ratio is not None:
-                    fixed[n], ranges[n] = rule.ratio, None
-                else:
-                    base = ranges[n] or config.ratio
-                    try:
-                        ranges[n] = RatioRange(
-                            low=base.low if rule.low is None else rule.low,
-                            high=base.high if rule.high is None else rule.high,
-                            step=base.step if rule.step is None else rule.step,
-                        )
-                    except ValueError as exc:
-                        raise SpaceError(f"space.rules[{i}] ({rule.match!r}) on group {n!r}: {exc}") from None
-                    fixed[n] = None
-        self._dims = [_Dim(n, fixed[n], ranges[n]) for n in names]
 
-    def dimensions(self) -> list[_Dim]:
-        """One entry per group: its fixed ratio, or the range the search samples it from."""
-        return list(self._dims)
+    def _resolve(self, gran: str, names: list[str], hits_per_rule: list[int]) -> list[Dimension]:
+        config = self.config
+        fixed: dict[str, float | None] = {n: None for n in names}
+        ranges: dict[str, RatioRange | None] = {n: config.ratio for n in names}
+        tie_of: dict[str, str | None] = {n: None for n in names}
+        tie_ranges: dict[str, RatioRange] = {}
+        for i, rule in enumerate(config.rules):
+            if rule.granularity not in (None, gran):
+                continue
+            hits = [n for n in names if rule.matches(n)]
+            hits_per_rule[i] += len(hits)
+            for n in hits:
+                if rule.exclude or rule.ratio is not None:
+                    fixed[n], ranges[n], tie_of[n] = (0.0 if rule.exclude else rule.ratio), None, None
+                    continue
+                try:
+                    narrowed = (config.ratio if rule.tie else ranges[n] or config.ratio).narrowed(rule.low, rule.high, rule.step)
+                except ValueError as exc:
+                    raise SpaceError(f"space.rules[{i}] ({rule.pattern!r}) on group {n!r}: {exc}") from None
+                fixed[n], ranges[n], tie_of[n] = None, narrowed, rule.tie
+                if rule.tie:
+                    tie_ranges[rule.tie] = narrowed
+        clash = sorted(set(tie_ranges) & {g.name for g in self.groups})
+        if clash:
+            raise SpaceError(f"space.rules: tie name(s) {clash} are also group names; choose other names")
+        dims: list[Dimension] = []
+        searched = [n for n in names if fixed[n] is None]
+        if config.scope == "global" and searched:
+            dims.append(Dimension(GLOBAL_DIM, None, config.ratio, tuple(searched), (gran,), joint=True))
+        done_ties: set[str] = set()
+        for n in names:
+            if fixed[n] is not None:
+                dims.append(Dimension(n, fixed[n], None, (n,), (gran,)))
+            elif config.scope == "global":
+                continue
+            elif tie_of[n] is None:
+                dims.append(Dimension(n, None, ranges[n], (n,), (gran,)))
+            elif tie_of[n] not in done_ties:
+                tie = tie_of[n]
+                done_ties.add(tie)
+                members = tuple(m for m in names if tie_of[m] == tie)
+                dims.append(Dimension(tie, None, tie_ranges[tie], members, (gran,)))
+        return dims
+
+    def dimensions(self, granularity: str | None = None) -> list[Dimension]:
+        """The dimensions of one granularity, or of all (each parameter name once, first wins)."""
+        if granularity is not None:
+            if granularity not in self._dims:
+                raise SpaceError(f"granularity {granularity!r} is not in this space; it has {', '.join(self._dims)}")
+            return list(self._dims[granularity])
+        seen: dict[str, Dimension] = {}
+        for dims in self._dims.values():
+            for d in dims:
+                seen.setdefault(d.group, d)
+        return list(seen.values())
 
     @property
     def searched_groups(self) -> list[str]:
-        return [d.group for d in self._dims if d.range is not None]
+        """Groups that some sampled ratio applies to, in discovery order."""
+        searched = {m for dims in self._dims.values() for d in dims if d.range is not None for m in d.members}
+        return [g.name for g in self.groups if g.name in searched]
 
     def describe(self) -> list[dict[str, Any]]:
-        """One row per group: its size and what the search may do with it."""
-        sizes = {g.name: g for g in self.groups}
+        """One row per group and granularity: its size and what the search may do with it."""
+        by_name = {g.name: g for g in self.groups}
         rows = []
-        for d in self._dims:
-            g = sizes[d.group]
-            if d.range is not None:
-                what = f"{d.range.low:g}..{d.range.high:g}" + (f" step {d.range.step:g}" if d.range.step else "")
-            else:
-                what = "excluded" if d.fixed == 0.0 else f"fixed {d.fixed:g}"
-            rows.append({"group": g.name, "kind": g.kind, "size": g.size, "ratio": what})
+        for gran, dims in self._dims.items():
+            for d in dims:
+                if d.range is None:
+                    what = "excluded" if d.fixed == 0.0 else f"fixed {d.fixed:g}"
+                elif d.joint:
+                    what = f"global {d.range.describe()}"
+                elif d.members != (d.group,):
+                    what = f"tie {d.group} {d.range.describe()}"
+                else:
+                    what = d.range.describe()
+                for m in d.members:
+                    g = by_name[m]
+                    rows.append({"group": g.name, "kind": g.kind, "size": g.size, "ratio": what, "granularity": gran})
         return rows
 
     def __call__(self, trial: TrialLike) -> dict[str, Any]:
         """Sample one policy's parameters through ``trial.suggest_*``; returns the fixed ones."""
-        for d in self._dims:
+        constants: dict[str, Any] = {}
+        chosen: dict[str, Any] = {}
+        for key, choices in (("granularity", self.config.granularity), ("criterion", self.config.criteria)):
+            if len(choices) > 1:
+                chosen[key] = trial.suggest_categorical(key, list(choices))
+            else:
+                chosen[key] = constants[key] = choices[0]
+        for d in self._dims[chosen["granularity"]]:
             if d.range is not None:
                 trial.suggest_float(RATIO_PREFIX + d.group, d.range.low, d.range.high, step=d.range.step)
-        constants: dict[str, Any] = {}
-        for key, choices in (("criterion", self.config.criteria), ("granularity", self.config.granularity)):
-            if len(choices) > 1:
-                trial.suggest_categorical(key, list(choices))
-            else:
-                constants[key] = choices[0]
         return constants
 
     def policy(self, params: dict[str, Any]) -> Policy:
-        """The policy that sampled ``params`` (as returned by a trial) stand for."""
+        """The policy that sampled ``params`` (as returned by a trial) stand for.
+
+        A tie's or the global ratio may also be given through its members' ``ratio.<group>``
+        parameters (as MLflow records them), which must then agree.
+        """
+        granularity = params.get("granularity") or self.config.granularity[0]
+        if granularity not in self._dims:
+            raise SpaceError(f"granularity {granularity!r} is not in this space; it has {', '.join(self._dims)}")
         ratios: dict[str, float] = {}
-        for d in self._dims:
-            value = d.fixed if d.range is None else params.get(RATIO_PREFIX + d.group)
-            if value is None:
-                raise SpaceError(f"parameters have no value for {RATIO_PREFIX + d.group!r}")
+        joint: list[str] = []
+        for d in self._dims[granularity]:
+            value = d.fixed if d.range is None else self._value(d, params)
             if value > 0.0:
-                ratios[d.group] = float(value)
+                ratios.update({m: float(value) for m in d.members})
+                if d.joint:
+                    joint.extend(d.members)
         return Policy(
-            criterion=params.get("criterion", self.config.criteria[0]),
-            granularity=params.get("granularity", self.config.granularity[0]),
+            criterion=params.get("criterion") or self.config.criteria[0],
+            granularity=granularity,
             ratios=ratios,
             round_to=self.config.round_to,
             min_channels=self.config.min_channels,
             seed=self.seed,
+            global_groups=tuple(joint),
+            nm_block=self.config.nm_block,
         )
+
+    @staticmethod
+    def _value(d: Dimension, params: dict[str, Any]) -> float:
+        key = RATIO_PREFIX + d.group
+        if params.get(key) is not None:
+            return float(params[key])
+        given = {float(params[RATIO_PREFIX + m]) for m in d.members if params.get(RATIO_PREFIX + m) is not None}
+        if len(given) == 1 and d.members != (d.group,):
+            return given.pop()
+        if len(given) > 1:
+            raise SpaceError(f"parameters give the members of {key!r} different ratios {sorted(given)}; they share one")
+        raise SpaceError(f"parameters have no value for {key!r}")

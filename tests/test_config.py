@@ -49,7 +49,7 @@ def test_parse_overrides_builds_nested_values():
     [
         ("search:\n  num_trails: 3\n", r"unknown key `search.num_trails`; valid keys here: .*num_trials"),
         ("bogus: 1\n", r"unknown key `bogus`; valid keys here: finetune, measure, search, space, task, tracking"),
-        ("space:\n  criteria: [l1, l3]\n", r"`space.criteria`: unknown criterion 'l3'; valid: l1, l2, random"),
+        ("space:\n  criteria: [l1, l3]\n", r"`space.criteria`: unknown criterion 'l3'; valid: bn_scale, fpgm, l1, l2, lamp, random, taylor, wanda"),
         ("space:\n  ratio: {low: 0.0, high: 1.0}\n", r"`space.ratio.high`: must satisfy 0 <= ratio < 1, but got 1.0"),
         ("space:\n  ratio: {low: -0.1, high: 0.5, step: 0.1}\n", r"`space.ratio.low`: must satisfy 0 <= ratio < 1, but got -0.1"),
         ("space:\n  rules:\n    - {match: conv, ratio: 1.5}\n", r"`space.rules\[0\].ratio`: must satisfy 0 <= ratio < 1, but got 1.5"),

@@ -378,9 +378,9 @@ def test_unknown_group_leaves_the_model_unmodified():
 
 def test_unknown_criterion_lists_valid_ones():
     model = _cnn()
-    with pytest.raises(PruningError, match="'taylor'") as info:
-        apply(Policy(criterion="taylor", ratios={"features.0": 0.5}), model, X8)
-    for name in ("l1", "l2", "random"):
+    with pytest.raises(PruningError, match="'l3'") as info:
+        apply(Policy(criterion="l3", ratios={"features.0": 0.5}), model, X8)
+    for name in ("l1", "l2", "random", "taylor", "bn_scale", "lamp", "fpgm", "wanda"):
         assert name in str(info.value)
     assert model.features[0].out_channels == 8  # rejected before anything was pruned
-    assert set(pruning.CRITERIA) == {"l1", "l2", "random"}
+    assert set(pruning.CRITERIA) == {"l1", "l2", "random", "taylor", "bn_scale", "lamp", "fpgm", "wanda"}

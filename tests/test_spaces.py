@@ -50,6 +50,8 @@ def test_policy_json_round_trip_keeps_every_field():
         "round_to": 8,
         "min_channels": 4,
         "seed": 7,
+        "global_groups": [],
+        "nm_block": 4,
     }
     back = Policy.from_json(text)
     assert back == p
@@ -415,3 +417,176 @@ def test_evaluators_import_no_driver_frameworks():
     loaded = _loaded_top_level("import evaluators.trial, evaluators.pruning")
     assert {"evaluators", "torch"} <= loaded
     assert not loaded & {"ray", "optuna", "mlflow"}
+
+
+# --------------------------------------------------------------------------- granularities, regex, ties, global scope
+
+STRUCTURED = [
+    PrunableGroup("stem", "conv", 16),
+    PrunableGroup("layer1.0.conv1", "conv", 16),
+    PrunableGroup("layer1.1.conv1", "conv", 16),
+    PrunableGroup("layer2.0.conv1", "conv", 32),
+    PrunableGroup("attn", "attention-heads", 4),
+    PrunableGroup("lstm", "rnn-hidden", 24),
+]
+WEIGHTS = [
+    PrunableGroup("stem.weight", "weight", 432, ("stem",), ("unstructured",)),  # first conv: 3 inputs, not N:M
+    PrunableGroup("layer1.0.conv1.weight", "weight", 2304, ("layer1.0.conv1",), ("unstructured", "nm")),
+    PrunableGroup("fc.weight", "weight", 640, ("fc",), ("unstructured", "nm")),
+]
+
+
+def test_prunable_group_granularities_default_from_kind_and_validate():
+    assert PrunableGroup("c", "conv", 4).granularities == ("channel", "structured")
+    assert PrunableGroup("a", "attention-heads", 4).granularities == ("structured",)
+    assert PrunableGroup("w", "weight", 4).granularities == ("unstructured",)
+    with pytest.raises(ValueError, match="'blocks'"):
+        PrunableGroup("w", "weight", 4, granularities=("blocks",))
+    g = PrunableGroup("w", "weight", 8, ("fc",), ("unstructured", "nm"))
+    assert PrunableGroup.from_dict(g.to_dict()) == g
+
+
+def test_policy_validates_global_groups_and_nm_block():
+    p = Policy(criterion="l1", ratios={"a": 0.5, "b": 0.5}, global_groups=["b", "a", "a"])
+    assert p.global_groups == ("a", "b")
+    assert Policy.from_json(p.to_json()) == p
+    with pytest.raises(ValueError, match=r"\['c'\]"):
+        Policy(criterion="l1", ratios={"a": 0.5}, global_groups=["a", "c"])
+    with pytest.raises(ValueError, match="nm"):
+        Policy(criterion="l1", ratios={"a": 0.5}, granularity="nm", global_groups=["a"])
+    with pytest.raises(ValueError, match="nm_block"):
+        Policy(criterion="l1", ratios={}, nm_block=1)
+
+
+def test_rule_regex_matches_whole_name_and_needs_one_pattern():
+    rule = Rule(regex=r"layer\d+\.0\..*", exclude=True)
+    assert rule.matches("layer1.0.conv1") and not rule.matches("xlayer1.0.conv1") and not rule.matches("layer1.1.conv1")
+    with pytest.raises(ValueError, match="exactly one of match"):
+        Rule(match="a", regex="a", exclude=True)
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        Rule(regex="(", exclude=True)
+    with pytest.raises(ValueError, match="tie"):
+        Rule(match="a", tie="bad name")
+    with pytest.raises(ValueError, match="exactly one of"):
+        Rule(match="a", tie="t", exclude=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scope": "model"}, "scope"),
+    ({"scope": "global", "granularity": ["channel", "nm"]}, "scope: global does not apply to granularity nm"),
+    ({"scope": "global", "rules": [Rule(match="a", high=0.3)]}, "only exclude"),
+    ({"rules": [Rule(match="a", tie="t"), Rule(match="b", tie="t")]}, "already declared by rules"),
+    ({"rules": [Rule(match="a", granularity="nm", exclude=True)]}, "not searched"),
+    ({"granularity": ["channel", "channel"]}, "twice"),
+])
+def test_space_config_rejects_inconsistent_declarations(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpaceConfig(**kwargs)
+
+
+def test_tie_shares_one_ratio_and_leaves_other_groups_alone():
+    config = SpaceConfig(ratio=RatioRange(0.0, 0.8, 0.1), rules=[Rule(regex=r"layer1\..*", tie="stage1", high=0.5)])
+    space = SearchSpace(config, STRUCTURED[:4])
+    assert [d.group for d in space.dimensions() if d.range] == ["stem", "stage1", "layer2.0.conv1"]
+    tie = next(d for d in space.dimensions() if d.group == "stage1")
+    assert tie.members == ("layer1.0.conv1", "layer1.1.conv1") and tie.range == RatioRange(0.0, 0.5, 0.1)
+    policy = space.policy({"ratio.stem": 0.1, "ratio.stage1": 0.4, "ratio.layer2.0.conv1": 0.0})
+    assert policy.ratios == {"stem": 0.1, "layer1.0.conv1": 0.4, "layer1.1.conv1": 0.4}
+    assert policy.global_groups == ()
+    rows = {r["group"]: r["ratio"] for r in space.describe()}
+    assert rows["layer1.1.conv1"] == "tie stage1 0..0.5 step 0.1"
+    # a later range rule on a member takes it out of the tie
+    config = SpaceConfig(rules=[Rule(regex=r"layer1\..*", tie="stage1"), Rule(match="layer1.1.conv1", high=0.2)])
+    space = SearchSpace(config, STRUCTURED[:4])
+    assert next(d for d in space.dimensions() if d.group == "stage1").members == ("layer1.0.conv1",)
+
+
+def test_tied_and_global_policies_rebuild_from_member_params_as_mlflow_logs_them():
+    space = SearchSpace(SpaceConfig(rules=[Rule(match="layer1.*", tie="stage1")]), STRUCTURED[:4])
+    sampled = space.policy({"ratio.stem": 0.2, "ratio.stage1": 0.3, "ratio.layer2.0.conv1": 0.1})
+    logged = {f"ratio.{g.name}": sampled.ratios.get(g.name, 0.0) for g in space.groups}  # what the tracker writes
+    assert space.policy(logged) == sampled
+    logged["ratio.layer1.1.conv1"] = 0.5
+    with pytest.raises(SpaceError, match="different ratios"):
+        space.policy(logged)
+    with pytest.raises(SpaceError, match="ratio.stage1"):
+        space.policy({"ratio.stem": 0.2, "ratio.layer2.0.conv1": 0.1})
+
+
+def test_tie_named_like_a_group_is_refused():
+    with pytest.raises(SpaceError, match="also group names"):
+        SearchSpace(SpaceConfig(rules=[Rule(match="layer1.*", tie="stem")]), STRUCTURED[:4])
+
+
+def test_global_scope_has_one_ratio_and_ranks_searched_groups_together():
+    config = SpaceConfig(scope="global", ratio=RatioRange(0.0, 0.6, 0.2),
+                         rules=[Rule(match="stem", exclude=True), Rule(match="layer2.*", ratio=0.25)])
+    space = SearchSpace(config, STRUCTURED[:4])
+    searched = [d for d in space.dimensions() if d.range is not None]
+    assert [d.group for d in searched] == ["global"] and searched[0].joint
+    assert space.searched_groups == ["layer1.0.conv1", "layer1.1.conv1"]
+    policy = space.policy({"ratio.global": 0.4})
+    assert policy.ratios == {"layer1.0.conv1": 0.4, "layer1.1.conv1": 0.4, "layer2.0.conv1": 0.25}
+    assert policy.global_groups == ("layer1.0.conv1", "layer1.1.conv1")  # the fixed group is pruned on its own
+    assert space.policy({"ratio.global": 0.0}) == Policy(criterion="l1", ratios={"layer2.0.conv1": 0.25}, seed=0)
+    trial = _study(0).ask()
+    space(trial)
+    assert set(trial.params) == {"ratio.global", "criterion"}
+
+
+def test_granularity_choice_samples_only_that_granularitys_ratios():
+    config = SpaceConfig(
+        granularity=["structured", "unstructured", "nm"],
+        criteria=["l1"],
+        rules=[Rule(match="*", granularity="unstructured", low=0.5, high=0.9, step=0.1),
+               Rule(match="*", granularity="nm", high=0.5, step=0.5)],
+    )
+    space = SearchSpace(config, STRUCTURED + WEIGHTS, seed=3)
+    names = {g: {d.group for d in space.dimensions(g)} for g in config.granularity}
+    assert names["structured"] == {g.name for g in STRUCTURED}
+    assert names["unstructured"] == {g.name for g in WEIGHTS}
+    assert names["nm"] == {"layer1.0.conv1.weight", "fc.weight"}  # the 3-input conv cannot be N:M
+    study, seen = _study(1), set()
+    for _ in range(30):
+        params, constants = _ask(space, study)
+        gran = params["granularity"]
+        seen.add(gran)
+        assert {k for k in params if k.startswith(RATIO_PREFIX)} == {RATIO_PREFIX + n for n in names[gran]}
+        policy = space.policy({**params, **constants})
+        assert policy.granularity == gran and set(policy.ratios) <= names[gran]
+        if gran == "nm":
+            assert set(policy.ratios.values()) <= {0.5}
+        if gran == "unstructured":
+            assert all(0.5 - 1e-9 <= r <= 0.9 + 1e-9 for r in policy.ratios.values())
+    assert seen == {"structured", "unstructured", "nm"}
+    assert {r["granularity"] for r in space.describe()} == {"structured", "unstructured", "nm"}
+    assert space.policy({"granularity": "nm", "ratio.fc.weight": 0.5, "ratio.layer1.0.conv1.weight": 0.0}).nm_block == 4
+
+
+def test_groups_of_other_granularities_are_ignored_and_missing_ones_are_named():
+    space = SearchSpace(SpaceConfig(granularity=["channel"]), STRUCTURED + WEIGHTS)
+    assert [g.name for g in space.groups] == [g.name for g in STRUCTURED[:4]]  # heads, rnn, weights: not channel
+    with pytest.raises(SpaceError, match="'nm' finds no prunable group") as info:
+        SearchSpace(SpaceConfig(granularity=["channel", "nm"]), STRUCTURED)
+    assert "stem" in str(info.value)
+    with pytest.raises(SpaceError, match="no prunable groups for granularity unstructured"):
+        SearchSpace(SpaceConfig(granularity=["unstructured"]), STRUCTURED)
+
+
+def test_rule_limited_to_a_granularity_must_match_there_and_lists_its_groups():
+    config = SpaceConfig(granularity=["structured", "unstructured"],
+                         rules=[Rule(match="attn", granularity="unstructured", exclude=True)])
+    with pytest.raises(SpaceError, match="matches no prunable group of granularity unstructured") as info:
+        SearchSpace(config, STRUCTURED + WEIGHTS)
+    assert "fc.weight" in str(info.value) and "attn," not in str(info.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(stage=st.floats(0.0, 0.7), other=st.floats(0.0, 0.7), scope=st.sampled_from(["layer", "global"]))
+def test_policy_from_logged_params_round_trips(stage, other, scope):
+    rules = [Rule(regex=r"layer1\..*", tie="stage1")] if scope == "layer" else [Rule(match="stem", exclude=True)]
+    space = SearchSpace(SpaceConfig(scope=scope, ratio=RatioRange(0.0, 0.7, None), rules=rules), STRUCTURED[:4])
+    params = {"ratio.stage1": stage, "ratio.stem": other, "ratio.layer2.0.conv1": other, "ratio.global": stage}
+    policy = space.policy({k: v for k, v in params.items() if k[len(RATIO_PREFIX):] in {d.group for d in space.dimensions()}})
+    logged = {f"ratio.{g.name}": policy.ratios.get(g.name, 0.0) for g in space.groups}
+    assert space.policy(logged) == policy

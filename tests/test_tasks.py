@@ -271,6 +271,7 @@ CNNS = {
     "resnet56": (lambda: zoo.resnet56(width=8), (3, 16, 16)),
     "mobilenetv2_cifar": (lambda: zoo.mobilenetv2_cifar(width_mult=0.25), (3, 16, 16)),
     "vgg_cifar": (lambda: zoo.VGGCifar(layers=(8, "M", 16, 16, "M"), hidden=16), (3, 16, 16)),
+    "vit_tiny": (lambda: zoo.VisionTransformer(image_size=16, patch=4, embed_dim=16, num_heads=4, ff_dim=32), (3, 16, 16)),
 }
 
 
