@@ -16,3 +16,15 @@ def digits_task():
     from evaluators.tasks import TaskConfig, make_task
 
     return make_task(TaskConfig(name="digits", dense_epochs=1))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box they spin-wait.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -27,13 +27,7 @@ X8 = torch.zeros(1, 1, 8, 8)
 HALF = {"features.0": 0.5, "features.3": 0.5, "features.7": 0.5, "classifier.1": 0.5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box they spin-wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _toy_data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

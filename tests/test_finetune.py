@@ -10,12 +10,7 @@ from evaluators.train import recalibrate_batchnorm, train
 from evaluators.trial import FinetuneConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

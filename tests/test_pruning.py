@@ -22,13 +22,7 @@ X8 = torch.zeros(1, 1, 8, 8)
 CNN_GROUPS = ["features.0", "features.3", "features.7", "classifier.1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box they spin-wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cnn(width: int = 8, seed: int = 0) -> DigitsCNN:

@@ -16,12 +16,7 @@ from evaluators.pruning import PruningError
 from spaces import Policy, PrunableGroup
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _two_layer(seed: int = 0) -> nn.Sequential:

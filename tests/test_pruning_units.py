@@ -14,12 +14,7 @@ from evaluators.rnn_pruning import rebuild, unit_vectors
 from spaces import Policy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gates(rnn: nn.RNNBase) -> int:
