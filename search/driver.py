@@ -371,7 +371,10 @@ def _finish(tracker: SearchTracker, space: SearchSpace, dense: dict[str, float],
         out("\nno trial completed: the frontier is empty")
     out(f"\n{len(trials)} trials completed, {num_failed} failed, {len(front)} on the frontier, "
         f"{wall_s:.1f} s wall time ({status.lower()})")
-    out(f"MLflow: {ui_command(tracker.tracking_uri)}\n  then open http://127.0.0.1:5000/{tracker.experiment_url()}")
+    if tracker.tracking_uri.startswith(("http://", "https://")):
+        out(f"MLflow: open {tracker.tracking_uri.rstrip('/')}/{tracker.experiment_url()}")
+    else:
+        out(f"MLflow: {ui_command(tracker.tracking_uri)}\n  then open http://127.0.0.1:5000/{tracker.experiment_url()}")
     return SearchResult(
         tracking_uri=tracker.tracking_uri,
         experiment_id=tracker.experiment_id,
