@@ -321,7 +321,7 @@ def find_trial(record: SearchRecord, trial: str) -> pd.Series:
     return found.iloc[0]
 
 
-def normalised_hypervolume(tables: list[pd.DataFrame]) -> list[float]:
+def common_box_hypervolumes(tables: list[pd.DataFrame]) -> list[float]:
     """Hypervolume of each table's rows, all normalised to the same box: each objective scaled
     to [0, 1] over the rows of every table (0 = best), reference point 1.1 in each."""
     cols, senses = list(frontier.OBJECTIVES), list(frontier.OBJECTIVES.values())

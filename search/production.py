@@ -33,7 +33,7 @@ from search.export import (
 )
 from search.pick import (
     PREFERENCES, TABLE_COLUMNS, Constraints, ProductionError, SearchRecord, choose,
-    find_trial, load_search, normalised_hypervolume,
+    common_box_hypervolumes, find_trial, load_search,
 )
 from search.registry import (
     DEFAULT_ALIAS, check_alias, check_registered_name, log_metrics, log_model, register as register_model,
@@ -94,7 +94,7 @@ def write_frontier(record: SearchRecord, table: pd.DataFrame, *, csv: str | None
 def compare_tables(records: list[SearchRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A summary row per search and the union of their frontiers (``overall`` = non-dominated in the union)."""
     fronts = [r.frontier for r in records]
-    volumes = normalised_hypervolume(fronts)
+    volumes = common_box_hypervolumes(fronts)
     summary = pd.DataFrame([{
         "search": r.label, "task": r.config.task.name, "sampler": r.config.search.sampler,
         "trials": len(r.trials), "frontier": len(f),
