@@ -158,9 +158,10 @@ def run_search(
         space=prepared.space.describe(),
     )
     tracker.log_dense({k: v for k, v in dense.items() if k in _REPORTED}, prepared.checkpoint)
-    storage = Path(config.search.storage_path or Path(tempfile.gettempdir()) / "secateurs-ray").expanduser().resolve()
-    experiment_path = storage / f"{config_name}-{tracker.parent_run_id[:8]}"
-    tracker.set_tags({"secateurs.ray_experiment": str(experiment_path), "secateurs.config_name": config_name})
+    storage = _storage_path(config.search.storage_path)
+    experiment_name = f"{config_name}-{tracker.parent_run_id[:8]}"
+    experiment_path = f"{storage.rstrip('/')}/{experiment_name}"
+    tracker.set_tags({"secateurs.ray_experiment": experiment_path, "secateurs.config_name": config_name})
 
     def make_tuner(recorder: TrialRecorder, stopper: tune.Stopper | None) -> tune.Tuner:
         searcher = SecateursSearch(
@@ -181,8 +182,8 @@ def run_search(
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
-                name=experiment_path.name,
-                storage_path=str(experiment_path.parent),
+                name=experiment_name,
+                storage_path=storage,
                 verbose=0,
                 callbacks=[recorder],
                 stop=stopper,
@@ -241,6 +242,14 @@ def resume_search(
         return tuner
 
     return _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address)
+
+
+def _storage_path(configured: str | None) -> str:
+    """Where Tune keeps the experiment state: a URI (``s3://``, ``gs://``, ``file://``) as given,
+    else an absolute local path (default ``<tmp>/secateurs-ray``)."""
+    if configured and "://" in configured:
+        return configured
+    return str(Path(configured or Path(tempfile.gettempdir()) / "secateurs-ray").expanduser().resolve())
 
 
 def _budget(config: Config) -> int:

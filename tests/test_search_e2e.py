@@ -120,6 +120,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, store, mon
     raw["space"]["rules"] = [{"match": "classifier.*", "exclude": True}, {"match": "features.0", "low": 0.0, "high": 0.6}]
     raw["search"]["num_trials"] = 8
     raw["search"]["baseline_ratios"] = []
+    raw["search"]["storage_path"] = (tmp_path / "ray-uri").as_uri()  # a storage URI, as for s3:// or gs://
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = run_search(validate(raw), config_name="fragile", tracking_uri=None, out=lambda line: None)
     assert result.tracking_uri == store  # the default: sqlite:///mlflow.db in the working directory
@@ -141,6 +142,8 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, store, mon
     assert result.num_failed == len(failed)
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert client.get_run(result.parent_run_id).data.metrics["trials_failed"] == len(failed)
+    experiment = client.get_run(result.parent_run_id).data.tags["secateurs.ray_experiment"]
+    assert experiment.startswith("file://") and any((tmp_path / "ray-uri").iterdir())
 
 
 def test_constraints_and_patience(tmp_path, store):
