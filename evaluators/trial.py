@@ -147,6 +147,8 @@ def prune_and_finetune(
         pruning.apply(policy, model, task.test_data()[0][:1], calibration=task.train_data())
     time_prune = time.perf_counter() - start
 
+    if policy.finetune:  # knobs the search sampled override the config's
+        finetune = dataclasses.replace(finetune, **policy.finetune)
     start = time.perf_counter()
     model.to(device)
     x_train, y_train = task.train_data()

@@ -10,6 +10,7 @@ import yaml
 
 from evaluators.pruning import CRITERIA
 from evaluators.tasks import TaskConfig
+from evaluators.train import OPTIMIZERS
 from evaluators.trial import FinetuneConfig, MeasureConfig
 from spaces import SpaceConfig
 from search.constraints import Constraint
@@ -96,6 +97,9 @@ class Config(pydantic.BaseModel):
     @pydantic.field_validator("space")
     @classmethod
     def _known_criteria(cls, space: SpaceConfig) -> SpaceConfig:
+        for name in space.finetune_optimizers:
+            if name not in OPTIMIZERS:
+                raise ValueError(f"finetune_optimizers: unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
         for name in space.criteria:
             if name not in CRITERIA:
                 raise ValueError(f"criteria: unknown criterion {name!r}; valid: {', '.join(sorted(CRITERIA))}")

@@ -341,6 +341,7 @@ def _policy_json(row: pd.Series, params: dict[str, str], space: SearchSpace) -> 
     values: dict[str, Any] = {k: float(v) for k, v in params.items() if k.startswith("ratio.")}
     values["criterion"] = params.get("policy.criterion")
     values["granularity"] = params.get("policy.granularity")
+    values.update({k: (float(v) if k == "finetune.lr" else v) for k, v in params.items() if k.startswith("finetune.")})
     return space.policy(values).to_json()
 
 

@@ -2,6 +2,7 @@
 hypervolume and prints progress; and the stopper that ends a search whose frontier stopped growing."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -58,7 +59,8 @@ class TrialRecorder(tune.Callback):
         self.out = out
         self.dense = dict(dense)
         self.constraints = list(constraints)
-        self.baselines = [space.policy(b) for b in baselines]
+        # a baseline is known by its pruning alone: fine-tune knobs the sampler fills in may vary
+        self.baselines = [dataclasses.replace(space.policy(b), finetune={}) for b in baselines]
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
         self.best_hypervolume = normalised_hypervolume(self._feasible(), self.dense)
         self.since_improvement = 0
@@ -67,7 +69,7 @@ class TrialRecorder(tune.Callback):
         return len(self.rows) + self.num_failed + 1
 
     def _kind(self, config: Mapping[str, Any]) -> str:
-        return "baseline" if self.space.policy(config) in self.baselines else "trial"
+        return "baseline" if dataclasses.replace(self.space.policy(config), finetune={}) in self.baselines else "trial"
 
     def _feasible(self) -> pd.DataFrame:
         table = pd.DataFrame(self.rows, columns=None if self.rows else ["feasible", *frontier.OBJECTIVES])

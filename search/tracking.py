@@ -50,6 +50,7 @@ def _params(policy: Policy, groups: list[str]) -> list[Param]:
     that the runs table and parallel-coordinates view show every dimension."""
     items = {"policy.criterion": policy.criterion, "policy.granularity": policy.granularity}
     items.update({f"ratio.{group}": repr(float(policy.ratios.get(group, 0.0))) for group in groups})
+    items.update({f"finetune.{knob}": repr(value) if isinstance(value, float) else value for knob, value in policy.finetune.items()})
     return [Param(k, str(v)) for k, v in items.items()]
 
 

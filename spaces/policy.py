@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 # What a policy's ratios remove (evaluators.pruning carries out each one):
+FINETUNE_KNOBS = ("lr", "optimizer")
 GRANULARITIES = ("channel", "structured", "unstructured", "nm")
 GRANULARITY_HELP = {
     "channel": "whole conv filters and linear neurons (coupled layers follow); a smaller, faster model",
@@ -40,6 +41,7 @@ class Policy:
     seed: int = 0
     global_groups: tuple[str, ...] = ()
     nm_block: int = 4
+    finetune: dict[str, Any] = dataclasses.field(default_factory=dict)  # searched fine-tune knobs: lr, optimizer
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -67,6 +69,13 @@ class Policy:
         if global_groups and self.granularity == "nm":
             raise ValueError("Policy.global_groups must be empty for granularity 'nm' (N:M masks are chosen per block)")
         object.__setattr__(self, "global_groups", global_groups)
+        unknown = sorted(set(self.finetune) - set(FINETUNE_KNOBS))
+        if unknown:
+            raise ValueError(f"Policy.finetune has unknown knob(s) {unknown}; valid: {', '.join(FINETUNE_KNOBS)}")
+        lr = self.finetune.get("lr")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
+            raise ValueError(f"Policy.finetune lr must be a finite number > 0, but got {lr!r}")
+        object.__setattr__(self, "finetune", dict(sorted(self.finetune.items())))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

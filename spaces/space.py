@@ -10,6 +10,7 @@ from spaces.groups import PrunableGroup
 from spaces.policy import GRANULARITIES, Policy
 
 RATIO_PREFIX = "ratio."
+FINETUNE_PREFIX = "finetune."
 GLOBAL_DIM = "global"  # the one ratio of scope: global (parameter ratio.global)
 SCOPES = ("layer", "global")
 _TIE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -22,7 +23,7 @@ class SpaceError(ValueError):
 class TrialLike(Protocol):
     """The part of ``optuna.Trial`` a space samples through (kept duck-typed: no optuna import)."""
 
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None) -> float: ...
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
 
@@ -157,6 +158,8 @@ class SpaceConfig:
     rules: list[Rule] = dataclasses.field(default_factory=list)
     scope: str = "layer"
     nm_block: int = 4
+    finetune_lr: list[float] | None = None  # [low, high]: search the fine-tune learning rate (log-uniform)
+    finetune_optimizers: list[str] = dataclasses.field(default_factory=list)  # search the optimizer among these
 
     def __post_init__(self) -> None:
         if not self.granularity:
@@ -168,6 +171,8 @@ class SpaceConfig:
             raise ValueError(f"granularity: lists a granularity twice: {self.granularity}")
         if not self.criteria:
             raise ValueError("criteria: must list at least one criterion")
+        if self.finetune_lr is not None and (len(self.finetune_lr) != 2 or not 0 < self.finetune_lr[0] <= self.finetune_lr[1] < math.inf):
+            raise ValueError(f"finetune_lr: must be [low, high] with 0 < low <= high, but got {self.finetune_lr!r}")
         if self.round_to < 1:
             raise ValueError(f"round_to: must be >= 1, but got {self.round_to}")
         if self.min_channels < 1:
@@ -350,6 +355,13 @@ class SearchSpace:
         for d in self._dims[chosen["granularity"]]:
             if d.range is not None:
                 trial.suggest_float(RATIO_PREFIX + d.group, d.range.low, d.range.high, step=d.range.step)
+        if self.config.finetune_lr is not None:
+            low, high = self.config.finetune_lr
+            trial.suggest_float(FINETUNE_PREFIX + "lr", float(low), float(high), log=True)
+        if len(self.config.finetune_optimizers) > 1:
+            trial.suggest_categorical(FINETUNE_PREFIX + "optimizer", list(self.config.finetune_optimizers))
+        elif self.config.finetune_optimizers:
+            constants[FINETUNE_PREFIX + "optimizer"] = self.config.finetune_optimizers[0]
         return constants
 
     def policy(self, params: dict[str, Any]) -> Policy:
@@ -378,6 +390,8 @@ class SearchSpace:
             seed=self.seed,
             global_groups=tuple(joint),
             nm_block=self.config.nm_block,
+            finetune={k.removeprefix(FINETUNE_PREFIX): (float(v) if k.endswith(".lr") else v)
+                      for k, v in params.items() if k.startswith(FINETUNE_PREFIX) and v is not None},
         )
 
     @staticmethod

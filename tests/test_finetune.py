@@ -76,3 +76,25 @@ def test_adamw_trains_and_unknown_optimizer_is_named():
 def test_finetune_config_names_bad_fields(kwargs, field):
     with pytest.raises(ValueError, match=field):
         FinetuneConfig(**kwargs)
+
+
+def test_policy_fine_tune_knobs_override_the_config(monkeypatch):
+    import evaluators.trial as trial_mod
+    from evaluators.models import DigitsCNN
+    from evaluators.tasks import TensorTask
+    from spaces import Policy
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    task = TensorTask("tiny", 10, lambda: DigitsCNN(width=4), (x, y), (x, y))
+    state = {k: v.clone() for k, v in task.build_model().state_dict().items()}
+    import io
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    calls = []
+    monkeypatch.setattr(trial_mod, "train", lambda model, data, **kw: calls.append(kw) or 0)
+    config = FinetuneConfig(epochs=1, lr=0.01, optimizer="sgd")
+    trial_mod.prune_and_finetune(Policy("l1", {}, finetune={"lr": 0.002, "optimizer": "adamw"}), task, buffer.getvalue(), config)
+    trial_mod.prune_and_finetune(Policy("l1", {}), task, buffer.getvalue(), config)
+    assert (calls[0]["lr"], calls[0]["optimizer"]) == (0.002, "adamw")
+    assert (calls[1]["lr"], calls[1]["optimizer"]) == (0.01, "sgd")

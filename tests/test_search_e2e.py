@@ -23,7 +23,8 @@ def tiny_config(tmp_path: Path, **task) -> dict:
     return {
         "task": {"dense_epochs": 3, **task},
         "space": {"criteria": ["l1", "l2", "random"], "ratio": {"low": 0.0, "high": 0.6, "step": 0.05},
-                  "rules": [{"match": "classifier.*", "exclude": True}]},
+                  "rules": [{"match": "classifier.*", "exclude": True}],
+                  "finetune_lr": [0.005, 0.05], "finetune_optimizers": ["sgd", "adamw"]},
         "finetune": {"epochs": 0.2},
         "measure": {"warmup": 2, "repeats": 5},
         "search": {"num_trials": 6, "population_size": 4, "max_concurrent": 2, "seed": 3,
@@ -85,6 +86,8 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
         policy = Policy.from_json(Path(policy_path).read_text())
         assert {g: r for g, r in policy.ratios.items()} == {k[6:]: float(v) for k, v in params.items() if k.startswith("ratio.") and float(v) > 0}
         assert set(policy.ratios) <= set(searched)
+        assert 0.005 <= policy.finetune["lr"] <= 0.05 and policy.finetune["optimizer"] in {"sgd", "adamw"}
+        assert float(params["finetune.lr"]) == policy.finetune["lr"] and params["finetune.optimizer"] == policy.finetune["optimizer"]
         assert run.data.metrics["accuracy_drop"] == pytest.approx(result.dense["accuracy"] - run.data.metrics["accuracy"])
         if policy.ratios:
             assert run.data.metrics["params"] < result.dense["params"]

@@ -52,6 +52,7 @@ def test_policy_json_round_trip_keeps_every_field():
         "seed": 7,
         "global_groups": [],
         "nm_block": 4,
+        "finetune": {},
     }
     back = Policy.from_json(text)
     assert back == p
@@ -590,3 +591,34 @@ def test_policy_from_logged_params_round_trips(stage, other, scope):
     policy = space.policy({k: v for k, v in params.items() if k[len(RATIO_PREFIX):] in {d.group for d in space.dimensions()}})
     logged = {f"ratio.{g.name}": policy.ratios.get(g.name, 0.0) for g in space.groups}
     assert space.policy(logged) == policy
+
+
+def test_fine_tune_knobs_are_searched_and_travel_in_the_policy():
+    import optuna
+
+    from spaces.space import SearchSpace as _Space, SpaceConfig as _Config
+
+    space = _Space(_Config(finetune_lr=[1e-3, 1e-1], finetune_optimizers=["sgd", "adamw"]),
+                   [PrunableGroup("conv1", "conv", 16)])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        constants = space(trial)
+        policy = space.policy({**trial.params, **constants})
+        assert 1e-3 <= policy.finetune["lr"] <= 1e-1
+        assert policy.finetune["lr"] == trial.params["finetune.lr"]
+        seen.add(policy.finetune["optimizer"])
+        assert Policy.from_json(policy.to_json()) == policy
+    assert seen == {"sgd", "adamw"}
+    one = _Space(_Config(finetune_optimizers=["adamw"]), [PrunableGroup("conv1", "conv", 16)])
+    trial = study.ask()
+    constants = one(trial)
+    assert "finetune.optimizer" not in trial.params and constants["finetune.optimizer"] == "adamw"
+    assert one.policy({**trial.params, **constants}).finetune == {"optimizer": "adamw"}
+
+
+@pytest.mark.parametrize("finetune, message", [({"momentum": 0.5}, "unknown knob"), ({"lr": -1.0}, "lr must be a finite number > 0")])
+def test_policy_rejects_bad_fine_tune_knobs(finetune, message):
+    with pytest.raises(ValueError, match=message):
+        Policy(criterion="l1", ratios={}, finetune=finetune)
