@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from evaluators import measure
-from evaluators.pruning import _flat_tensors
+from evaluators.prune_base import flat_tensors
 
 
 @contextlib.contextmanager
@@ -42,7 +42,7 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor) -> torch.expo
 
 
 def flat_outputs(outputs: Any) -> list[np.ndarray]:
-    return [t.detach().cpu().numpy() for t in _flat_tensors(outputs)]
+    return [t.detach().cpu().numpy() for t in flat_tensors(outputs)]
 
 
 def max_abs_diff(expected: list[np.ndarray], got: list[np.ndarray]) -> float:

@@ -21,7 +21,6 @@ from torch import nn
 from evaluators import sparsity, structured
 from evaluators.criteria import CRITERIA, Criterion, Stats, applicable, calibrate, get_criterion, register_criterion
 from evaluators.prune_base import PruneReport, PruningError, channels_to_keep, check_runs, output_layers
-from evaluators.prune_base import flat_tensors as _flat_tensors  # noqa: F401 (search.export uses it)
 from evaluators.sparsity import effective_macs_and_params, load_sparse_state_dict, sparse_state_dict_bytes
 from spaces import GRANULARITIES, Policy, PrunableGroup
 

@@ -26,15 +26,14 @@ from ray import tune
 
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
 from evaluators.pruning import check_space, discover_groups
-from evaluators.tasks import make_task
+from evaluators.tasks import Task, make_task
 from evaluators.trial import FinetuneConfig, evaluate, measure_latency
-from evaluators.tasks import Task
 from search import frontier
 from search.config import Config, ConfigError, validate
 from search.samplers import make_sampler
 from search.constraints import parse_all
 from search.recorder import REPORTED as _REPORTED
-from search.recorder import HypervolumePlateau, TrialRecorder, normalised_hypervolume
+from search.recorder import HypervolumePlateau, TrialRecorder, feasible_mask, normalised_hypervolume
 from search.searcher import SecateursSearch, baseline_points
 from search.tracking import SearchTracker, ui_command
 from search.trainable import TrialContext, run_trial
@@ -312,8 +311,9 @@ def _remeasure_frontier(config: Config, tracker: SearchTracker, prepared: _Prepa
     measured: set[str] = set()
     for _ in range(rounds):
         table = pd.DataFrame(tracker.trial_table()[0])
-        if "feasible" in table:
-            table = table[table["feasible"].fillna(1.0) > 0]
+        if table.empty:
+            return
+        table = table[feasible_mask(table)]
         if table.empty:
             return
         front = table[frontier.frontier_table(table)["pareto"].to_numpy()]
@@ -352,7 +352,7 @@ def _finish(tracker: SearchTracker, space: SearchSpace, dense: dict[str, float],
         params = {run.info.run_id: run.data.params for run in tracker.child_runs("trial", "baseline")}
         trials["policy"] = [_policy_json(row, params[row.run_id], space) for row in trials.itertuples()]
         trials = trials.sort_values("trial").reset_index(drop=True)
-        feasible = trials["feasible"].fillna(1.0) > 0 if "feasible" in trials else pd.Series(True, index=trials.index)
+        feasible = feasible_mask(trials)
         trials["pareto"] = False
         if feasible.any():
             trials.loc[feasible, "pareto"] = frontier.frontier_table(trials[feasible])["pareto"].to_numpy()

@@ -22,6 +22,13 @@ REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prune
 HV_REFERENCE = (0.0, 1.0, 1.0)
 
 
+def feasible_mask(table: pd.DataFrame) -> pd.Series:
+    """True for rows that meet every constraint (rows without a ``feasible`` metric count as feasible)."""
+    if "feasible" not in table:
+        return pd.Series(True, index=table.index)
+    return table["feasible"].fillna(1.0) > 0
+
+
 def normalised_hypervolume(rows: pd.DataFrame, dense: Mapping[str, float]) -> float:
     if rows.empty:
         return 0.0
@@ -73,9 +80,7 @@ class TrialRecorder(tune.Callback):
 
     def _feasible(self) -> pd.DataFrame:
         table = pd.DataFrame(self.rows, columns=None if self.rows else ["feasible", *frontier.OBJECTIVES])
-        if "feasible" in table:
-            table = table[table["feasible"].fillna(1.0) > 0]
-        return table
+        return table[feasible_mask(table)]
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         try:

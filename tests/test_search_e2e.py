@@ -1,7 +1,6 @@
 """End-to-end searches with a real local Ray and a real MLflow store on a temporary sqlite file."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
