@@ -27,7 +27,7 @@ from spaces import GRANULARITIES, Policy, PrunableGroup
 __all__ = [
     "CRITERIA", "GRANULARITY_KINDS", "Criterion", "PruneReport", "PruningError", "apply", "channels_to_keep", "check_space",
     "discover_groups", "effective_macs_and_params", "load_sparse_state_dict", "output_layers", "prune", "register_criterion",
-    "register_pruner", "restore", "sparse_state_dict_bytes",
+    "rankings", "register_pruner", "restore", "sparse_state_dict_bytes",
 ]
 
 GRANULARITY_KINDS: dict[str, tuple[str, ...]] = {
@@ -124,6 +124,27 @@ def prune(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, calibr
     if policy.granularity in ("channel", "structured"):
         check_runs(model, example_inputs, f"{policy.granularity} pruning")
     return report
+
+
+def rankings(model: nn.Module, example_inputs: torch.Tensor, granularity: str, criterion: str, names: list[str],
+             min_channels: int = 1) -> dict[str, torch.Tensor]:
+    """Per group, the ascending scores of the units a global ranking could remove, comparable across
+    groups as ``Policy.global_groups`` compares them (structured groups: mean-normalised; weights:
+    raw scores). ``criterion`` must be data-free (l1, l2, lamp, fpgm, bn_scale); the model is unchanged.
+
+    >>> from evaluators.models import DigitsCNN
+    >>> ranks = rankings(DigitsCNN(), torch.zeros(1, 1, 8, 8), "channel", "l1", ["features.0"])
+    >>> len(ranks["features.0"]), bool((ranks["features.0"].diff() >= 0).all())  # 32 filters, 1 must stay
+    (31, True)
+    """
+    crit = get_criterion(criterion)
+    if crit.needs_gradients or crit.needs_activations:
+        raise PruningError(f"rankings() needs a data-free criterion, but {criterion!r} needs calibration data")
+    if granularity == "unstructured":
+        return sparsity.rankings(model, crit, names)
+    if granularity not in ("channel", "structured"):
+        raise PruningError(f"granularity {granularity!r} has no global ranking; valid: channel, structured, unstructured")
+    return structured.rankings(model, example_inputs, crit, GRANULARITY_KINDS[granularity], names, min_channels)
 
 
 def apply(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, calibration: Any = None) -> nn.Module:

@@ -160,6 +160,20 @@ def prune(model: nn.Module, policy: Policy, criterion: Criterion | None, stats: 
     return PruneReport(policy.granularity, {t.name: (t.weight.numel(), int((~masks[t.name]).sum())) for t in named}, model)
 
 
+def rankings(model: nn.Module, criterion: Criterion, names: list[str]) -> dict[str, torch.Tensor]:
+    """For each weight tensor in ``names``: the ascending scores of the weights a global ranking may
+    remove (all but the best one, which global masks keep). Data-free criteria only."""
+    found = {t.name: t for t in targets(model)}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise PruningError(f"no weight group(s) {missing} in this model; available groups: {', '.join(found)}")
+    out = {}
+    for n in names:
+        check_applies(criterion, "weight", n)
+        out[n] = _scores(found[n], criterion, None).flatten().float().sort().values[:-1]
+    return out
+
+
 def _scores(t: Target, criterion: Criterion, stats: Stats | None) -> torch.Tensor:
     w = t.weight.detach()
     grad = None

@@ -148,6 +148,30 @@ def _score(unit: Unit, criterion: Criterion, importance: Any) -> dict[Any, torch
             for l in range(rnn.num_layers) for d in range(rnn_pruning.directions(rnn))}
 
 
+def ranked(scores: Mapping[Any, torch.Tensor]) -> torch.Tensor:
+    """One group's unit scores as the global ranking compares them: each score tensor divided by its
+    mean and sorted ascending, averaged over the tensors (one per layer and direction of an RNN)."""
+    return torch.stack([_normalised(s).sort().values for s in scores.values()]).mean(0)
+
+
+def rankings(model: nn.Module, example_inputs: torch.Tensor, criterion: Criterion, kinds: tuple[str, ...],
+             names: list[str], min_channels: int = 1) -> dict[str, torch.Tensor]:
+    """For each group in ``names``: the ascending scores of the units a global ranking may remove
+    (every unit but the ``min_channels`` it must keep). Data-free criteria only; the model is not changed."""
+    units = {u.name: u for u in StructuredGraph(model, example_inputs).units(kinds)}
+    missing = [n for n in names if n not in units]
+    if missing:
+        raise PruningError(f"no structured group(s) {missing} in this model; available groups: {', '.join(units)}")
+    importance = criterion.channel_importance(None) if any(units[n].kind in ("conv", "linear") for n in names) else None
+    floor = Policy(criterion=criterion.name, ratios={}, min_channels=min_channels)
+    out = {}
+    for n in names:
+        _check(units[n], criterion)
+        keep_at_least = max(_limits(units[n], floor)[0], 1)
+        out[n] = ranked(_score(units[n], criterion, importance))[: units[n].size - keep_at_least]
+    return out
+
+
 def _limits(unit: Unit, policy: Policy) -> tuple[int, int]:
     """(minimum units kept, multiple the kept count is rounded up to) for a group."""
     if unit.kind == "attention-heads":
@@ -174,9 +198,8 @@ def allocate(units: list[Unit], policy: Policy, scores: Mapping[str, dict[Any, t
         budget = sum(math.floor(u.size * policy.ratios[u.name] + 1e-9) for u in pooled)
         candidates = []
         for index, u in enumerate(pooled):
-            ranked = torch.stack([_normalised(s).sort().values for s in scores[u.name].values()]).mean(0)
             floor, _ = _limits(u, policy)
-            candidates += [(float(v), index, i) for i, v in enumerate(ranked[: u.size - max(floor, 1)])]
+            candidates += [(float(v), index, i) for i, v in enumerate(ranked(scores[u.name])[: u.size - max(floor, 1)])]
         removed = [0] * len(pooled)
         for _, index, _ in sorted(candidates)[:budget]:
             removed[index] += 1

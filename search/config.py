@@ -13,6 +13,7 @@ from evaluators.tasks import TaskConfig
 from evaluators.train import OPTIMIZERS
 from evaluators.trial import FinetuneConfig, MeasureConfig
 from spaces import SpaceConfig
+from search.baselines import BASELINES, check_kinds, default_kinds
 from search.constraints import Constraint
 from search.samplers import SAMPLERS
 
@@ -27,7 +28,7 @@ class SearchSettings:
 
     __pydantic_config__ = {"extra": "forbid"}
 
-    num_trials: int = 24           # trial budget (pruned models evaluated)
+    num_trials: int = 24           # sampled policies evaluated (after the baselines)
     seed: int = 0                  # seeds the sampler and every criterion / fine-tune
     sampler: str = "nsga2"         # see search.samplers.SAMPLERS
     population_size: int = 8       # NSGA-II/III generation size
@@ -35,15 +36,19 @@ class SearchSettings:
     cpus_per_trial: float = 1.0    # Ray CPU resources per trial
     gpus_per_trial: float = 0.0    # Ray GPU resources per trial; fractions (0.25) pack small trials on one GPU
     storage_path: str | None = None  # Ray Tune experiment state (default: <tmp>/secateurs-ray); shared FS or URI on a cluster
-    baseline_ratios: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 0.75])  # uniform policies evaluated first (extra to num_trials)
+    baseline_ratios: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 0.75])  # levels of the baselines evaluated first (extra to num_trials)
+    baselines: list[str] | None = None  # uniform, global_magnitude, lamp, erk (null = those that apply to the first granularity)
     constraints: list[str] = dataclasses.field(default_factory=list)  # e.g. "accuracy_drop <= 0.01", "macs <= 0.5 * dense"
     patience: int | None = None    # stop once this many trials in a row did not grow the hypervolume
     remeasure: bool = True         # re-time the frontier's policies at the end, one at a time
     max_failures: int = 0          # times Ray retries a failed trial (its worker died, or it raised)
 
     def __post_init__(self) -> None:
-        if self.num_trials < 1:
-            raise ValueError(f"num_trials: must be >= 1, but got {self.num_trials}")
+        if self.num_trials < 0:
+            raise ValueError(f"num_trials: must be >= 0, but got {self.num_trials}")
+        for kind in self.baselines or ():
+            if kind not in BASELINES:
+                raise ValueError(f"baselines: unknown baseline {kind!r}; valid: {', '.join(BASELINES)}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: unknown sampler {self.sampler!r}; valid: {', '.join(sorted(SAMPLERS))}")
         if self.population_size < 2:
@@ -105,6 +110,22 @@ class Config(pydantic.BaseModel):
                 raise ValueError(f"criteria: unknown criterion {name!r}; valid: {', '.join(sorted(CRITERIA))}")
         return space
 
+    @pydantic.model_validator(mode="after")
+    def _runs_something(self) -> Config:
+        try:
+            check_kinds(self.search.baselines or (), self.space.granularity[0])
+        except ValueError as exc:
+            raise ValueError(f"search.{exc}") from None
+        if self.search.num_trials == 0 and not (self.baseline_kinds() and self.search.baseline_ratios):
+            raise ValueError("search.num_trials: is 0 and there are no baselines (search.baselines, search.baseline_ratios): nothing to run")
+        return self
+
+    def baseline_kinds(self) -> list[str]:
+        """The baselines this search runs: ``search.baselines``, else those for its first granularity."""
+        if self.search.baselines is not None:
+            return list(self.search.baselines)
+        return default_kinds(self.space.granularity[0])
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -148,7 +169,7 @@ def _format_error(error: dict[str, Any]) -> str:
     if kind == "value_error":
         message = message.removeprefix("Value error, ")
         head, sep, rest = message.partition(": ")
-        if sep and head.isidentifier():  # "epochs: must be ..." -> "finetune.epochs: must be ..."
+        if sep and head.replace(".", "_").isidentifier():  # "epochs: must be ..." -> "finetune.epochs: must be ..."
             return f"`{path}.{head}`: {rest}" if path else f"`{head}`: {rest}"
         return f"`{path}`: {message}"
     value = error.get("input")

@@ -34,7 +34,8 @@ from search.samplers import make_sampler
 from search.constraints import parse_all
 from search.recorder import REPORTED as _REPORTED
 from search.recorder import HypervolumePlateau, TrialRecorder, feasible_mask, normalised_hypervolume
-from search.searcher import SecateursSearch, baseline_points
+from search.baselines import Baseline, reference_points
+from search.searcher import SecateursSearch
 from search.tracking import SearchTracker, ui_command
 from search.trainable import TrialContext, run_trial
 from spaces import Policy, SearchSpace
@@ -91,6 +92,7 @@ class _Prepared:
     task: Task
     checkpoint: str
     space: SearchSpace
+    baselines: list[Baseline]
 
 
 def _prepare(config: Config, out: Callable[[str], None], checkpoint: str | None = None) -> _Prepared:
@@ -98,11 +100,13 @@ def _prepare(config: Config, out: Callable[[str], None], checkpoint: str | None 
     task = make_task(config.task)
     config.measure.resolve_device()
     checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out))
-    groups = discover_groups(load_dense(task, checkpoint), task.test_data()[0][:1], config.space.granularity, config.space.nm_block)
+    model, example = load_dense(task, checkpoint), task.test_data()[0][:1]
+    groups = discover_groups(model, example, config.space.granularity, config.space.nm_block)
     check_space(config.space.granularity, config.space.criteria, groups)
     space = SearchSpace(config.space, groups, seed=config.search.seed)
     out(f"{len(groups)} prunable groups, {len(space.searched_groups)} searched: {', '.join(space.searched_groups)}")
-    return _Prepared(task, checkpoint, space)
+    baselines = reference_points(space, model, example, config.baseline_kinds(), config.search.baseline_ratios)
+    return _Prepared(task, checkpoint, space, baselines)
 
 
 def _tuner_parts(config: Config, prepared: _Prepared, dense: dict[str, float]):
@@ -157,6 +161,7 @@ def run_search(
         space=prepared.space.describe(),
     )
     tracker.log_dense({k: v for k, v in dense.items() if k in _REPORTED}, prepared.checkpoint)
+    tracker.log_json([b.to_dict() for b in prepared.baselines], "baselines.json")
     storage = _storage_path(config.search.storage_path)
     experiment_name = f"{config_name}-{tracker.parent_run_id[:8]}"
     experiment_path = f"{storage.rstrip('/')}/{experiment_name}"
@@ -168,7 +173,7 @@ def run_search(
             metric=OBJECTIVE_METRICS,
             mode=OBJECTIVE_MODES,
             sampler=make_sampler(config.search.sampler, config.search.seed, config.search.population_size),
-            points_to_evaluate=baseline_points(prepared.space, config.search.baseline_ratios) or None,
+            points_to_evaluate=[b.point for b in prepared.baselines] or None,
             constraints=parse_all(config.search.constraints),
             dense=dense,
         )
@@ -176,7 +181,7 @@ def run_search(
             _tuner_parts(config, prepared, dense),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
-                num_samples=_budget(config),
+                num_samples=_budget(config, prepared),
                 max_concurrent_trials=config.search.max_concurrent,
                 reuse_actors=True,
             ),
@@ -222,14 +227,15 @@ def resume_search(
     dense_runs = tracker.child_runs("dense")
     if not dense_runs:
         raise ConfigError(f"--resume: run {run_id} has no dense reference run; cannot resume")
-    done, failed, _ = tracker.trial_table()
-    if len(done) + failed >= _budget(config) or parent.info.status == "FINISHED":
-        raise ConfigError(f"--resume: search {run_id} already finished ({len(done) + failed} of {_budget(config)} trials recorded); nothing to resume")
     prepared = _prepare(config, out, checkpoint=dense_runs[0].data.tags["secateurs.checkpoint"])
+    done, failed, _ = tracker.trial_table()
+    if len(done) + failed >= _budget(config, prepared) or parent.info.status == "FINISHED":
+        raise ConfigError(f"--resume: search {run_id} already finished ({len(done) + failed} of {_budget(config, prepared)} "
+                          "trials recorded); nothing to resume")
     tracker.group_names = [g.name for g in prepared.space.groups]
     dense = dict(dense_runs[0].data.metrics)
     config_name = parent.data.tags.get("secateurs.config_name", "search")
-    out(f"resuming search {run_id}: {len(done)} trials completed, {failed} failed, budget {_budget(config)}")
+    out(f"resuming search {run_id}: {len(done)} trials completed, {failed} failed, budget {_budget(config, prepared)}")
     tracker.set_running()
 
     def make_tuner(recorder: TrialRecorder, stopper: tune.Stopper | None) -> tune.Tuner:
@@ -251,17 +257,17 @@ def _storage_path(configured: str | None) -> str:
     return str(Path(configured or Path(tempfile.gettempdir()) / "secateurs-ray").expanduser().resolve())
 
 
-def _budget(config: Config) -> int:
+def _budget(config: Config, prepared: _Prepared) -> int:
     """Trials a search runs: the baselines first, then ``num_trials`` sampled policies."""
-    return config.search.num_trials + len(config.search.baseline_ratios)
+    return config.search.num_trials + len(prepared.baselines)
 
 
 def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address) -> SearchResult:
     recorder = TrialRecorder(
-        tracker, prepared.space, _budget(config), out,
+        tracker, prepared.space, _budget(config, prepared), out,
         dense=dense,
         constraints=parse_all(config.search.constraints),
-        baselines=baseline_points(prepared.space, config.search.baseline_ratios),
+        baselines=prepared.baselines,
     )
     stopper = HypervolumePlateau(recorder, config.search.patience) if config.search.patience else None
     tracker.set_tags({"secateurs.hypervolume_reference": "accuracy=0, latency_ms=dense, size_mb=dense (objectives divided by dense)"})
@@ -270,8 +276,9 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
     try:
         started_ray = _init_ray(address)
         tuner = make_tuner(recorder, stopper)
+        kinds = ", ".join(dict.fromkeys(b.name.split()[0] for b in prepared.baselines)) or "none"
         out(f"searching {config.search.num_trials} policies with {config.search.sampler} after "
-            f"{len(config.search.baseline_ratios)} uniform baselines ({config.search.max_concurrent} at a time); "
+            f"{len(prepared.baselines)} baselines ({kinds}), {config.search.max_concurrent} at a time; "
             f"MLflow run {tracker.parent_run_id}")
         fit_started = time.perf_counter()
         tuner.fit()
@@ -280,7 +287,7 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
         if stopper is not None and stopper.stop_all():
             status = "FINISHED"
             out(f"stopped early: the hypervolume did not grow for {config.search.patience} trials")
-        elif len(rows) + failed < _budget(config):
+        elif len(rows) + failed < _budget(config, prepared):
             status = "KILLED"  # Tune ends fit() quietly on Ctrl-C
             out(f"interrupted: resume with `secateurs search --resume {tracker.parent_run_id}`")
         else:

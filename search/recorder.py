@@ -11,6 +11,7 @@ import pandas as pd
 from ray import tune
 
 from search import frontier
+from search.baselines import Baseline
 from search.constraints import Constraint, violations
 from search.tracking import TRIAL_METRICS, SearchTracker
 from spaces import SearchSpace
@@ -58,7 +59,7 @@ class TrialRecorder(tune.Callback):
         *,
         dense: Mapping[str, float],
         constraints: list[Constraint] = (),
-        baselines: list[dict[str, Any]] = (),
+        baselines: list[Baseline] = (),
     ) -> None:
         self.tracker = tracker
         self.space = space
@@ -67,7 +68,7 @@ class TrialRecorder(tune.Callback):
         self.dense = dict(dense)
         self.constraints = list(constraints)
         # a baseline is known by its pruning alone: fine-tune knobs the sampler fills in may vary
-        self.baselines = [dataclasses.replace(space.policy(b), finetune={}) for b in baselines]
+        self.baselines = [(dataclasses.replace(space.policy(b.point), finetune={}), b.name) for b in baselines]
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
         self.best_hypervolume = normalised_hypervolume(self._feasible(), self.dense)
         self.since_improvement = 0
@@ -75,8 +76,17 @@ class TrialRecorder(tune.Callback):
     def _index(self) -> int:
         return len(self.rows) + self.num_failed + 1
 
-    def _kind(self, config: Mapping[str, Any]) -> str:
-        return "baseline" if dataclasses.replace(self.space.policy(config), finetune={}) in self.baselines else "trial"
+    def _baseline(self, config: Mapping[str, Any]) -> str | None:
+        """The name of the baseline ``config`` is (e.g. ``global_magnitude 0.5``), or None for a sampled policy."""
+        policy = dataclasses.replace(self.space.policy(config), finetune={})
+        return next((name for known, name in self.baselines if known == policy), None)
+
+    def _tags(self, trial, extra: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+        name = self._baseline(trial.config)
+        tags = {"secateurs.ray_trial_id": trial.trial_id, **extra}
+        if name:
+            tags["secateurs.baseline"] = name
+        return ("baseline" if name else "trial"), tags
 
     def _feasible(self) -> pd.DataFrame:
         table = pd.DataFrame(self.rows, columns=None if self.rows else ["feasible", *frontier.OBJECTIVES])
@@ -90,17 +100,16 @@ class TrialRecorder(tune.Callback):
             index = self._index()
             policy = self.space.policy(trial.config)
             metrics = {k: float(v) for k, v in result.items() if k in REPORTED and isinstance(v, (int, float))}
-            tags = {"secateurs.ray_trial_id": trial.trial_id, "secateurs.node_id": str(result.get("node_id", ""))}
+            kind, tags = self._tags(trial, {"secateurs.node_id": str(result.get("node_id", ""))})
             if self.constraints:
                 worst = max(violations(self.constraints, metrics, self.dense).values())
                 metrics["feasible"] = float(worst <= 0)
                 metrics["constraint_violation"] = max(worst, 0.0)
-            kind = self._kind(trial.config)
             run_id = self.tracker.log_trial(index, policy, metrics, tags=tags, kind=kind)
             self.recorded.add(trial.trial_id)
             self.rows.append({"run_id": run_id, "trial": index, "kind": kind, "criterion": policy.criterion, **metrics})
             self._update_hypervolume(index)
-            self._progress(index, f"{'baseline ' if kind == 'baseline' else ''}acc {metrics['accuracy']:.4f}  "
+            self._progress(index, f"{tags['secateurs.baseline'] + ': ' if kind == 'baseline' else ''}acc {metrics['accuracy']:.4f}  "
                                   f"{metrics['latency_ms']:.3f} ms  {metrics['size_mb']:.3f} MB"
                                   + ("" if metrics.get("feasible", 1.0) else "  (infeasible)"))
         except Exception as exc:  # never let logging kill the search
@@ -118,8 +127,11 @@ class TrialRecorder(tune.Callback):
                 policy = self.space.policy(trial.config)
             except Exception:
                 policy = None
-            self.tracker.log_failed_trial(index, policy, error, tags={"secateurs.ray_trial_id": trial.trial_id},
-                                          kind=self._kind(trial.config))
+            try:
+                kind, tags = self._tags(trial, {})
+            except Exception:
+                kind, tags = "trial", {"secateurs.ray_trial_id": trial.trial_id}
+            self.tracker.log_failed_trial(index, policy, error, tags=tags, kind=kind)
             self.recorded.add(trial.trial_id)
             self.num_failed += 1
             self.since_improvement += 1

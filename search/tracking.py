@@ -178,6 +178,9 @@ class SearchTracker:
     def log_search_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         self._log_metrics(self.parent_run_id, metrics, step=step)
 
+    def log_json(self, data: Any, name: str) -> None:
+        self.client.log_text(self.parent_run_id, json.dumps(data, indent=2), name)
+
     def log_artifact(self, path: str | Path) -> None:
         self.client.log_artifact(self.parent_run_id, str(path))
 

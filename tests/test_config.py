@@ -53,7 +53,7 @@ def test_parse_overrides_builds_nested_values():
         ("space:\n  ratio: {low: 0.0, high: 1.0}\n", r"`space.ratio.high`: must satisfy 0 <= ratio < 1, but got 1.0"),
         ("space:\n  ratio: {low: -0.1, high: 0.5, step: 0.1}\n", r"`space.ratio.low`: must satisfy 0 <= ratio < 1, but got -0.1"),
         ("space:\n  rules:\n    - {match: conv, ratio: 1.5}\n", r"`space.rules\[0\].ratio`: must satisfy 0 <= ratio < 1, but got 1.5"),
-        ("search:\n  num_trials: 0\n", r"`search.num_trials`: must be >= 1, but got 0"),
+        ("search:\n  num_trials: -1\n", r"`search.num_trials`: must be >= 0, but got -1"),
         ("search:\n  sampler: annealing\n", r"`search.sampler`: unknown sampler 'annealing'; valid: gp, nsga2, nsga3, qmc, random, tpe"),
         ("finetune:\n  epochs: lots\n", r"`finetune.epochs`: .*number.*'lots'"),
         ("task:\n  name: imagenet\n", r"`task.name`: unknown task 'imagenet'; valid: cifar10, digits, fashion_mnist, sst2"),

@@ -51,7 +51,7 @@ def search(tmp_path_factory):
             "space": {"criteria": ["l1", "l2"], "ratio": {"low": 0.0, "high": 0.7, "step": 0.05}},
             "finetune": {"epochs": 0.2},
             "measure": {"warmup": 2, "repeats": 5},
-            "search": {"num_trials": 4, "baseline_ratios": [0.5], "population_size": 4, "max_concurrent": 2, "seed": 1,
+            "search": {"num_trials": 4, "baseline_ratios": [0.5], "baselines": ["uniform"], "population_size": 4, "max_concurrent": 2, "seed": 1,
                        "storage_path": str(tmp / "ray")},
             "tracking": {"experiment": "production"},
         })

@@ -1,6 +1,7 @@
 """End-to-end searches with a real local Ray and a real MLflow store on a temporary sqlite file."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,11 +68,18 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
 
     trials = children(client, result, "trial")
     assert len(trials) == 6
-    baselines = children(client, result, "baseline")
-    assert len(baselines) == 1  # uniform 0.5 on every searched group, evaluated first
-    assert {k: v for k, v in baselines[0].data.params.items() if k.startswith("ratio.")} == {
+    named = {run.data.tags["secateurs.baseline"]: run for run in children(client, result, "baseline")}
+    assert set(named) == {"uniform 0.5", "global_magnitude 0.5"}  # the default baselines, evaluated first
+    assert {k: v for k, v in named["uniform 0.5"].data.params.items() if k.startswith("ratio.")} == {
         "ratio.features.0": "0.5", "ratio.features.3": "0.5", "ratio.features.7": "0.5", "ratio.classifier.1": "0.0"}
     searched = ["features.0", "features.3", "features.7"]
+    ranked = {g: float(named["global_magnitude 0.5"].data.params["ratio." + g]) for g in searched}
+    sizes = {"features.0": 32, "features.3": 64, "features.7": 64}  # DigitsCNN's widths
+    assert len(set(ranked.values())) > 1  # one global ranking: the groups lose different shares...
+    assert sum(ranked[g] * sizes[g] for g in searched) / sum(sizes.values()) == pytest.approx(0.5, abs=0.025)  # ...half in all
+    logged = json.loads(Path(client.download_artifacts(result.parent_run_id, "baselines.json", str(tmp_path))).read_text())
+    assert [b["name"] for b in logged] == ["uniform 0.5", "global_magnitude 0.5"]
+    baselines = list(named.values())
     rows = []
     for run in trials + baselines:
         assert run.info.status == "FINISHED"
@@ -103,18 +111,18 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
     assert set(front["run_id"]) == set(table.loc[expected, "run_id"])
     assert np.all(front["latency_ms"].diff().dropna() >= 0)
 
-    assert parent.data.metrics["trials_completed"] == 7
+    assert parent.data.metrics["trials_completed"] == 8
     assert parent.data.metrics["frontier_size"] == expected.sum()
     # hypervolume after every completed trial; it can only grow as points are added
     history = [m.value for m in sorted(client.get_metric_history(result.parent_run_id, "hypervolume"), key=lambda m: m.step)]
-    assert len(history) == 7 and all(b >= a for a, b in zip(history, history[1:])) and history[-1] > 0
+    assert len(history) == 8 and all(b >= a for a, b in zip(history, history[1:])) and history[-1] > 0
     # the frontier was timed again at the end, alone; the in-search timing is kept beside it
     for run_id in front["run_id"]:
         metrics = client.get_run(run_id).data.metrics
         assert "latency_ms_in_search" in metrics and metrics["latency_ms"] > 0
     assert "latency_ms_in_search" in client.get_run(dense[0].info.run_id).data.metrics
     output = "\n".join(lines)
-    assert "[7/7]" in output and "Pareto frontier" in output and "mlflow ui --backend-store-uri" in output
+    assert "[8/8]" in output and "Pareto frontier" in output and "mlflow ui --backend-store-uri" in output
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, store, monkeypatch):

@@ -5,7 +5,8 @@ import optuna
 import pytest
 
 from search.constraints import Constraint, parse_all, violations
-from search.searcher import SecateursSearch, baseline_points
+from search.baselines import reference_points
+from search.searcher import SecateursSearch
 from spaces import PrunableGroup, RatioRange, Rule, SearchSpace, SpaceConfig
 
 DENSE = {"accuracy": 0.9, "accuracy_drop": 0.0, "latency_ms": 2.0, "size_mb": 1.0, "macs": 1000.0, "params": 500.0}
@@ -42,22 +43,13 @@ def space() -> SearchSpace:
     return SearchSpace(config, groups)
 
 
-def test_baseline_points_are_uniform_and_clipped_to_each_range():
-    points = baseline_points(space(), [0.25, 0.5])
-    # 0.25 snaps to the 0.1 grid (0.2 or 0.3); b's range stops at 0.3; c is excluded; default criterion
-    assert points[0]["ratio.a"] in (0.2, 0.3) and points[0]["ratio.b"] in (0.2, 0.3)
-    assert points[1] == {"ratio.a": 0.5, "ratio.b": 0.3, "criterion": "l2"}
-    policy = space().policy(points[1])
-    assert policy.ratios == {"a": 0.5, "b": 0.3} and policy.criterion == "l2"
-
-
 def test_searcher_enqueues_baselines_and_tells_optuna_the_constraints():
     s = space()
     constraints = parse_all(["accuracy_drop <= 0.01", "macs <= 0.5 * dense"])
     searcher = SecateursSearch(
         space=s, metric=["accuracy", "latency_ms", "size_mb"], mode=["max", "min", "min"],
         sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=4),
-        points_to_evaluate=baseline_points(s, [0.5]), constraints=constraints, dense=DENSE,
+        points_to_evaluate=[b.point for b in reference_points(s, None, None, ["uniform"], [0.5])], constraints=constraints, dense=DENSE,
     )
     first = searcher.suggest("t1")
     assert first["ratio.a"] == 0.5 and first["ratio.b"] == 0.3 and first["criterion"] == "l2"

@@ -63,7 +63,7 @@ def test_search_logs_to_a_remote_tracking_server(tmp_path, tmp_path_factory, mon
         "task": {"dense_epochs": 3},
         "finetune": {"epochs": 0.2},
         "measure": {"warmup": 2, "repeats": 5},
-        "search": {"num_trials": 4, "population_size": 4, "max_concurrent": 2, "baseline_ratios": [0.5],
+        "search": {"num_trials": 4, "population_size": 4, "max_concurrent": 2, "baseline_ratios": [0.5], "baselines": ["uniform"],
                    "storage_path": str(tmp_path / "ray")},
         "tracking": {"experiment": "remote"},
     })

@@ -146,7 +146,7 @@ def ui_search(tmp_path_factory):
         raw["finetune"]["epochs"] = 0.2
         raw["measure"].update({"warmup": 2, "repeats": 5})
         raw["search"].update({"num_trials": 4, "population_size": 4, "max_concurrent": 2, "seed": 1,
-                              "baseline_ratios": [0.5], "storage_path": str(tmp / "ray")})
+                              "baseline_ratios": [0.5], "baselines": ["uniform"], "storage_path": str(tmp / "ray")})
         raw["tracking"] = {"experiment": "ui-browser", "run_name": "ui-search"}
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("SECATEURS_CACHE", str(tmp_path_factory.getbasetemp() / "secateurs-cache"))
