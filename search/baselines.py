@@ -53,17 +53,19 @@ def check_kinds(kinds: Sequence[str], granularity: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """A named reference policy, as the search's parameters (``ratio.<dim>``, ``criterion``, ...)."""
+    """A named policy evaluated before the sampler's, as the search's parameters (``ratio.<dim>``,
+    ``criterion``, ...): a reference (``kind`` baseline) or one of the search's own seeds (``seed``)."""
 
     name: str
     point: dict[str, Any]
+    kind: str = "baseline"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "point": dict(self.point)}
+        return {"name": self.name, "kind": self.kind, "point": dict(self.point)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Baseline:
-        return cls(str(data["name"]), dict(data["point"]))
+        return cls(str(data["name"]), dict(data["point"]), str(data.get("kind", "baseline")))
 
 
 def snap(value: float, low: float, high: float, step: float | None) -> float:

@@ -23,6 +23,36 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class SensitivitySettings:
+    """``search.sensitivity``: prune each searched group alone, score it with a cheap proxy (accuracy
+    after BatchNorm re-calibration, no fine-tuning), log the table and plot, then use it."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    ratios: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 0.75])  # tried per group (clipped to its range)
+    samples: int | None = 1000     # test examples the proxy scores (null = all)
+    bn_batches: int = 8            # training batches that re-estimate BatchNorm statistics
+    seed_drops: list[float] = dataclasses.field(default_factory=lambda: [0.02, 0.05, 0.1])  # first sampled policies: each group at its ratio for this proxy drop
+    narrow: float | None = None    # cap each group's range at the ratio where its proxy drop reaches this (null = keep the ranges)
+
+    def __post_init__(self) -> None:
+        if not self.ratios:
+            raise ValueError("ratios: must list at least one ratio")
+        for ratio in self.ratios:
+            if not 0 < ratio < 1:
+                raise ValueError(f"ratios: each must satisfy 0 < ratio < 1, but got {ratio!r}")
+        for drop in self.seed_drops:
+            if not 0 <= drop <= 1:
+                raise ValueError(f"seed_drops: each must satisfy 0 <= drop <= 1, but got {drop!r}")
+        if self.narrow is not None and not 0 < self.narrow <= 1:
+            raise ValueError(f"narrow: must satisfy 0 < narrow <= 1 (or be null), but got {self.narrow!r}")
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"samples: must be >= 1 or null, but got {self.samples}")
+        if self.bn_batches < 0:
+            raise ValueError(f"bn_batches: must be >= 0, but got {self.bn_batches}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SearchSettings:
     """The ``search:`` section: the budget, the sampler and how trials run."""
 
@@ -38,6 +68,7 @@ class SearchSettings:
     storage_path: str | None = None  # Ray Tune experiment state (default: <tmp>/secateurs-ray); shared FS or URI on a cluster
     baseline_ratios: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 0.75])  # levels of the baselines evaluated first (extra to num_trials)
     baselines: list[str] | None = None  # uniform, global_magnitude, lamp, erk (null = those that apply to the first granularity)
+    sensitivity: SensitivitySettings | None = None  # per-group sensitivity analysis first (null = off; {} = defaults)
     constraints: list[str] = dataclasses.field(default_factory=list)  # e.g. "accuracy_drop <= 0.01", "macs <= 0.5 * dense"
     patience: int | None = None    # stop once this many trials in a row did not grow the hypervolume
     remeasure: bool = True         # re-time the frontier's policies at the end, one at a time

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -34,6 +35,7 @@ from search.samplers import make_sampler
 from search.constraints import parse_all
 from search.recorder import REPORTED as _REPORTED
 from search.recorder import HypervolumePlateau, TrialRecorder, feasible_mask, normalised_hypervolume
+from search import sensitivity
 from search.baselines import Baseline, reference_points
 from search.searcher import SecateursSearch
 from search.tracking import SearchTracker, ui_command
@@ -92,7 +94,11 @@ class _Prepared:
     task: Task
     checkpoint: str
     space: SearchSpace
-    baselines: list[Baseline]
+    first: list[Baseline] = dataclasses.field(default_factory=list)  # baselines and seeds, evaluated first
+
+    @property
+    def baselines(self) -> list[Baseline]:
+        return [b for b in self.first if b.kind == "baseline"]
 
 
 def _prepare(config: Config, out: Callable[[str], None], checkpoint: str | None = None) -> _Prepared:
@@ -100,13 +106,30 @@ def _prepare(config: Config, out: Callable[[str], None], checkpoint: str | None 
     task = make_task(config.task)
     config.measure.resolve_device()
     checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out))
-    model, example = load_dense(task, checkpoint), task.test_data()[0][:1]
-    groups = discover_groups(model, example, config.space.granularity, config.space.nm_block)
+    groups = discover_groups(load_dense(task, checkpoint), task.test_data()[0][:1], config.space.granularity, config.space.nm_block)
     check_space(config.space.granularity, config.space.criteria, groups)
     space = SearchSpace(config.space, groups, seed=config.search.seed)
     out(f"{len(groups)} prunable groups, {len(space.searched_groups)} searched: {', '.join(space.searched_groups)}")
-    baselines = reference_points(space, model, example, config.baseline_kinds(), config.search.baseline_ratios)
-    return _Prepared(task, checkpoint, space, baselines)
+    return _Prepared(task, checkpoint, space)
+
+
+def _first_points(config: Config, prepared: _Prepared, tracker: SearchTracker, out: Callable[[str], None]) -> None:
+    """The sensitivity step (when configured: it may narrow the space and gives seeds), then the
+    baselines on the final space; recorded on the parent run as ``baselines.json``."""
+    seeds: list[Baseline] = []
+    if config.search.sensitivity is not None:
+        settings = config.search.sensitivity
+        rows = sensitivity.analyse(config, prepared.space, Path(prepared.checkpoint).read_bytes(), tracker, out)
+        if settings.narrow is not None:
+            prepared.space, highs = sensitivity.narrowed(prepared.space, rows, settings.narrow)
+            tracker.log_json(highs, "narrowed.json")
+            out(f"sensitivity: narrowed {len(highs)} ranges (proxy drop <= {settings.narrow:g}): "
+                + ", ".join(f"{g} <= {h:g}" for g, h in highs.items()))
+        seeds = sensitivity.seed_points(prepared.space, rows, settings.seed_drops)[: config.search.num_trials]
+    model = load_dense(prepared.task, prepared.checkpoint)
+    baselines = reference_points(prepared.space, model, prepared.task.test_data()[0][:1], config.baseline_kinds(), config.search.baseline_ratios)
+    prepared.first = baselines + [s for s in seeds if all(s.point != b.point for b in baselines)]
+    tracker.log_json([b.to_dict() for b in prepared.first], "baselines.json")
 
 
 def _tuner_parts(config: Config, prepared: _Prepared, dense: dict[str, float]):
@@ -161,7 +184,6 @@ def run_search(
         space=prepared.space.describe(),
     )
     tracker.log_dense({k: v for k, v in dense.items() if k in _REPORTED}, prepared.checkpoint)
-    tracker.log_json([b.to_dict() for b in prepared.baselines], "baselines.json")
     storage = _storage_path(config.search.storage_path)
     experiment_name = f"{config_name}-{tracker.parent_run_id[:8]}"
     experiment_path = f"{storage.rstrip('/')}/{experiment_name}"
@@ -173,7 +195,7 @@ def run_search(
             metric=OBJECTIVE_METRICS,
             mode=OBJECTIVE_MODES,
             sampler=make_sampler(config.search.sampler, config.search.seed, config.search.population_size),
-            points_to_evaluate=[b.point for b in prepared.baselines] or None,
+            points_to_evaluate=[b.point for b in prepared.first] or None,
             constraints=parse_all(config.search.constraints),
             dense=dense,
         )
@@ -195,7 +217,7 @@ def run_search(
             ),
         )
 
-    return _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address)
+    return _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address, fresh=True)
 
 
 def resume_search(
@@ -228,6 +250,9 @@ def resume_search(
     if not dense_runs:
         raise ConfigError(f"--resume: run {run_id} has no dense reference run; cannot resume")
     prepared = _prepare(config, out, checkpoint=dense_runs[0].data.tags["secateurs.checkpoint"])
+    with tempfile.TemporaryDirectory() as tmp:
+        logged = json.loads(Path(tracker.client.download_artifacts(run_id, "baselines.json", tmp)).read_text())
+    prepared.first = [Baseline.from_dict(b) for b in logged]
     done, failed, _ = tracker.trial_table()
     if len(done) + failed >= _budget(config, prepared) or parent.info.status == "FINISHED":
         raise ConfigError(f"--resume: search {run_id} already finished ({len(done) + failed} of {_budget(config, prepared)} "
@@ -246,7 +271,7 @@ def resume_search(
         run_config.stop = stopper
         return tuner
 
-    return _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address)
+    return _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address, fresh=False)
 
 
 def _storage_path(configured: str | None) -> str:
@@ -262,24 +287,27 @@ def _budget(config: Config, prepared: _Prepared) -> int:
     return config.search.num_trials + len(prepared.baselines)
 
 
-def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address) -> SearchResult:
-    recorder = TrialRecorder(
-        tracker, prepared.space, _budget(config, prepared), out,
-        dense=dense,
-        constraints=parse_all(config.search.constraints),
-        baselines=prepared.baselines,
-    )
-    stopper = HypervolumePlateau(recorder, config.search.patience) if config.search.patience else None
+def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address, fresh) -> SearchResult:
     tracker.set_tags({"secateurs.hypervolume_reference": "accuracy=0, latency_ms=dense, size_mb=dense (objectives divided by dense)"})
     status = "FAILED"
     started_ray = False
     try:
         started_ray = _init_ray(address)
+        if fresh:
+            _first_points(config, prepared, tracker, out)
+        recorder = TrialRecorder(
+            tracker, prepared.space, _budget(config, prepared), out,
+            dense=dense,
+            constraints=parse_all(config.search.constraints),
+            baselines=prepared.first,
+        )
+        stopper = HypervolumePlateau(recorder, config.search.patience) if config.search.patience else None
         tuner = make_tuner(recorder, stopper)
         kinds = ", ".join(dict.fromkeys(b.name.split()[0] for b in prepared.baselines)) or "none"
-        out(f"searching {config.search.num_trials} policies with {config.search.sampler} after "
-            f"{len(prepared.baselines)} baselines ({kinds}), {config.search.max_concurrent} at a time; "
-            f"MLflow run {tracker.parent_run_id}")
+        seeds = len(prepared.first) - len(prepared.baselines)
+        out(f"searching {config.search.num_trials} policies with {config.search.sampler}"
+            f"{f' ({seeds} seeded by sensitivity)' if seeds else ''} after {len(prepared.baselines)} baselines ({kinds}), "
+            f"{config.search.max_concurrent} at a time; MLflow run {tracker.parent_run_id}")
         fit_started = time.perf_counter()
         tuner.fit()
         tracker.log_search_metrics({"fit_wall_s": time.perf_counter() - fit_started})

@@ -68,7 +68,7 @@ class TrialRecorder(tune.Callback):
         self.dense = dict(dense)
         self.constraints = list(constraints)
         # a baseline is known by its pruning alone: fine-tune knobs the sampler fills in may vary
-        self.baselines = [(dataclasses.replace(space.policy(b.point), finetune={}), b.name) for b in baselines]
+        self.baselines = [(dataclasses.replace(space.policy(b.point), finetune={}), b) for b in baselines]
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
         self.best_hypervolume = normalised_hypervolume(self._feasible(), self.dense)
         self.since_improvement = 0
@@ -76,17 +76,19 @@ class TrialRecorder(tune.Callback):
     def _index(self) -> int:
         return len(self.rows) + self.num_failed + 1
 
-    def _baseline(self, config: Mapping[str, Any]) -> str | None:
-        """The name of the baseline ``config`` is (e.g. ``global_magnitude 0.5``), or None for a sampled policy."""
+    def _baseline(self, config: Mapping[str, Any]) -> Baseline | None:
+        """The baseline or seed ``config`` is (e.g. ``global_magnitude 0.5``), or None for a sampled policy."""
         policy = dataclasses.replace(self.space.policy(config), finetune={})
-        return next((name for known, name in self.baselines if known == policy), None)
+        return next((b for known, b in self.baselines if known == policy), None)
 
     def _tags(self, trial, extra: Mapping[str, str]) -> tuple[str, dict[str, str]]:
-        name = self._baseline(trial.config)
+        """The MLflow kind of a trial's run (``baseline`` or ``trial``) and its tags."""
+        first = self._baseline(trial.config)
         tags = {"secateurs.ray_trial_id": trial.trial_id, **extra}
-        if name:
-            tags["secateurs.baseline"] = name
-        return ("baseline" if name else "trial"), tags
+        if first is None:
+            return "trial", tags
+        tags[f"secateurs.{first.kind}"] = first.name  # secateurs.baseline or secateurs.seed
+        return ("baseline" if first.kind == "baseline" else "trial"), tags
 
     def _feasible(self) -> pd.DataFrame:
         table = pd.DataFrame(self.rows, columns=None if self.rows else ["feasible", *frontier.OBJECTIVES])
@@ -109,7 +111,7 @@ class TrialRecorder(tune.Callback):
             self.recorded.add(trial.trial_id)
             self.rows.append({"run_id": run_id, "trial": index, "kind": kind, "criterion": policy.criterion, **metrics})
             self._update_hypervolume(index)
-            self._progress(index, f"{tags['secateurs.baseline'] + ': ' if kind == 'baseline' else ''}acc {metrics['accuracy']:.4f}  "
+            self._progress(index, f"{next((tags[k] + ': ' for k in ('secateurs.baseline', 'secateurs.seed') if k in tags), '')}acc {metrics['accuracy']:.4f}  "
                                   f"{metrics['latency_ms']:.3f} ms  {metrics['size_mb']:.3f} MB"
                                   + ("" if metrics.get("feasible", 1.0) else "  (infeasible)"))
         except Exception as exc:  # never let logging kill the search

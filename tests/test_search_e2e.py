@@ -173,3 +173,41 @@ def test_constraints_and_patience(tmp_path, store):
         assert m["feasible"] == float(feasible)
         if run.data.tags["secateurs.pareto"] == "true":
             assert feasible  # the reported frontier honours the constraints
+
+
+def test_sensitivity_analysis_is_logged_seeds_the_search_and_narrows_ranges(tmp_path, store):
+    raw = tiny_config(tmp_path)
+    raw["search"].update({"num_trials": 5, "baselines": [], "remeasure": False,
+                          "sensitivity": {"ratios": [0.3, 0.6], "samples": 300, "seed_drops": [0.005, 0.03], "narrow": 0.01}})
+    lines: list[str] = []
+    result = run_search(validate(raw), config_name="sensitive", tracking_uri=store, out=lines.append)
+    client = MlflowClient(store)
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"sensitivity.csv", "sensitivity.png", "baselines.json", "narrowed.json"} <= artifacts
+    table = pd.read_csv(client.download_artifacts(result.parent_run_id, "sensitivity.csv", str(tmp_path)))
+    assert sorted(set(table["group"])) == ["features.0", "features.3", "features.7"]  # the searched groups, alone
+    assert sorted(set(table["ratio"])) == [0.3, 0.6]
+    assert np.allclose(table["accuracy_drop"], table["dense_proxy_accuracy"] - table["proxy_accuracy"])
+    assert (table.groupby("group")["macs"].diff().dropna() < 0).all()  # pruning harder removes more MACs
+
+    from evaluators.sensitivity import safe_ratios
+
+    highs = json.loads(Path(client.download_artifacts(result.parent_run_id, "narrowed.json", str(tmp_path))).read_text())
+    safe = safe_ratios(table.to_dict("records"), 0.01)
+    assert highs and set(highs) == {g for g, r in safe.items() if r < 0.6 - 0.05 + 1e-9}
+    for group, high in highs.items():
+        assert high <= safe[group] + 1e-9 and high < 0.6
+    trials = children(client, result, "trial")
+    assert len(trials) == 5
+    seeds = {run.data.tags["secateurs.seed"]: run for run in trials if "secateurs.seed" in run.data.tags}
+    assert 1 <= len(seeds) <= 2
+    for name, run in seeds.items():
+        drop = float(name.removeprefix("sensitivity drop<="))
+        expected = safe_ratios(table.to_dict("records"), drop)
+        for group, ratio in expected.items():
+            high = highs.get(group, 0.6)
+            assert float(run.data.params["ratio." + group]) == pytest.approx(min(round(ratio / 0.05) * 0.05, high), abs=1e-9)
+    for run in trials:  # the sampler stays inside the narrowed ranges
+        for group, high in highs.items():
+            assert float(run.data.params["ratio." + group]) <= high + 1e-9
+    assert any(line.startswith("sensitivity: most fragile") for line in lines)

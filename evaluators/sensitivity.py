@@ -1,0 +1,214 @@
+"""Per-group sensitivity: how much accuracy each prunable group loses when it alone is pruned.
+
+For every group and every ratio asked for, the dense checkpoint is loaded afresh, only that group
+is pruned at that ratio (with the template policy's criterion, granularity and rounding), and the
+model is scored by a cheap proxy: its accuracy on the first test examples after BatchNorm
+statistics are re-estimated on training batches, with no fine-tuning. The proxy understates what
+a fine-tuned model reaches, but it ranks groups by fragility quickly (one forward pass per batch).
+
+Uses: a table (:func:`to_frame`, for a CSV artifact) and a plot (:func:`plot`) of accuracy drop
+against ratio per group; :func:`safe_ratios` gives each group's largest ratio within an accuracy
+budget, to narrow a search space's ranges or to seed the search with a reasonable first policy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from numbers import Real
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from evaluators import pruning
+from evaluators.checkpoint import load_dense
+from evaluators.tasks import Task
+from evaluators.train import accuracy, recalibrate_batchnorm
+from spaces import Policy
+
+COLUMNS: tuple[str, ...] = (
+    "group", "ratio", "proxy_accuracy", "dense_proxy_accuracy", "accuracy_drop", "macs", "params", "time_s",
+)
+"""The keys of each row :func:`analyse` returns, in the order :func:`to_frame` puts its columns."""
+
+
+def _check_ratios(ratios: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """``ratios`` as lists of floats (any iterable of numbers is accepted, e.g. a numpy array)."""
+    if not isinstance(ratios, Mapping):
+        raise ValueError(f"ratios: must map group names to lists of ratios, but got {ratios!r}")
+    checked: dict[str, list[float]] = {}
+    for group, values in ratios.items():
+        if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
+            raise ValueError(f"ratios[{group!r}]: must be a list of ratios, but got {values!r}")
+        checked[group] = list(values)
+        for r in checked[group]:
+            if isinstance(r, bool) or not isinstance(r, Real) or math.isnan(r) or not 0.0 <= r < 1.0:
+                raise ValueError(f"ratios[{group!r}]: each ratio must satisfy 0 <= ratio < 1, but got {r!r}")
+        checked[group] = [float(r) for r in checked[group]]
+    return checked
+
+
+def _check_groups(task: Task, template: Policy, groups: Sequence[str], example: torch.Tensor) -> None:
+    """Every group must be one that ``template.granularity`` can prune in the task's model."""
+    found = pruning.discover_groups(task.build_model().eval(), example, (template.granularity,), template.nm_block)
+    valid = [g.name for g in found if template.granularity in g.granularities]
+    for group in groups:
+        if group not in valid:
+            raise ValueError(f"ratios: unknown group {group!r} for granularity {template.granularity!r}; "
+                             f"valid: {', '.join(valid) or 'none'}")
+
+
+def analyse(
+    task: Task,
+    checkpoint: str | Path | bytes,
+    template: Policy,
+    ratios: Mapping[str, Sequence[float]],
+    *,
+    bn_batches: int = 8,
+    batch_size: int = 64,
+    samples: int | None = 1000,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
+    """Prune each group of ``ratios`` alone at each of its ratios and score the proxy accuracy.
+
+    ``template`` gives the criterion, granularity, ``round_to``, ``min_channels``, ``nm_block`` and
+    seed (its ratios, global groups and fine-tune knobs are ignored). Ratios of 0 are skipped.
+    Each pruned model gets ``bn_batches`` batches of ``batch_size`` training inputs to re-estimate
+    its BatchNorm statistics (none for a model without BatchNorm) and is scored on the first
+    ``samples`` test examples (all when None); the dense model is scored on the same examples as
+    it is. Returns one row per (group, ratio), in the order given, with the keys of
+    :data:`COLUMNS`: ``macs`` and ``params`` are the pruned model's (zeros of masks not counted),
+    ``accuracy_drop`` is ``dense_proxy_accuracy - proxy_accuracy``, ``time_s`` the seconds the row
+    took. Bad input raises a :class:`ValueError` naming the field before any model is pruned.
+    """
+    ratios = _check_ratios(ratios)
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        raise ValueError(f"bn_batches: must be an integer >= 0, but got {bn_batches!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be an integer >= 1, but got {batch_size!r}")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"samples: must be an integer >= 1 or None (all), but got {samples!r}")
+    x_test, y_test = task.test_data()
+    example = x_test[:1]
+    _check_groups(task, template, list(ratios), example)
+
+    device = torch.device(device)
+    calibration = task.train_data()
+    x_bn = calibration[0][: bn_batches * batch_size].to(device)
+    scored = (x_test[:samples].to(device), y_test[:samples].to(device))
+    dense_acc = accuracy(load_dense(task, checkpoint).to(device), scored)
+
+    rows: list[dict[str, Any]] = []
+    for group, values in ratios.items():
+        for ratio in values:
+            if ratio <= 0:
+                continue
+            start = time.perf_counter()
+            policy = dataclasses.replace(template, ratios={group: ratio}, global_groups=(), finetune={})
+            model = pruning.apply(policy, load_dense(task, checkpoint), example, calibration=calibration).to(device)
+            torch.manual_seed(template.seed)
+            recalibrate_batchnorm(model, x_bn, batches=bn_batches, batch_size=batch_size)
+            acc = accuracy(model, scored)
+            macs, params = pruning.effective_macs_and_params(model.cpu(), example)
+            rows.append({
+                "group": group, "ratio": ratio, "proxy_accuracy": acc, "dense_proxy_accuracy": dense_acc,
+                "accuracy_drop": dense_acc - acc, "macs": macs, "params": params, "time_s": time.perf_counter() - start,
+            })
+    return rows
+
+
+def safe_ratios(rows: Sequence[Mapping[str, Any]], max_drop: float) -> dict[str, float]:
+    """Each group's largest ratio whose accuracy drop stays within ``max_drop``.
+
+    The drop curve of a group runs through (0, 0) and its tested ratios, made monotone by taking
+    the running maximum over increasing ratios (a lucky dip past a harmful ratio does not count).
+    The answer is interpolated linearly where the curve crosses ``max_drop``; when even the largest
+    tested ratio stays within it, that ratio is the answer (no extrapolation). Rows with ratio 0
+    are ignored; groups come in the order they first appear.
+
+    >>> rows = [{"group": "conv1", "ratio": 0.25, "accuracy_drop": 0.0},
+    ...         {"group": "conv1", "ratio": 0.5, "accuracy_drop": 0.04},
+    ...         {"group": "fc", "ratio": 0.5, "accuracy_drop": 0.01}]
+    >>> safe_ratios(rows, max_drop=0.02)
+    {'conv1': 0.375, 'fc': 0.5}
+    """
+    if isinstance(max_drop, bool) or not isinstance(max_drop, Real) or not 0 <= max_drop < math.inf:
+        raise ValueError(f"max_drop: must be a finite number >= 0, but got {max_drop!r}")
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for i, row in enumerate(rows):
+        missing = [k for k in ("group", "ratio", "accuracy_drop") if k not in row]
+        if missing:
+            raise ValueError(f"rows[{i}]: missing key(s) {missing}; it has {sorted(row)}")
+        drop = float(row["accuracy_drop"])
+        if math.isnan(drop):
+            raise ValueError(f"rows[{i}]: accuracy_drop must be a number, but got {row['accuracy_drop']!r}")
+        points = curves.setdefault(str(row["group"]), [])
+        if float(row["ratio"]) > 0:
+            points.append((float(row["ratio"]), drop))
+
+    safe: dict[str, float] = {}
+    for group, points in curves.items():
+        previous_ratio, previous_drop = 0.0, 0.0
+        answer = 0.0
+        for ratio, drop in sorted(points):
+            drop = max(drop, previous_drop)
+            if drop > max_drop:
+                answer = previous_ratio + (ratio - previous_ratio) * (max_drop - previous_drop) / (drop - previous_drop)
+                break
+            previous_ratio, previous_drop = ratio, drop
+            answer = ratio
+        safe[group] = answer
+    return safe
+
+
+def to_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The rows as a table with the columns of :data:`COLUMNS` first (then any others), for a CSV.
+
+    >>> list(to_frame([]).columns) == list(COLUMNS)
+    True
+    """
+    extra = list(dict.fromkeys(k for row in rows for k in row if k not in COLUMNS))
+    return pd.DataFrame([dict(row) for row in rows], columns=[*COLUMNS, *extra])
+
+
+def plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Write a PNG of accuracy drop against ratio, one line per group, the dense level at 0.
+
+    Parent folders are created. Returns the path.
+    """
+    frame = to_frame(rows)
+    if frame.empty:
+        raise ValueError("rows: nothing to plot (no rows)")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    groups = list(dict.fromkeys(frame["group"]))
+    many = len(groups) > 8
+    fig, ax = plt.subplots(figsize=(9 if many else 7, 4.5))
+    try:
+        ax.axhline(0.0, color="black", linewidth=1, linestyle="--", label="dense")
+        for group in groups:
+            part = frame[frame["group"] == group].sort_values("ratio", kind="stable")
+            ax.plot(part["ratio"].astype(float), part["accuracy_drop"].astype(float), marker="o", markersize=4,
+                    linewidth=1.2, label=str(group))
+        ax.set_xlabel("ratio (fraction of the group removed)")
+        ax.set_ylabel("accuracy drop (dense - pruned)")
+        ax.grid(True, alpha=0.3)
+        if many:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small", ncol=1 + len(groups) // 25)
+        else:
+            ax.legend(loc="upper left", fontsize="small")
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(out, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out
