@@ -129,24 +129,19 @@ class Metrics:
         return dataclasses.asdict(self)
 
 
-def prune_and_finetune(
-    policy: Policy,
-    task: Task,
-    checkpoint: str | Path | bytes,
-    finetune: FinetuneConfig,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Rebuild the dense model from ``checkpoint``, apply ``policy`` and fine-tune it.
-
-    Returns the model (on ``device``, in eval mode) and the phase timings. Replaying the same
-    policy on the same checkpoint gives the same model: this is how a frontier policy is exported.
-    """
+def prune_model(policy: Policy, task: Task, checkpoint: str | Path | bytes) -> tuple[torch.nn.Module, float]:
+    """Rebuild the dense model from ``checkpoint`` and apply ``policy``; returns it and the seconds taken."""
     start = time.perf_counter()
     model = load_dense(task, checkpoint)
     if policy.ratios:
         pruning.apply(policy, model, task.test_data()[0][:1], calibration=task.train_data())
-    time_prune = time.perf_counter() - start
+    return model, time.perf_counter() - start
 
+
+def finetune_model(model: torch.nn.Module, policy: Policy, task: Task, checkpoint: str | Path | bytes,
+                   finetune: FinetuneConfig, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Fine-tune a pruned ``model`` in place (moved to ``device``, left in eval mode); returns the
+    steps, BatchNorm re-calibration batches and seconds taken."""
     if policy.finetune:  # knobs the search sampled override the config's
         finetune = dataclasses.replace(finetune, **policy.finetune)
     start = time.perf_counter()
@@ -173,7 +168,23 @@ def prune_and_finetune(
         amp=finetune.amp,
     )
     model.eval()
-    return model, {"finetune_steps": steps, "bn_recalibration_batches": recalibrated, "time_prune_s": time_prune, "time_finetune_s": time.perf_counter() - start}
+    return {"finetune_steps": steps, "bn_recalibration_batches": recalibrated, "time_finetune_s": time.perf_counter() - start}
+
+
+def prune_and_finetune(
+    policy: Policy,
+    task: Task,
+    checkpoint: str | Path | bytes,
+    finetune: FinetuneConfig,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Rebuild the dense model from ``checkpoint``, apply ``policy`` and fine-tune it.
+
+    Returns the model (on ``device``, in eval mode) and the phase timings. Replaying the same
+    policy on the same checkpoint gives the same model: this is how a frontier policy is exported.
+    """
+    model, time_prune = prune_model(policy, task, checkpoint)
+    return model, {"time_prune_s": time_prune, **finetune_model(model, policy, task, checkpoint, finetune, device)}
 
 
 def _time(model: torch.nn.Module, batch: torch.Tensor, config: MeasureConfig) -> dict[str, float]:
@@ -234,6 +245,60 @@ def evaluate(
         param_sparsity=1.0 - measured["params"] / dense_params,
         **measured,
         **timings,
+    )
+
+
+def screen(
+    policy: Policy,
+    task: Task,
+    checkpoint: str | Path | bytes,
+    measure_config: MeasureConfig,
+    *,
+    bn_batches: int,
+    batch_size: int = 64,
+    dense_accuracy: float | None = None,
+    dense_params: int,
+) -> tuple[torch.nn.Module, Metrics]:
+    """The cheap first fidelity of a trial: prune, re-estimate BatchNorm statistics on ``bn_batches``
+    training batches (no gradient step), and measure everything. Latency, size and MACs are final
+    (fine-tuning changes no shape and no mask); the accuracy is a lower-fidelity proxy.
+    Returns the model (on the measure device) for :func:`promote`."""
+    device = measure_config.resolve_device()
+    model, time_prune = prune_model(policy, task, checkpoint)
+    start = time.perf_counter()
+    model.to(device)
+    torch.manual_seed(policy.seed)
+    recalibrated = recalibrate_batchnorm(model, task.train_data()[0].to(device), batches=bn_batches, batch_size=batch_size)
+    time_recalibrate = time.perf_counter() - start
+    measured = measure_model(model, task, measure_config)
+    model.to(device)
+    return model, Metrics(
+        accuracy_drop=(dense_accuracy - measured["accuracy"]) if dense_accuracy is not None else 0.0,
+        param_sparsity=1.0 - measured["params"] / dense_params,
+        finetune_steps=0,
+        time_prune_s=time_prune,
+        time_finetune_s=time_recalibrate,
+        bn_recalibration_batches=recalibrated,
+        **measured,
+    )
+
+
+def promote(model: torch.nn.Module, screened: Metrics, policy: Policy, task: Task, checkpoint: str | Path | bytes,
+            finetune: FinetuneConfig, measure_config: MeasureConfig, *, dense_accuracy: float | None = None) -> Metrics:
+    """The full fidelity of a screened trial: fine-tune the screened model, then measure its accuracy
+    again (its latency, size and MACs are those :func:`screen` measured)."""
+    device = measure_config.resolve_device()
+    timings = finetune_model(model, policy, task, checkpoint, finetune, device)
+    start = time.perf_counter()
+    x_test, y_test = task.test_data()
+    acc = accuracy(model, (x_test.to(device), y_test.to(device)))
+    return dataclasses.replace(
+        screened,
+        accuracy=acc,
+        accuracy_drop=(dense_accuracy - acc) if dense_accuracy is not None else 0.0,
+        finetune_steps=timings["finetune_steps"],
+        time_finetune_s=screened.time_finetune_s + timings["time_finetune_s"],
+        time_measure_s=screened.time_measure_s + time.perf_counter() - start,
     )
 
 

@@ -16,6 +16,7 @@ from spaces import SpaceConfig
 from search.baselines import BASELINES, check_kinds, default_kinds
 from search.constraints import Constraint
 from search.samplers import SAMPLERS
+from search.screening import ScreeningSettings
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,7 @@ class SearchSettings:
     baseline_ratios: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 0.75])  # levels of the baselines evaluated first (extra to num_trials)
     baselines: list[str] | None = None  # uniform, global_magnitude, lamp, erk (null = those that apply to the first granularity)
     sensitivity: SensitivitySettings | None = None  # per-group sensitivity analysis first (null = off; {} = defaults)
+    screening: ScreeningSettings | None = None  # multi-fidelity: fine-tune only trials no screened trial dominates (null = off)
     constraints: list[str] = dataclasses.field(default_factory=list)  # e.g. "accuracy_drop <= 0.01", "macs <= 0.5 * dense"
     patience: int | None = None    # stop once this many trials in a row did not grow the hypervolume
     remeasure: bool = True         # re-time the frontier's policies at the end, one at a time

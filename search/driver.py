@@ -37,6 +37,7 @@ from search.recorder import REPORTED as _REPORTED
 from search.recorder import HypervolumePlateau, TrialRecorder, feasible_mask, normalised_hypervolume
 from search import sensitivity
 from search.baselines import Baseline, reference_points
+from search.screening import ScreeningScheduler
 from search.searcher import SecateursSearch
 from search.tracking import SearchTracker, ui_command
 from search.trainable import TrialContext, run_trial
@@ -141,6 +142,7 @@ def _tuner_parts(config: Config, prepared: _Prepared, dense: dict[str, float]):
         measure=config.measure,
         dense_accuracy=dense["accuracy"],
         dense_params=int(dense["params"]),
+        screening_bn_batches=config.search.screening.bn_batches if config.search.screening else None,
     )
     return tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial})
 
@@ -206,6 +208,8 @@ def run_search(
                 num_samples=_budget(config, prepared),
                 max_concurrent_trials=config.search.max_concurrent,
                 reuse_actors=True,
+                scheduler=ScreeningScheduler(config.search.screening.warmup, [b.point for b in prepared.baselines])
+                if config.search.screening else None,
             ),
             run_config=tune.RunConfig(
                 name=experiment_name,

@@ -16,7 +16,7 @@ from search.constraints import Constraint, violations
 from search.tracking import TRIAL_METRICS, SearchTracker
 from spaces import SearchSpace
 
-REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prune_s", "time_finetune_s", "time_measure_s", "onnx_max_abs_diff", "bn_recalibration_batches"}
+REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prune_s", "time_finetune_s", "time_measure_s", "onnx_max_abs_diff", "bn_recalibration_batches", "fidelity", "screening_accuracy"}
 
 # Hypervolume is computed on (accuracy, latency / dense latency, size / dense size) against the
 # dense model's (0, 1, 1): the share of the "better than dense" box that the frontier covers.
@@ -24,10 +24,14 @@ HV_REFERENCE = (0.0, 1.0, 1.0)
 
 
 def feasible_mask(table: pd.DataFrame) -> pd.Series:
-    """True for rows that meet every constraint (rows without a ``feasible`` metric count as feasible)."""
-    if "feasible" not in table:
-        return pd.Series(True, index=table.index)
-    return table["feasible"].fillna(1.0) > 0
+    """True for rows that may be on the frontier: they meet every constraint (rows without a
+    ``feasible`` metric do) and were fine-tuned (not screened out: ``fidelity`` 0)."""
+    mask = pd.Series(True, index=table.index)
+    if "feasible" in table:
+        mask &= table["feasible"].fillna(1.0) > 0
+    if "fidelity" in table:
+        mask &= table["fidelity"].fillna(1.0) > 0
+    return mask
 
 
 def normalised_hypervolume(rows: pd.DataFrame, dense: Mapping[str, float]) -> float:
@@ -103,6 +107,9 @@ class TrialRecorder(tune.Callback):
             policy = self.space.policy(trial.config)
             metrics = {k: float(v) for k, v in result.items() if k in REPORTED and isinstance(v, (int, float))}
             kind, tags = self._tags(trial, {"secateurs.node_id": str(result.get("node_id", ""))})
+            screened_out = result.get("fidelity") == 0
+            if screened_out:
+                tags["secateurs.screened_out"] = "true"
             if self.constraints:
                 worst = max(violations(self.constraints, metrics, self.dense).values())
                 metrics["feasible"] = float(worst <= 0)
@@ -113,7 +120,8 @@ class TrialRecorder(tune.Callback):
             self._update_hypervolume(index)
             self._progress(index, f"{next((tags[k] + ': ' for k in ('secateurs.baseline', 'secateurs.seed') if k in tags), '')}acc {metrics['accuracy']:.4f}  "
                                   f"{metrics['latency_ms']:.3f} ms  {metrics['size_mb']:.3f} MB"
-                                  + ("" if metrics.get("feasible", 1.0) else "  (infeasible)"))
+                                  + ("" if metrics.get("feasible", 1.0) else "  (infeasible)")
+                                  + ("  (screened out: proxy accuracy, not fine-tuned)" if screened_out else ""))
         except Exception as exc:  # never let logging kill the search
             self.out(f"warning: could not record trial {trial.trial_id}: {exc!r}")
 

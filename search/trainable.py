@@ -8,7 +8,7 @@ import ray
 from ray import tune
 
 from evaluators.tasks import TaskConfig, make_task
-from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate
+from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate, promote, screen
 from spaces import SearchSpace
 
 
@@ -23,18 +23,24 @@ class TrialContext:
     measure: MeasureConfig
     dense_accuracy: float
     dense_params: int
+    screening_bn_batches: int | None = None  # search.screening: report a screening result first
+
+
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
-    """Turn sampled parameters into a policy, evaluate it, report the metrics (one report per trial)."""
+    """Turn sampled parameters into a policy, evaluate it, report the metrics: once, or with
+    screening twice (``fidelity`` 0, then 1 unless the scheduler stops the trial in between)."""
     policy = context.space.policy(params)
-    metrics = evaluate(
-        policy,
-        make_task(context.task),
-        context.checkpoint,
-        context.finetune,
-        context.measure,
-        dense_accuracy=context.dense_accuracy,
-        dense_params=context.dense_params,
-    )
-    tune.report({**metrics.to_dict(), "node_id": ray.get_runtime_context().get_node_id()})
+    task = make_task(context.task)
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
+    dense = {"dense_accuracy": context.dense_accuracy}
+    if context.screening_bn_batches is None:
+        metrics = evaluate(policy, task, context.checkpoint, context.finetune, context.measure, dense_params=context.dense_params, **dense)
+        tune.report({**metrics.to_dict(), **node})
+        return
+    model, screened = screen(policy, task, context.checkpoint, context.measure, bn_batches=context.screening_bn_batches,
+                             batch_size=context.finetune.batch_size, dense_params=context.dense_params, **dense)
+    tune.report({**screened.to_dict(), "fidelity": 0, **node})  # the scheduler may stop the trial here
+    final = promote(model, screened, policy, task, context.checkpoint, context.finetune, context.measure, **dense)
+    tune.report({**final.to_dict(), "fidelity": 1, "screening_accuracy": screened.accuracy, **node})

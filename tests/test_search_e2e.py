@@ -211,3 +211,39 @@ def test_sensitivity_analysis_is_logged_seeds_the_search_and_narrows_ranges(tmp_
         for group, high in highs.items():
             assert float(run.data.params["ratio." + group]) <= high + 1e-9
     assert any(line.startswith("sensitivity: most fragile") for line in lines)
+
+
+def test_screening_fine_tunes_only_trials_no_screened_trial_dominates(tmp_path, store):
+    raw = tiny_config(tmp_path)
+    raw["search"].update({"num_trials": 10, "remeasure": False, "screening": {"warmup": 2, "bn_batches": 4}})
+    lines: list[str] = []
+    result = run_search(validate(raw), config_name="screened", tracking_uri=store, out=lines.append)
+    client = MlflowClient(store)
+    runs = children(client, result, "trial") + children(client, result, "baseline")
+    assert len(runs) == 12
+    out = [r for r in runs if r.data.tags.get("secateurs.screened_out") == "true"]
+    kept = [r for r in runs if r not in out]
+    assert out, "some of 10 sampled policies should be dominated at screening"
+    for run in out:
+        m = run.data.metrics
+        assert m["fidelity"] == 0 and m["finetune_steps"] == 0 and run.data.tags["secateurs.kind"] == "trial"
+        assert run.data.tags["secateurs.pareto"] == "false"
+    for run in kept:
+        m = run.data.metrics
+        assert m["fidelity"] == 1 and m["finetune_steps"] > 0 and "screening_accuracy" in m
+    assert all(r.data.metrics["fidelity"] == 1 for r in children(client, result, "baseline"))  # references are always fine-tuned
+
+    def screened(run):
+        m = run.data.metrics
+        return (m.get("screening_accuracy", m["accuracy"]), m["latency_ms"], m["size_mb"])
+
+    from search.screening import dominated
+
+    for run in out:  # each was stopped because another trial's screening result dominated its own
+        others = [screened(r) for r in runs if r is not run]
+        assert dominated(screened(run), others)
+    # the frontier holds fine-tuned trials only, and equals a non-dominated sort of them
+    table = pd.DataFrame([{"id": r.info.run_id, "pareto": r.data.tags["secateurs.pareto"] == "true",
+                           **{k: r.data.metrics[k] for k in frontier.OBJECTIVES}} for r in kept])
+    assert list(table["pareto"]) == list(frontier.non_dominated(table[list(frontier.OBJECTIVES)].to_numpy(), list(frontier.OBJECTIVES.values())))
+    assert any("screened out" in line for line in lines)

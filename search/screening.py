@@ -1,0 +1,74 @@
+"""Multi-fidelity (``search.screening``): spend fine-tuning only on policies worth it.
+
+Every trial first reports a cheap screening result (pruned, BatchNorm re-calibrated, measured:
+latency, size and MACs are final, the accuracy is a proxy; metric ``fidelity`` 0). This Ray Tune
+scheduler then stops the trial if an earlier screened trial dominates it on (proxy accuracy,
+latency, size); otherwise the trial is fine-tuned and reports again (``fidelity`` 1). Baselines and
+the first ``warmup`` trials are always fine-tuned. A stopped trial is recorded with its screening
+metrics and tag ``secateurs.screened_out``; it is never on the frontier, and the sampler is told its
+(pessimistic) screening values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from search import frontier
+
+
+@dataclasses.dataclass(frozen=True)
+class ScreeningSettings:
+    """``search.screening``: screen each trial before fine-tuning it (null = fine-tune every trial)."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    bn_batches: int = 8   # training batches that re-estimate BatchNorm statistics before the screening measurement
+    warmup: int = 4       # the first trials to screen are fine-tuned whatever their screening result
+
+    def __post_init__(self) -> None:
+        if self.bn_batches < 0:
+            raise ValueError(f"bn_batches: must be >= 0, but got {self.bn_batches}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup: must be >= 0, but got {self.warmup}")
+
+
+def dominated(point: Sequence[float], others: Sequence[Sequence[float]]) -> bool:
+    """True if some row of ``others`` is at least as good as ``point`` on every objective of
+    :data:`search.frontier.OBJECTIVES` and better on one.
+
+    >>> dominated((0.8, 2.0, 1.0), [(0.9, 1.5, 1.0)]), dominated((0.8, 2.0, 1.0), [(0.9, 2.5, 1.0)])
+    (True, False)
+    """
+    if not len(others):
+        return False
+    signs = np.array([1.0 if mode == "max" else -1.0 for mode in frontier.OBJECTIVES.values()])
+    p, o = np.asarray(point, float) * signs, np.asarray(others, float) * signs
+    return bool(np.any(np.all(o >= p, axis=1) & np.any(o > p, axis=1)))
+
+
+class ScreeningScheduler(FIFOScheduler):
+    """Stops a trial after its screening report when an earlier screening result dominates it."""
+
+    def __init__(self, warmup: int, references: Sequence[Mapping[str, Any]] = ()) -> None:
+        super().__init__()
+        self.warmup = warmup
+        self.references = [dict(r) for r in references]  # baseline points: always fine-tuned
+        self.screened: list[tuple[float, ...]] = []
+        self.stopped: set[str] = set()
+
+    def _is_reference(self, config: Mapping[str, Any]) -> bool:
+        return any(all(config.get(k) == v for k, v in point.items()) for point in self.references)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("fidelity") != 0:
+            return TrialScheduler.CONTINUE
+        point = tuple(float(result[m]) for m in frontier.OBJECTIVES)
+        verdict = dominated(point, self.screened)
+        self.screened.append(point)
+        if verdict and len(self.screened) > self.warmup and not self._is_reference(trial.config):
+            self.stopped.add(trial.trial_id)
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
