@@ -1,0 +1,140 @@
+"""Benchmark: does the search find better policies than hand-made ones for the same budget?
+
+ResNet-20 on the CIFAR-10 subset (configs/cifar10_resnet20.yaml: the dense model is trained once
+and cached). Every method gets the same number of fine-tuned trials and the same fine-tune per
+trial, over the same space (ratios 0..0.7 in steps of 0.05, l1/l2/random):
+
+- ``uniform``: every group at one ratio, at evenly spread levels (a baseline-only search);
+- ``global_magnitude``: one l1 ranking across groups, at the same levels;
+- ``random``: Optuna's random sampler;
+- ``secateurs``: NSGA-II after the default baselines (uniform and global magnitude at 0.25/0.5/0.75);
+- ``secateurs_mf``: the same plus sensitivity seeds and screening (multi-fidelity): same trial
+  count, so it spends less compute; the table reports how much.
+
+Per method and seed: the hypervolume of its fine-tuned trials in (accuracy, latency / dense,
+size / dense) against (0, 1, 1) (each search's own dense timing, re-timed with its frontier at the
+end), the best accuracy at >= 2x MAC reduction and at >= 2x measured latency reduction, and the
+compute (summed in-trial seconds + sensitivity) and wall time. Seeds run one after another, the
+methods of a seed back to back, so that machine noise spreads over all methods.
+
+    SECATEURS_DATA=../shared/data python benchmarks/search_quality.py [--trials 14] [--seeds 0 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from search.config import load_config
+from search.driver import run_search
+from search.recorder import feasible_mask, normalised_hypervolume
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def methods(trials: int) -> dict[str, list[str]]:
+    levels = [round(0.05 * (i + 1), 2) for i in range(trials)]  # 0.05 .. 0.05 * trials
+    default_baselines = 6  # uniform + global magnitude at 0.25/0.5/0.75
+    return {
+        "uniform": ["search.num_trials=0", "search.baselines=[uniform]", f"search.baseline_ratios={levels}"],
+        "global_magnitude": ["search.num_trials=0", "search.baselines=[global_magnitude]", f"search.baseline_ratios={levels}"],
+        "random": [f"search.num_trials={trials}", "search.sampler=random", "search.baselines=[]"],
+        "secateurs": [f"search.num_trials={trials - default_baselines}", "search.sampler=nsga2"],
+        "secateurs_mf": [f"search.num_trials={trials - default_baselines}", "search.sampler=nsga2",
+                         "search.sensitivity={}", "search.screening={warmup: 4}"],
+    }
+
+
+def one(config_path: str, method: str, overrides: list[str], seed: int, tmp: Path) -> dict:
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    config = load_config(config_path, [*overrides, f"search.seed={seed}", f"search.storage_path={tmp / 'ray'}",
+                                       f"tracking.experiment=quality-{method}"])
+    result = run_search(config, config_name=f"{method}-s{seed}", tracking_uri=uri, out=lambda line: None)
+    client = MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    trials = result.trials
+    dense = result.dense
+    work = (trials["time_prune_s"] + trials["time_finetune_s"] + trials["time_measure_s"]).sum()
+    compute = float(work + parent.data.metrics.get("sensitivity_wall_s", 0.0))
+    full = trials[feasible_mask(trials)]  # fine-tuned trials (screened-out ones are not)
+
+    def best(mask: pd.Series) -> float | None:
+        return float(full.loc[mask, "accuracy"].max()) if mask.any() else None
+
+    return {
+        "method": method,
+        "seed": seed,
+        "trials": len(trials),
+        "fine_tuned": len(full),
+        "dense_accuracy": dense["accuracy"],
+        "dense_latency_ms": dense["latency_ms"],
+        "hypervolume": normalised_hypervolume(full, dense),
+        "best_acc_2x_macs": best(full["macs"] <= dense["macs"] / 2),
+        "best_acc_2x_latency": best(full["latency_ms"] <= dense["latency_ms"] / 2),
+        "compute_s": compute,
+        "wall_s": result.wall_s,
+    }
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    table = pd.DataFrame(rows)
+    out = []
+    for method, part in table.groupby("method", sort=False):
+        entry = {"method": method, "seeds": len(part)}
+        for key in ("hypervolume", "best_acc_2x_macs", "best_acc_2x_latency", "compute_s", "wall_s", "fine_tuned"):
+            values = [v for v in part[key] if v is not None and not pd.isna(v)]
+            entry[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                          "min": min(values), "max": max(values), "n": len(values)} if values else None
+        out.append(entry)
+    return out
+
+
+def markdown(summaries: list[dict]) -> str:
+    def cell(stat, scale=1.0, digits=4):
+        if stat is None:
+            return "none reached"
+        return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}" + ("" if stat["n"] == 3 else f" (n={stat['n']})")
+
+    lines = ["| method | hypervolume | best acc, >= 2x fewer MACs | best acc, >= 2x lower latency | fine-tuned trials | compute (s) | wall (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['method']} | {cell(s['hypervolume'])} | {cell(s['best_acc_2x_macs'])} | {cell(s['best_acc_2x_latency'])} | "
+                     f"{cell(s['fine_tuned'], digits=1)} | {cell(s['compute_s'], digits=0)} | {cell(s['wall_s'], digits=0)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=str(ROOT / "configs" / "cifar10_resnet20.yaml"))
+    parser.add_argument("--trials", type=int, default=14, help="fine-tuned trials per method (uniform levels: 0.05 .. 0.05 * trials)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_quality.json"))
+    args = parser.parse_args()
+    chosen = {k: v for k, v in methods(args.trials).items() if args.methods is None or k in args.methods}
+    rows = []
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for method, overrides in chosen.items():
+                rows.append(one(args.config, method, [*args.overrides, *overrides], seed, Path(tmp) / f"{method}-{seed}"))
+                print(json.dumps(rows[-1]), flush=True)
+                Path(args.out).write_text(json.dumps({"config": args.config, "trials": args.trials, "rows": rows}, indent=2) + "\n")
+    summaries = summary(rows)
+    Path(args.out).write_text(json.dumps({
+        "config": args.config, "overrides": args.overrides, "trials": args.trials, "seeds": args.seeds,
+        "date": time.strftime("%Y-%m-%d"), "total_wall_s": time.time() - started, "summary": summaries, "rows": rows,
+    }, indent=2) + "\n")
+    print(markdown(summaries))
+
+
+if __name__ == "__main__":
+    main()
