@@ -40,6 +40,7 @@ class Unit:
     members: tuple[str, ...] = ()
     head_multiple: int = 1  # coupled attention modules need the width to stay a multiple of their heads
     unwrapped: tuple[str, ...] = ()  # parameters the group reaches that no pruner handles
+    attention: attention_pruning.LinearAttention | None = None  # heads of attention written with nn.Linear
 
     def to_group(self) -> PrunableGroup:
         return PrunableGroup(self.name, self.kind, self.size, self.members or (self.name,))
@@ -79,9 +80,13 @@ class StructuredGraph:
     def units(self, kinds: tuple[str, ...]) -> list[Unit]:
         """The model's structured groups of the given kinds, in module order (output layers left out)."""
         roots = CHANNEL_ROOTS + (rnn_pruning.RNN_TYPES if "rnn-hidden" in kinds else ())
+        linear_attention = attention_pruning.find_linear_attention(self.model)
+        head_rows = {id(getattr(a.module, n)) for a in linear_attention.values() for n in a.projections}
         found: list[Unit] = []
         for group in self.graph.get_all_groups(ignored_layers=self.protected, root_module_types=roots):
             root = group[0].dep.target.module
+            if id(root) in head_rows:  # q/k/v outputs come in heads: pruned as heads, never as free channels
+                continue
             is_rnn = isinstance(root, rnn_pruning.RNN_TYPES)
             kind = "rnn-hidden" if is_rnn else ("linear" if isinstance(root, nn.Linear) else "conv")
             if kind not in kinds:
@@ -104,6 +109,7 @@ class StructuredGraph:
         if "attention-heads" in kinds:
             found += [Unit(n, "attention-heads", m.num_heads, m) for n, m in self.model.named_modules()
                       if isinstance(m, ATTENTION_TYPES) and m.num_heads > 1]
+            found += [Unit(n, "attention-heads", a.num_heads, a.module, attention=a) for n, a in linear_attention.items()]
         order = {n: i for i, n in enumerate(self.names.values())}
         return sorted(found, key=lambda u: order[u.name])
 
@@ -119,7 +125,7 @@ def _check(unit: Unit, criterion: Criterion | None) -> None:
         )
     if unit.kind == "rnn-hidden":
         rnn_pruning.check_prunable(unit.module, unit.name)
-    if unit.kind == "attention-heads":
+    if unit.kind == "attention-heads" and unit.attention is None:
         attention_pruning.check_prunable(unit.module, unit.name)
 
 
@@ -139,6 +145,9 @@ def _score(unit: Unit, criterion: Criterion, importance: Any) -> dict[Any, torch
             raise PruningError(f"criterion {criterion.name!r} gives no score for group {unit.name!r}{extra}; use another criterion")
         return {None: scores}
     grads = criterion.needs_gradients
+    if unit.kind == "attention-heads" and unit.attention is not None:
+        a = unit.attention
+        return {None: criterion.unit_scores(attention_pruning.linear_head_vectors(a), attention_pruning.linear_head_vectors(a, True) if grads else None)}
     if unit.kind == "attention-heads":
         m = unit.module
         return {None: criterion.unit_scores(attention_pruning.head_vectors(m), attention_pruning.head_vectors(m, True) if grads else None)}
@@ -240,6 +249,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, policy: Policy, criter
     for u in named:
         if u.kind in ("conv", "linear", "rnn-hidden") and keep[u.name] < u.size:
             _prune_group(graph, u, keep[u.name], scores[u.name])
+    rewritten = []
     for u in named:
         if u.kind == "attention-heads":
             if shapes is not None:
@@ -247,7 +257,24 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, policy: Policy, criter
             if keep[u.name] < u.size:
                 order = torch.argsort(scores[u.name][None].float(), stable=True)
                 kept = sorted(order[u.size - keep[u.name]:].tolist())
-                attention_pruning.replace_module(model, u.name, attention_pruning.PrunedMultiheadAttention.from_attention(u.module, kept))
+                if u.attention is not None:
+                    attention_pruning.prune_linear_heads(u.attention, kept)
+                    rewritten.append(f"{u.name!r} ({type(u.module).__name__})")
+                else:
+                    attention_pruning.replace_module(model, u.name, attention_pruning.PrunedMultiheadAttention.from_attention(u.module, kept))
+    if rewritten:
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(example_inputs)
+        except Exception as exc:
+            raise PruningError(
+                f"after pruning heads, attention module(s) {', '.join(rewritten)} no longer run: {str(exc).splitlines()[0]}; "
+                "their forward must take shapes from the head-count attribute (not from the input width), or exclude them "
+                "(space.rules: {match: ..., exclude: true})"
+            ) from exc
+        finally:
+            model.train(was_training)
     return PruneReport(policy.granularity, {u.name: (u.size, u.size - keep[u.name]) for u in named}, model)
 
 
@@ -272,6 +299,8 @@ def _saved_keep(unit: Unit, shapes: Mapping[str, torch.Tensor]) -> int:
 
 
 def _saved_heads(unit: Unit, shapes: Mapping[str, torch.Tensor]) -> int:
+    if unit.attention is not None:
+        return attention_pruning.saved_linear_heads(unit.attention, unit.name, shapes)
     hd = unit.module.head_dim
     for key, parts in ((f"{unit.name}.in_proj.weight", 3), (f"{unit.name}.q_proj.weight", 1)):
         if key in shapes:

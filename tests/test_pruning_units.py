@@ -173,3 +173,125 @@ def test_residual_width_coupled_to_attention_stays_a_multiple_of_the_heads():
     # 16 - floor(6.4) = 10 channels would break nn.MultiheadAttention's 4 heads: rounded up to 12
     assert width == 12 and model.encoder.layers[0].self_attn.embed_dim == 12
     assert model(tokens).shape == (2, 2)
+
+
+# ------------------------------------------------------------ attention written with nn.Linear projections
+class FusedAttention(nn.Module):
+    """ViT-style: one qkv linear, heads reshaped from ``num_heads`` and ``head_dim``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class SeparateAttention(nn.Module):
+    """LLaMA-style: q_proj/k_proj/v_proj/o_proj and ``n_heads``."""
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        split = lambda t: t.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        out = nn.functional.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class WidthBoundAttention(FusedAttention):
+    """Reshapes with the input width: cannot lose heads."""
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, attention: type, dim: int = 16, heads: int = 4, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(dim), "attn": attention(dim, heads),
+                                                   "mlp": nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))})
+                                    for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block["attn"](block["norm"](x))
+            x = x + block["mlp"](x)
+        return self.head(x.mean(1))
+
+
+def _silenced_heads(model: TinyViT, drops: dict[int, list[int]]) -> TinyViT:
+    """The dense model with the dropped heads' output columns zeroed (their contribution is removed)."""
+    silenced = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, heads in drops.items():
+            att = silenced.blocks[layer]["attn"]
+            out = att.proj if hasattr(att, "proj") else att.o_proj
+            for h in heads:
+                out.weight[:, h * att.head_dim:(h + 1) * att.head_dim] = 0
+    return silenced
+
+
+@pytest.mark.parametrize("attention, heads_attr", [(FusedAttention, "num_heads"), (SeparateAttention, "n_heads")])
+def test_heads_of_attention_written_with_linears_are_pruned_in_place(attention, heads_attr):
+    torch.manual_seed(0)
+    dense = TinyViT(attention).eval()
+    x = torch.randn(3, 5, 8)
+    groups = {g.name: g for g in pruning.discover_groups(dense, x[:1], ["structured"])}
+    assert groups["blocks.0.attn"].kind == "attention-heads" and groups["blocks.0.attn"].size == 4
+    # the q/k/v outputs come in heads: never offered as free channels
+    assert not any(".attn." in name for name in groups)
+    assert not any(".attn" in g.name for g in pruning.discover_groups(dense, x[:1], ["channel"]))
+    policy = Policy("l2", {"blocks.0.attn": 0.5, "blocks.1.attn": 0.25}, granularity="structured")
+    scores = {i: head_vectors_of(dense.blocks[i]["attn"]) for i in (0, 1)}
+    drops = {0: sorted(torch.argsort(scores[0])[:2].tolist()), 1: sorted(torch.argsort(scores[1])[:1].tolist())}
+    model = pruning.apply(policy, copy.deepcopy(dense), x[:1])
+    att = model.blocks[0]["attn"]
+    assert type(att) is attention and getattr(att, heads_attr) == 2 and getattr(model.blocks[1]["attn"], heads_attr) == 3
+    with torch.no_grad():
+        assert torch.allclose(model(x), _silenced_heads(dense, drops)(x), atol=1e-5)
+    model(x).sum().backward()  # trains
+    rebuilt = pruning.restore(policy, copy.deepcopy(dense), x[:1], model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in dense.parameters())
+
+
+def head_vectors_of(att: nn.Module) -> torch.Tensor:
+    """l2 score per head, computed independently of the engine: q, k, v rows and output columns."""
+    hd, heads = att.head_dim, (att.num_heads if hasattr(att, "num_heads") else att.n_heads)
+    if hasattr(att, "qkv"):
+        q, k, v = att.qkv.weight.chunk(3)
+        out = att.proj.weight
+    else:
+        q, k, v, out = att.q_proj.weight, att.k_proj.weight, att.v_proj.weight, att.o_proj.weight
+    return sum(w.reshape(heads, -1).pow(2).sum(1) for w in (q, k, v)) + out.reshape(out.shape[0], heads, hd).pow(2).sum((0, 2))
+
+
+def test_heads_and_the_residual_width_prune_together():
+    torch.manual_seed(1)
+    dense = TinyViT(FusedAttention).eval()
+    x = torch.randn(2, 5, 8)
+    policy = Policy("l1", {"blocks.0.attn": 0.5, "blocks.1.mlp.2": 0.25}, granularity="structured")
+    model = pruning.apply(policy, copy.deepcopy(dense), x[:1])
+    assert model.embed.out_features == 12 and model.blocks[0]["attn"].qkv.in_features == 12
+    assert model.blocks[0]["attn"].num_heads == 2 and model(x).shape == (2, 3)
+
+
+def test_attention_whose_forward_ignores_the_head_count_is_refused_by_name():
+    model = TinyViT(WidthBoundAttention).eval()
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(pruning.PruningError, match=r"attention module\(s\) 'blocks.0.attn' \(WidthBoundAttention\) no longer run"):
+        pruning.apply(Policy("l1", {"blocks.0.attn": 0.5}, granularity="structured"), model, x[:1])
