@@ -127,7 +127,7 @@ def prune(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, calibr
 
 
 def rankings(model: nn.Module, example_inputs: torch.Tensor, granularity: str, criterion: str, names: list[str],
-             min_channels: int = 1) -> dict[str, torch.Tensor]:
+             min_channels: int = 1, group_min_channels: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Per group, the ascending scores of the units a global ranking could remove, comparable across
     groups as ``Policy.global_groups`` compares them (structured groups: mean-normalised; weights:
     raw scores). ``criterion`` must be data-free (l1, l2, lamp, fpgm, bn_scale); the model is unchanged.
@@ -144,7 +144,7 @@ def rankings(model: nn.Module, example_inputs: torch.Tensor, granularity: str, c
         return sparsity.rankings(model, crit, names)
     if granularity not in ("channel", "structured"):
         raise PruningError(f"granularity {granularity!r} has no global ranking; valid: channel, structured, unstructured")
-    return structured.rankings(model, example_inputs, crit, GRANULARITY_KINDS[granularity], names, min_channels)
+    return structured.rankings(model, example_inputs, crit, GRANULARITY_KINDS[granularity], names, min_channels, group_min_channels)
 
 
 def apply(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, calibration: Any = None) -> nn.Module:

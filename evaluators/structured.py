@@ -164,15 +164,15 @@ def ranked(scores: Mapping[Any, torch.Tensor]) -> torch.Tensor:
 
 
 def rankings(model: nn.Module, example_inputs: torch.Tensor, criterion: Criterion, kinds: tuple[str, ...],
-             names: list[str], min_channels: int = 1) -> dict[str, torch.Tensor]:
+             names: list[str], min_channels: int = 1, group_min_channels: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """For each group in ``names``: the ascending scores of the units a global ranking may remove
-    (every unit but the ``min_channels`` it must keep). Data-free criteria only; the model is not changed."""
+    (every unit but the minimum it must keep). Data-free criteria only; the model is not changed."""
     units = {u.name: u for u in StructuredGraph(model, example_inputs).units(kinds)}
     missing = [n for n in names if n not in units]
     if missing:
         raise PruningError(f"no structured group(s) {missing} in this model; available groups: {', '.join(units)}")
     importance = criterion.channel_importance(None) if any(units[n].kind in ("conv", "linear") for n in names) else None
-    floor = Policy(criterion=criterion.name, ratios={}, min_channels=min_channels)
+    floor = Policy(criterion=criterion.name, ratios={}, min_channels=min_channels, group_min_channels=dict(group_min_channels or {}))
     out = {}
     for n in names:
         _check(units[n], criterion)
@@ -184,8 +184,8 @@ def rankings(model: nn.Module, example_inputs: torch.Tensor, criterion: Criterio
 def _limits(unit: Unit, policy: Policy) -> tuple[int, int]:
     """(minimum units kept, multiple the kept count is rounded up to) for a group."""
     if unit.kind == "attention-heads":
-        return 1, 1
-    return min(policy.min_channels, unit.size), math.lcm(policy.round_to, unit.head_multiple)
+        return min(policy.group_min_channels.get(unit.name, 1), unit.size), 1
+    return min(policy.group_min_channels.get(unit.name, policy.min_channels), unit.size), math.lcm(policy.round_to, unit.head_multiple)
 
 
 def _round(unit: Unit, policy: Policy, keep: int) -> int:

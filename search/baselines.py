@@ -185,7 +185,8 @@ def reference_points(space: SearchSpace, model: nn.Module, example_inputs: torch
                 continue
             criterion = "lamp" if kind == "lamp" else "l1"
             if criterion not in scores:
-                scores[criterion] = rankings(model, example_inputs, granularity, criterion, members, space.config.min_channels)
+                scores[criterion] = rankings(model, example_inputs, granularity, criterion, members, space.config.min_channels,
+                                             space.group_min_channels)
             ratios = global_allocation(scores[criterion], sizes, bounds, level)
             found.append(Baseline(label, _point(space, granularity, ratios, _magnitude(space, criterion), sizes)))
     unique: list[Baseline] = []

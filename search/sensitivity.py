@@ -53,7 +53,8 @@ def analyse(config: Config, space: SearchSpace, checkpoint: bytes, tracker: Sear
     settings = config.search.sensitivity
     started = time.perf_counter()
     template = Policy(criterion=space.config.criteria[0], ratios={}, granularity=space.config.granularity[0],
-                      round_to=space.config.round_to, min_channels=space.config.min_channels, seed=space.seed,
+                      round_to=space.config.round_to, min_channels=space.config.min_channels,
+                      group_min_channels=space.group_min_channels, seed=space.seed,
                       nm_block=space.config.nm_block)
     ratios = _ratios(space, settings.ratios)
     options = {"bn_batches": settings.bn_batches, "batch_size": config.finetune.batch_size, "samples": settings.samples}

@@ -24,6 +24,8 @@ class Policy:
     are absent are left whole): channels, heads or hidden units for ``channel``/``structured``,
     weights for ``unstructured``; for ``nm`` a weight tensor loses ``floor(ratio * nm_block)`` of
     every ``nm_block`` consecutive input weights (ratio 0.5 with blocks of 4 = 2:4 sparsity).
+    ``min_channels`` is the fewest units a structured group keeps (``group_min_channels`` sets it
+    per group; attention keeps at least one head unless a group minimum says more).
     ``global_groups`` are pruned together: they lose as many units in total as their ratios ask,
     but which ones is decided by one ranking across all of them. ``seed`` fixes the randomness
     of criteria such as ``random``.
@@ -38,6 +40,7 @@ class Policy:
     granularity: str = "channel"
     round_to: int = 1
     min_channels: int = 1
+    group_min_channels: dict[str, int] = dataclasses.field(default_factory=dict)  # per-group minimum width (overrides min_channels)
     seed: int = 0
     global_groups: tuple[str, ...] = ()
     nm_block: int = 4
@@ -57,6 +60,10 @@ class Policy:
             raise ValueError(f"Policy.round_to must be >= 1, but got {self.round_to}")
         if self.min_channels < 1:
             raise ValueError(f"Policy.min_channels must be >= 1, but got {self.min_channels}")
+        for name, width in self.group_min_channels.items():
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(f"Policy.group_min_channels for group {name!r} must be an integer >= 1, but got {width!r}")
+        object.__setattr__(self, "group_min_channels", {str(k): int(v) for k, v in sorted(self.group_min_channels.items())})
         if self.nm_block < 2:
             raise ValueError(f"Policy.nm_block must be >= 2, but got {self.nm_block}")
         object.__setattr__(self, "ratios", {str(k): float(v) for k, v in sorted(self.ratios.items())})

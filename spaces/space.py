@@ -79,8 +79,9 @@ class Rule:
 
     Exactly one effect: ``exclude: true`` (never prune), ``ratio: x`` (fix the ratio), or a range
     (any of ``low``/``high``/``step``) and/or ``tie: NAME`` (every matched group shares one sampled
-    ratio, the parameter ``ratio.NAME``, e.g. one ratio per ResNet stage). ``granularity`` limits
-    the rule to one granularity's groups. Later rules override earlier ones.
+    ratio, the parameter ``ratio.NAME``, e.g. one ratio per ResNet stage). ``min_channels`` (alone or
+    with one of those) sets the fewest units the matched groups keep. ``granularity`` limits the rule
+    to one granularity's groups. Later rules override earlier ones.
 
     >>> Rule(match="classifier.*", exclude=True).exclude
     True
@@ -98,6 +99,7 @@ class Rule:
     high: float | None = None
     step: float | None = None
     tie: str | None = None
+    min_channels: int | None = None  # the fewest units (channels, heads, hidden units) the matched groups keep
     granularity: str | None = None
 
     def __post_init__(self) -> None:
@@ -114,10 +116,13 @@ class Rule:
         if self.ratio is not None:
             _check_ratio("ratio", self.ratio)
         ranged = any(v is not None for v in (self.low, self.high, self.step)) or self.tie is not None
-        if sum([self.exclude, self.ratio is not None, ranged]) != 1:
+        if self.min_channels is not None and (isinstance(self.min_channels, bool) or self.min_channels < 1):
+            raise ValueError(f"min_channels: must be an integer >= 1, but got {self.min_channels!r}")
+        effects = sum([self.exclude, self.ratio is not None, ranged])
+        if effects != 1 and not (effects == 0 and self.min_channels is not None):
             raise ValueError(
                 f"rule for {self.pattern!r} must set exactly one of exclude: true, ratio: x, or low/high/step "
-                "(optionally with tie: name)"
+                "(optionally with tie: name), or only min_channels"
             )
         if self.tie is not None and (not _TIE_NAME.fullmatch(self.tie) or self.tie == GLOBAL_DIM):
             raise ValueError(
@@ -243,6 +248,7 @@ class SearchSpace:
                 + (f" (its groups are for: {', '.join(found)})" if found else " (no Conv/Linear/attention/RNN layer to prune)")
             )
         self._dims: dict[str, list[Dimension]] = {}
+        self.group_min_channels: dict[str, int] = {}  # from rules' min_channels
         hits_per_rule = [0] * len(config.rules)
         for gran in config.granularity:
             names = [g.name for g in self.groups if gran in g.granularities]
@@ -274,6 +280,11 @@ class SearchSpace:
             hits = [n for n in names if rule.matches(n)]
             hits_per_rule[i] += len(hits)
             for n in hits:
+                if rule.min_channels is not None:
+                    self.group_min_channels[n] = rule.min_channels
+                    if not (rule.exclude or rule.ratio is not None or rule.tie is not None
+                            or any(v is not None for v in (rule.low, rule.high, rule.step))):
+                        continue
                 if rule.exclude or rule.ratio is not None:
                     fixed[n], ranges[n], tie_of[n] = (0.0 if rule.exclude else rule.ratio), None, None
                     continue
@@ -387,6 +398,7 @@ class SearchSpace:
             ratios=ratios,
             round_to=self.config.round_to,
             min_channels=self.config.min_channels,
+            group_min_channels=self.group_min_channels,
             seed=self.seed,
             global_groups=tuple(joint),
             nm_block=self.config.nm_block,

@@ -295,3 +295,35 @@ def test_attention_whose_forward_ignores_the_head_count_is_refused_by_name():
     x = torch.randn(2, 5, 8)
     with pytest.raises(pruning.PruningError, match=r"attention module\(s\) 'blocks.0.attn' \(WidthBoundAttention\) no longer run"):
         pruning.apply(Policy("l1", {"blocks.0.attn": 0.5}, granularity="structured"), model, x[:1])
+
+
+def test_a_group_minimum_width_holds_for_channels_heads_and_global_rankings():
+    from evaluators.models import DigitsCNN
+    from spaces import Rule, SearchSpace, SpaceConfig
+
+    cnn, example = DigitsCNN(), torch.zeros(1, 1, 8, 8)
+    groups = pruning.discover_groups(cnn, example)
+    space = SearchSpace(SpaceConfig(rules=[Rule(match="features.3", min_channels=40), Rule(match="features.0", high=0.5, min_channels=20)]), groups)
+    policy = space.policy({"ratio.features.0": 0.5, "ratio.features.3": 0.75, "ratio.features.7": 0.75, "ratio.classifier.1": 0.0})
+    assert policy.group_min_channels == {"features.0": 20, "features.3": 40}
+    assert Policy.from_json(policy.to_json()) == policy
+    report = pruning.prune(policy, copy.deepcopy(cnn), example)
+    assert report.kept("features.0") == 20 and report.kept("features.3") == 40 and report.kept("features.7") == 16
+    # one global ranking never takes a group below its minimum either
+    pooled = Policy("l1", {"features.0": 0.9, "features.3": 0.9}, global_groups=["features.0", "features.3"],
+                    group_min_channels={"features.0": 30, "features.3": 50})
+    report = pruning.prune(pooled, copy.deepcopy(cnn), example)
+    assert report.kept("features.0") >= 30 and report.kept("features.3") >= 50
+    # attention keeps at least its group minimum of heads
+    vit, x = TinyViT(FusedAttention).eval(), torch.randn(1, 5, 8)
+    policy = Policy("l1", {"blocks.0.attn": 0.75}, granularity="structured", group_min_channels={"blocks.0.attn": 3})
+    assert pruning.apply(policy, vit, x).blocks[0]["attn"].num_heads == 3
+
+
+def test_a_rule_minimum_must_be_a_positive_integer():
+    from spaces import Rule
+
+    with pytest.raises(ValueError, match="min_channels: must be an integer >= 1, but got 0"):
+        Rule(match="conv*", min_channels=0)
+    with pytest.raises(ValueError, match="must set exactly one of"):
+        Rule(match="conv*")

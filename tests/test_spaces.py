@@ -40,7 +40,7 @@ def _study(seed: int = 0) -> optuna.Study:
 
 
 def test_policy_json_round_trip_keeps_every_field():
-    p = Policy(criterion="l2", ratios={"b": 0.5, "a": 0.125}, round_to=8, min_channels=4, seed=7)
+    p = Policy(criterion="l2", ratios={"b": 0.5, "a": 0.125}, round_to=8, min_channels=4, seed=7, group_min_channels={"b": 6})
     text = p.to_json()
     data = json.loads(text)
     assert data == {
@@ -48,6 +48,7 @@ def test_policy_json_round_trip_keeps_every_field():
         "ratios": {"a": 0.125, "b": 0.5},
         "granularity": "channel",
         "round_to": 8,
+        "group_min_channels": {"b": 6},
         "min_channels": 4,
         "seed": 7,
         "global_groups": [],
