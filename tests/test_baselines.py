@@ -120,3 +120,23 @@ def test_default_baselines_follow_the_first_granularity():
     assert validate({"space": {"granularity": ["unstructured"], "criteria": ["l1"]}}).baseline_kinds() == ["uniform", "global_magnitude", "lamp", "erk"]
     assert validate({"space": {"granularity": ["nm"], "criteria": ["l1"]}}).baseline_kinds() == ["uniform"]
     assert validate({"search": {"baselines": []}}).baseline_kinds() == []
+
+
+def test_sensitivity_seeds_and_narrowing_follow_each_groups_drop_curve():
+    from search.sensitivity import narrowed, seed_points
+
+    groups = [PrunableGroup("a", "conv", 16), PrunableGroup("b", "conv", 16), PrunableGroup("c", "conv", 32), PrunableGroup("d", "conv", 32)]
+    space = SearchSpace(SpaceConfig(criteria=["l1", "l2"], ratio=RatioRange(0.0, 0.8, 0.05), rules=[Rule(match="[cd]", tie="cd")]), groups)
+    rows = [{"group": g, "ratio": r, "accuracy_drop": d} for g, r, d in [
+        ("a", 0.4, 0.01), ("a", 0.8, 0.03),   # robust: 0.02 is reached at 0.6
+        ("b", 0.4, 0.10), ("b", 0.8, 0.30),   # fragile: 0.02 is reached at 0.08
+        ("c", 0.4, 0.02), ("c", 0.8, 0.02), ("d", 0.4, 0.0), ("d", 0.8, 0.0)]]
+    (seed,) = seed_points(space, rows, [0.02])
+    assert seed.kind == "seed" and seed.name == "sensitivity drop<=0.02"
+    # b's 0.08 snaps to 0.1; the tie cd takes its members' size-weighted mean (0.8 and 0.8)
+    assert seed.point == {"ratio.a": 0.6, "ratio.b": 0.1, "ratio.cd": 0.8, "criterion": "l1"}
+    smaller, highs = narrowed(space, rows, 0.05)
+    assert highs == {"b": 0.2}  # b reaches 0.05 at 0.4 * 0.05 / 0.10 = 0.2 (on the step grid); ties are left alone
+    assert [d.range.high for d in smaller.dimensions("channel") if d.group == "b"] == [0.2]
+    assert narrowed(space, rows, 0.07)[1] == {"b": 0.25}  # 0.28 rounded down to the step
+    assert [d.range.high for d in smaller.dimensions("channel") if d.group == "a"] == [0.8]  # a stays within 0.05
