@@ -39,8 +39,10 @@ from search.recorder import feasible_mask, normalised_hypervolume
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def methods(trials: int) -> dict[str, list[str]]:
-    levels = [round(0.05 * (i + 1), 2) for i in range(trials)]  # 0.05 .. 0.05 * trials
+def methods(trials: int, high: float) -> dict[str, list[str]]:
+    """Each method's overrides; the sweeps' levels spread evenly over (0, high] (the space snaps
+    them to its step, so a sweep has at most as many distinct policies as the grid has levels)."""
+    levels = sorted({round(high * (i + 1) / trials, 4) for i in range(trials)})
     default_baselines = 6  # uniform + global magnitude at 0.25/0.5/0.75
     return {
         "uniform": ["search.num_trials=0", "search.baselines=[uniform]", f"search.baseline_ratios={levels}"],
@@ -113,13 +115,14 @@ def markdown(summaries: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(ROOT / "configs" / "cifar10_resnet20.yaml"))
-    parser.add_argument("--trials", type=int, default=14, help="fine-tuned trials per method (uniform levels: 0.05 .. 0.05 * trials)")
+    parser.add_argument("--trials", type=int, default=14, help="trials per method (the sweeps' levels: evenly over (0, space.ratio.high])")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_quality.json"))
     args = parser.parse_args()
-    chosen = {k: v for k, v in methods(args.trials).items() if args.methods is None or k in args.methods}
+    high = load_config(args.config, args.overrides).space.ratio.high
+    chosen = {k: v for k, v in methods(args.trials, high).items() if args.methods is None or k in args.methods}
     rows = []
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
