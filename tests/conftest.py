@@ -18,6 +18,21 @@ def digits_task():
     return make_task(TaskConfig(name="digits", dense_epochs=1))
 
 
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory, digits_task):
+    """A DigitsCNN trained for one epoch on digits, saved as a plain state dict (its path)."""
+    import torch
+
+    from evaluators.train import train
+
+    torch.manual_seed(0)
+    model = digits_task.build_model()
+    train(model, digits_task.train_data(), epochs=1, lr=0.05, seed=0)
+    path = tmp_path_factory.mktemp("dense") / "digits_cnn.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core box they spin-wait.

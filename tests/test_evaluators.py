@@ -322,14 +322,10 @@ def test_plain_pickle_of_an_arbitrary_object_is_rejected(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dense_digits(tmp_path_factory, digits_task):
-    """A DigitsCNN trained for one epoch on digits, saved as a plain state dict."""
-    torch.manual_seed(0)
-    model = digits_task.build_model()
-    train(model, digits_task.train_data(), epochs=1, lr=0.05, seed=0)
-    path = tmp_path_factory.mktemp("dense") / "digits_cnn.pt"
-    torch.save(model.state_dict(), path)
-    return path, accuracy(model, digits_task.test_data()), _numel(model)
+def dense_digits(digits_checkpoint, digits_task):
+    """The shared one-epoch DigitsCNN checkpoint, its test accuracy and its parameter count."""
+    model = load_dense(digits_task, digits_checkpoint)
+    return digits_checkpoint, accuracy(model, digits_task.test_data()), _numel(model)
 
 
 FAST_MEASURE = MeasureConfig(batch_size=8, warmup=1, repeats=3)

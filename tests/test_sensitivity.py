@@ -22,14 +22,8 @@ L1 = Policy(criterion="l1", ratios={})
 
 
 @pytest.fixture(scope="module")
-def dense_path(tmp_path_factory, digits_task):
-    """A DigitsCNN trained for one epoch on digits (as tests/test_evaluators.py does), saved as a state dict."""
-    torch.manual_seed(0)
-    model = digits_task.build_model()
-    train(model, digits_task.train_data(), epochs=1, lr=0.05, seed=0)
-    path = tmp_path_factory.mktemp("dense") / "digits_cnn.pt"
-    torch.save(model.state_dict(), path)
-    return path
+def dense_path(digits_checkpoint):
+    return digits_checkpoint
 
 
 def _without_time(rows):
