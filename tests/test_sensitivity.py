@@ -13,7 +13,7 @@ from evaluators import sensitivity
 from evaluators.checkpoint import load_dense
 from evaluators.sensitivity import COLUMNS, analyse, plot, safe_ratios, to_frame
 from evaluators.tasks import TensorTask
-from evaluators.train import accuracy, recalibrate_batchnorm, train
+from evaluators.train import accuracy, recalibrate_batchnorm
 from spaces import Policy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
