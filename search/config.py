@@ -73,6 +73,7 @@ class SearchSettings:
     screening: ScreeningSettings | None = None  # multi-fidelity: fine-tune only trials no screened trial dominates (null = off)
     constraints: list[str] = dataclasses.field(default_factory=list)  # e.g. "accuracy_drop <= 0.01", "macs <= 0.5 * dense"
     patience: int | None = None    # stop once this many trials in a row did not grow the hypervolume
+    time_budget_s: float | None = None  # stop the search once its trials have run this many seconds (wall)
     remeasure: bool = True         # re-time the frontier's policies at the end, one at a time
     max_failures: int = 0          # times Ray retries a failed trial (its worker died, or it raised)
 
@@ -96,6 +97,8 @@ class SearchSettings:
                 Constraint.parse(text)
             except ValueError as exc:
                 raise ValueError(f"constraints: {exc}") from None
+        if self.time_budget_s is not None and not 0 < self.time_budget_s < float("inf"):
+            raise ValueError(f"time_budget_s: must be a number of seconds > 0 or null, but got {self.time_budget_s}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience: must be >= 1 or null, but got {self.patience}")
         if self.max_failures < 0:

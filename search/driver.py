@@ -210,6 +210,7 @@ def run_search(
                 reuse_actors=True,
                 scheduler=ScreeningScheduler(config.search.screening.warmup, [b.point for b in prepared.baselines])
                 if config.search.screening else None,
+                time_budget_s=config.search.time_budget_s,
             ),
             run_config=tune.RunConfig(
                 name=experiment_name,
@@ -314,11 +315,15 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
             f"{config.search.max_concurrent} at a time; MLflow run {tracker.parent_run_id}")
         fit_started = time.perf_counter()
         tuner.fit()
-        tracker.log_search_metrics({"fit_wall_s": time.perf_counter() - fit_started})
+        fit_wall = time.perf_counter() - fit_started
+        tracker.log_search_metrics({"fit_wall_s": fit_wall})
         rows, failed, _ = tracker.trial_table()
         if stopper is not None and stopper.stop_all():
             status = "FINISHED"
             out(f"stopped early: the hypervolume did not grow for {config.search.patience} trials")
+        elif config.search.time_budget_s is not None and fit_wall >= config.search.time_budget_s and len(rows) + failed < _budget(config, prepared):
+            status = "FINISHED"
+            out(f"stopped: the time budget of {config.search.time_budget_s:g} s was spent ({len(rows) + failed} trials recorded)")
         elif len(rows) + failed < _budget(config, prepared):
             status = "KILLED"  # Tune ends fit() quietly on Ctrl-C
             out(f"interrupted: resume with `secateurs search --resume {tracker.parent_run_id}`")
