@@ -84,8 +84,10 @@ def _searched(space: SearchSpace, granularity: str) -> list[Dimension]:
     return [d for d in space.dimensions(granularity) if d.range is not None]
 
 
-def _point(space: SearchSpace, granularity: str, member_ratio: Mapping[str, float], criterion: str,
-           sizes: Mapping[str, int]) -> dict[str, Any]:
+def space_point(space: SearchSpace, granularity: str, member_ratio: Mapping[str, float], criterion: str,
+                sizes: Mapping[str, int]) -> dict[str, Any]:
+    """Per-group ratios as parameters of ``space``: each searched dimension takes its members'
+    size-weighted ratio, clipped to its range and snapped to its step."""
     point: dict[str, Any] = {}
     for d in _searched(space, granularity):
         total = sum(sizes[m] for m in d.members)
@@ -176,19 +178,19 @@ def reference_points(space: SearchSpace, model: nn.Module, example_inputs: torch
         for level in levels:
             label = f"{kind} {level:g}"
             if kind == "uniform":
-                found.append(Baseline(label, _point(space, granularity, {m: level for m in members}, space.config.criteria[0], sizes)))
+                found.append(Baseline(label, space_point(space, granularity, {m: level for m in members}, space.config.criteria[0], sizes)))
                 continue
             if kind == "erk":
                 shapes = {m: tuple(model.get_parameter(m).shape) for m in members}
                 ratios = erk_allocation(shapes, bounds, level)
-                found.append(Baseline(label, _point(space, granularity, ratios, _magnitude(space, "l1"), sizes)))
+                found.append(Baseline(label, space_point(space, granularity, ratios, _magnitude(space, "l1"), sizes)))
                 continue
             criterion = "lamp" if kind == "lamp" else "l1"
             if criterion not in scores:
                 scores[criterion] = rankings(model, example_inputs, granularity, criterion, members, space.config.min_channels,
                                              space.group_min_channels)
             ratios = global_allocation(scores[criterion], sizes, bounds, level)
-            found.append(Baseline(label, _point(space, granularity, ratios, _magnitude(space, criterion), sizes)))
+            found.append(Baseline(label, space_point(space, granularity, ratios, _magnitude(space, criterion), sizes)))
     unique: list[Baseline] = []
     for b in found:
         if all(b.point != u.point for u in unique):

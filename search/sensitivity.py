@@ -21,11 +21,10 @@ import ray
 
 from evaluators import sensitivity
 from evaluators.tasks import TaskConfig, make_task
-from search.baselines import Baseline, snap
+from search.baselines import Baseline, snap, space_point
 from search.config import Config
 from search.tracking import SearchTracker
 from spaces import Policy, Rule, SearchSpace
-from spaces.space import RATIO_PREFIX
 
 
 def _analyse_group(task: TaskConfig, checkpoint: bytes, template: Policy, ratios: dict[str, list[float]],
@@ -75,34 +74,15 @@ def analyse(config: Config, space: SearchSpace, checkpoint: bytes, tracker: Sear
     return rows
 
 
-def _member_ratio(space: SearchSpace, safe: dict[str, float]) -> dict[str, float]:
-    """Per dimension of the first granularity: its members' safe ratios, size-weighted (ties share one)."""
-    sizes = {g.name: g.size for g in space.groups}
-    out = {}
-    for d in space.dimensions(space.config.granularity[0]):
-        if d.range is None:
-            continue
-        members = [m for m in d.members if m in safe]
-        if members:
-            out[d.group] = sum(safe[m] * sizes[m] for m in members) / sum(sizes[m] for m in members)
-    return out
-
-
 def seed_points(space: SearchSpace, rows: list[dict[str, Any]], drops: list[float]) -> list[Baseline]:
-    """For each proxy drop: every searched group at the ratio where its own drop reaches it."""
+    """For each proxy drop: every searched group at the ratio where its own drop reaches it (a group
+    the analysis did not cover stays at its range's low)."""
     granularity = space.config.granularity[0]
-    dims = {d.group: d for d in space.dimensions(granularity) if d.range is not None}
+    sizes = {g.name: g.size for g in space.groups}
+    low = {m: d.range.low for d in space.dimensions(granularity) if d.range is not None for m in d.members}
     seeds: list[Baseline] = []
     for drop in drops:
-        per_dim = _member_ratio(space, sensitivity.safe_ratios(rows, drop))
-        point: dict[str, Any] = {}
-        for name, d in dims.items():
-            value = per_dim.get(name, d.range.low)
-            point[RATIO_PREFIX + name] = snap(value, d.range.low, d.range.high, d.range.step)
-        if len(space.config.criteria) > 1:
-            point["criterion"] = space.config.criteria[0]
-        if len(space.config.granularity) > 1:
-            point["granularity"] = granularity
+        point = space_point(space, granularity, {**low, **sensitivity.safe_ratios(rows, drop)}, space.config.criteria[0], sizes)
         if all(point != s.point for s in seeds):
             seeds.append(Baseline(f"sensitivity drop<={drop:g}", point, kind="seed"))
     return seeds
