@@ -198,6 +198,7 @@ def run_search(
             mode=OBJECTIVE_MODES,
             sampler=make_sampler(config.search.sampler, config.search.seed, config.search.population_size),
             points_to_evaluate=[b.point for b in prepared.first] or None,
+            origins=[b.name for b in prepared.first],
             constraints=parse_all(config.search.constraints),
             dense=dense,
         )
@@ -208,7 +209,7 @@ def run_search(
                 num_samples=_budget(config, prepared),
                 max_concurrent_trials=config.search.max_concurrent,
                 reuse_actors=True,
-                scheduler=ScreeningScheduler(config.search.screening.warmup, [b.point for b in prepared.baselines])
+                scheduler=ScreeningScheduler(config.search.screening.warmup, [b.name for b in prepared.baselines])
                 if config.search.screening else None,
                 time_budget_s=config.search.time_budget_s,
             ),

@@ -2,9 +2,8 @@
 hypervolume and prints progress; and the stopper that ends a search whose frontier stopped growing."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,7 @@ from ray import tune
 from search import frontier
 from search.baselines import Baseline
 from search.constraints import Constraint, violations
+from search.searcher import ORIGIN
 from search.tracking import TRIAL_METRICS, SearchTracker
 from spaces import SearchSpace
 
@@ -71,8 +71,7 @@ class TrialRecorder(tune.Callback):
         self.out = out
         self.dense = dict(dense)
         self.constraints = list(constraints)
-        # a baseline is known by its pruning alone: fine-tune knobs the sampler fills in may vary
-        self.baselines = [(dataclasses.replace(space.policy(b.point), finetune={}), b) for b in baselines]
+        self.baselines = {b.name: b for b in baselines}
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
         self.best_hypervolume = normalised_hypervolume(self._feasible(), self.dense)
         self.since_improvement = 0
@@ -80,14 +79,9 @@ class TrialRecorder(tune.Callback):
     def _index(self) -> int:
         return len(self.rows) + self.num_failed + 1
 
-    def _baseline(self, config: Mapping[str, Any]) -> Baseline | None:
-        """The baseline or seed ``config`` is (e.g. ``global_magnitude 0.5``), or None for a sampled policy."""
-        policy = dataclasses.replace(self.space.policy(config), finetune={})
-        return next((b for known, b in self.baselines if known == policy), None)
-
     def _tags(self, trial, extra: Mapping[str, str]) -> tuple[str, dict[str, str]]:
         """The MLflow kind of a trial's run (``baseline`` or ``trial``) and its tags."""
-        first = self._baseline(trial.config)
+        first = self.baselines.get(trial.config.get(ORIGIN))  # set by SecateursSearch
         tags = {"secateurs.ray_trial_id": trial.trial_id, **extra}
         if first is None:
             return "trial", tags

@@ -17,6 +17,7 @@ import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from search import frontier
+from search.searcher import ORIGIN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +53,15 @@ def dominated(point: Sequence[float], others: Sequence[Sequence[float]]) -> bool
 class ScreeningScheduler(FIFOScheduler):
     """Stops a trial after its screening report when an earlier screening result dominates it."""
 
-    def __init__(self, warmup: int, references: Sequence[Mapping[str, Any]] = ()) -> None:
+    def __init__(self, warmup: int, references: Sequence[str] = ()) -> None:
         super().__init__()
         self.warmup = warmup
-        self.references = [dict(r) for r in references]  # baseline points: always fine-tuned
+        self.references = set(references)  # names of the baselines: always fine-tuned
         self.screened: list[tuple[float, ...]] = []
         self.stopped: set[str] = set()
 
     def _is_reference(self, config: Mapping[str, Any]) -> bool:
-        return any(all(config.get(k) == v for k, v in point.items()) for point in self.references)
+        return config.get(ORIGIN) in self.references
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get("fidelity") != 0:

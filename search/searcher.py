@@ -8,17 +8,35 @@ from ray.tune.search.optuna import OptunaSearch
 from search.constraints import Constraint, violations
 
 
+ORIGIN = "secateurs_origin"  # trial config key: the baseline or seed a trial evaluates (absent for sampled ones)
+
+
 class SecateursSearch(OptunaSearch):
     """OptunaSearch that sets each finished trial's constraint values (``trial.set_constraint``)
-    before the study is told, so that Optuna's samplers search the feasible region.
+    before the study is told, so that Optuna's samplers search the feasible region, and that
+    marks the trials of its ``points_to_evaluate`` with their names (config key :data:`ORIGIN`).
+
+    Optuna hands out enqueued points first and in order, so the first ``len(origins)`` suggestions
+    are those points; the count is part of the searcher's saved state, so it survives a resume. A
+    sampled policy that happens to equal a baseline is therefore still a sampled trial.
 
     Relies on OptunaSearch keeping its pending Optuna trials in ``_ot_trials`` (ray 2.60, pinned).
     """
 
-    def __init__(self, *, constraints: list[Constraint], dense: Mapping[str, float], **kwargs: Any) -> None:
+    def __init__(self, *, constraints: list[Constraint], dense: Mapping[str, float], origins: list[str] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._constraints = list(constraints)
         self._dense = dict(dense)
+        self._origins = list(origins)
+        self._suggested = 0
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            if self._suggested < len(self._origins):
+                config = {**config, ORIGIN: self._origins[self._suggested]}
+            self._suggested += 1
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)

@@ -61,3 +61,29 @@ def test_searcher_enqueues_baselines_and_tells_optuna_the_constraints():
     assert trial.system_attrs["constraints:macs <= 0.5 * dense"] == pytest.approx(-100.0)
     expected = violations(constraints, result, DENSE)
     assert {k.removeprefix("constraints:"): v for k, v in trial.system_attrs.items() if k.startswith("constraints:")} == pytest.approx(expected)
+
+
+def test_the_enqueued_points_and_only_they_carry_their_names():
+    from types import SimpleNamespace
+
+    from search.baselines import Baseline
+    from search.recorder import TrialRecorder
+    from search.searcher import ORIGIN
+
+    s = space()
+    first = [Baseline(b.name, b.point) for b in reference_points(s, None, None, ["uniform"], [0.5, 0.2])]
+    searcher = SecateursSearch(
+        space=s, metric=["accuracy", "latency_ms", "size_mb"], mode=["max", "min", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0), points_to_evaluate=[b.point for b in first],
+        origins=[b.name for b in first], constraints=[], dense=DENSE,
+    )
+    configs = [searcher.suggest(f"t{i}") for i in range(4)]
+    assert [c.get(ORIGIN) for c in configs] == ["uniform 0.5", "uniform 0.2", None, None]
+    assert configs[0]["ratio.a"] == 0.5 and configs[1]["ratio.a"] == 0.2
+    # the recorder labels by origin: a sampled trial whose policy equals a baseline is still a trial
+    tracker = SimpleNamespace(trial_table=lambda: ([], 0, set()))
+    recorder = TrialRecorder(tracker, s, 4, print, dense=DENSE, baselines=first)
+    twin = {k: v for k, v in configs[0].items() if k != ORIGIN}
+    assert recorder._tags(SimpleNamespace(trial_id="t0", config=configs[0]), {}) == (
+        "baseline", {"secateurs.ray_trial_id": "t0", "secateurs.baseline": "uniform 0.5"})
+    assert recorder._tags(SimpleNamespace(trial_id="t9", config=twin), {})[0] == "trial"
