@@ -13,14 +13,16 @@ or training needed. Writes benchmarks/results/speedup_vs_macs.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.optimization import fuse
 
 from evaluators import measure, pruning
 from evaluators.models import build_model
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--ratios", default="0.2,0.3,0.4,0.5,0.6")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions (torch.fx) before timing")
     parser.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of this (Policy.round_to)")
     parser.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                         help="onnxruntime: export each model to ONNX once and time ONNX Runtime (it folds BatchNorm into the convs)")
@@ -59,36 +62,25 @@ def main() -> None:
         model.load_state_dict(dense.state_dict())
         pruning.apply(Policy(criterion="l1", ratios={g.name: ratio for g in groups}, round_to=args.round_to), model, example)
         models[f"uniform {ratio:.1f}"] = model.eval()
+    if args.fold_bn:
+        models = {k: fuse(m) for k, m in models.items()}
     if args.channels_last:
         models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
         batch = batch.to(memory_format=torch.channels_last)
     macs = {name: measure.macs_and_params(m, example)[0] for name, m in models.items()}
 
-    timers = {name: (lambda m=model: measure.latency_ms(m, batch, warmup=3, repeats=args.repeats, threads=args.threads)["latency_ms"])
-              for name, model in models.items()}
-    tmp = tempfile.TemporaryDirectory()
-    if args.backend == "onnxruntime":
-        from evaluators.onnx_backend import export_program, onnx_session, write_onnx
-
-        def ort_timer(session, feed):
-            def run() -> float:
-                times = []
-                for i in range(3 + args.repeats):
-                    start = time.perf_counter()
-                    session.run(None, feed)
-                    times.append((time.perf_counter() - start) * 1000.0)
-                return statistics.median(times[3:])
-            return run
-
-        for name, model in models.items():
-            session = onnx_session(write_onnx(export_program(model, batch), Path(tmp.name) / f"{name.replace(' ', '_')}.onnx"), args.threads)
-            timers[name] = ort_timer(session, {session.get_inputs()[0].name: batch.numpy()})
-
     per_round: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, timer in timers.items():
-            per_round[name].append(timer())
-    tmp.cleanup()
+    with contextlib.ExitStack() as stack:
+        if args.backend == "onnxruntime":
+            from evaluators.onnx_backend import onnxruntime_call
+
+            calls = {name: stack.enter_context(onnxruntime_call(m, batch, threads=args.threads))[0] for name, m in models.items()}
+        else:
+            calls = {name: functools.partial(m, batch) for name, m in models.items()}
+        for _ in range(args.rounds):  # one round-robin pass per round, so that each round gives one median per model
+            stats = measure.interleaved_latency_ms(calls, rounds=1, warmup=3, repeats=args.repeats, threads=args.threads)
+            for name in models:
+                per_round[name].append(stats[name]["latency_ms"])
 
     dense_ms = statistics.median(per_round["dense"])
     rows = []
@@ -108,9 +100,9 @@ def main() -> None:
     summary = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, torch {torch.__version__}",
         "model": args.model, "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
-        "repeats_per_round": args.repeats, "channels_last": args.channels_last, "backend": args.backend, "round_to": args.round_to, "rows": rows,
+        "repeats_per_round": args.repeats, "channels_last": args.channels_last, "fold_bn": args.fold_bn, "backend": args.backend, "round_to": args.round_to, "rows": rows,
     }
-    out = ROOT / "benchmarks" / "results" / f"speedup_vs_macs_{args.model}_b{args.batch}_t{args.threads}{'_cl' if args.channels_last else ''}{'_ort' if args.backend == 'onnxruntime' else ''}{f'_r{args.round_to}' if args.round_to > 1 else ''}.json"
+    out = ROOT / "benchmarks" / "results" / f"speedup_vs_macs_{args.model}_b{args.batch}_t{args.threads}{'_cl' if args.channels_last else ''}{'_foldbn' if args.fold_bn else ''}{'_ort' if args.backend == 'onnxruntime' else ''}{f'_r{args.round_to}' if args.round_to > 1 else ''}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"| {args.model}, batch {args.batch}, {args.threads} thread(s), {args.backend} | MACs | MAC reduction | latency (median) | rel. IQR | speed-up | speed-up / MAC reduction |")
     print("|---|---|---|---|---|---|---|")

@@ -8,10 +8,13 @@ import os
 import tempfile
 import statistics
 import time
+from typing import Callable, Hashable, Mapping, TypeVar
 
 import torch
 import torch_pruning as tp
 from torch import nn
+
+K = TypeVar("K", bound=Hashable)
 
 
 @contextlib.contextmanager
@@ -52,21 +55,45 @@ def latency_ms(model: nn.Module, inputs: torch.Tensor, *, warmup: int = 10, repe
     >>> stats["latency_p10_ms"] <= stats["latency_ms"] <= stats["latency_p90_ms"]
     True
     """
+    model.eval()
+    return interleaved_latency_ms({0: lambda: model(inputs)}, rounds=1, warmup=warmup, repeats=repeats,
+                                  threads=threads, cuda=inputs.is_cuda)[0]
+
+
+def interleaved_latency_ms(calls: Mapping[K, Callable[[], object]], *, rounds: int, warmup: int, repeats: int,
+                           threads: int = 1, cuda: bool = False) -> dict[K, dict[str, float]]:
+    """Time several forward passes (``calls``) round-robin: in each of ``rounds`` rounds every call
+    gets ``warmup`` untimed and ``repeats`` timed runs, in turn. A drift in the machine's speed
+    (another process, clock frequency) then hits all of them alike, so their ratios hold even when
+    the absolute times move. Per call: median, 10th and 90th percentile of all its timed runs, in ms.
+    Holds the machine-wide measurement lock throughout; on CUDA each run ends with a device sync.
+
+    >>> stats = interleaved_latency_ms({"a": lambda: None, "b": lambda: None}, rounds=2, warmup=0, repeats=3)
+    >>> sorted(stats), sorted(stats["a"])
+    (['a', 'b'], ['latency_ms', 'latency_p10_ms', 'latency_p90_ms'])
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, but got {repeats}")
-    model.eval()
-    times: list[float] = []
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, but got {rounds}")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times: dict[K, list[float]] = {key: [] for key in calls}
     with exclusive_measurement(), torch_threads(threads), torch.inference_mode():
-        for _ in range(warmup):
-            model(inputs)
-        sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
-        sync()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(inputs)
-            sync()
-            times.append((time.perf_counter() - start) * 1000.0)
-    times.sort()
+        for _ in range(rounds):
+            for key, call in calls.items():
+                for _ in range(warmup):
+                    call()
+                sync()
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    call()
+                    sync()
+                    times[key].append((time.perf_counter() - start) * 1000.0)
+    return {key: _statistics(values) for key, values in times.items()}
+
+
+def _statistics(times: list[float]) -> dict[str, float]:
+    times = sorted(times)
     return {
         "latency_ms": statistics.median(times),
         "latency_p10_ms": quantile(times, 0.1),

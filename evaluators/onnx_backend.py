@@ -6,9 +6,7 @@ import contextlib
 import io
 import logging
 import math
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -81,10 +79,10 @@ class OnnxMismatchError(RuntimeError):
     """The ONNX program does not compute what the torch model computes."""
 
 
-def onnxruntime_latency_ms(model: nn.Module, inputs: torch.Tensor, *, warmup: int, repeats: int, threads: int,
-                           tolerance: float = 1e-3) -> dict[str, float]:
-    """Export ``model`` to ONNX, check its outputs against torch on ``inputs``, and time ONNX
-    Runtime (CPU) on them: median, p10 and p90 in ms, plus ``onnx_max_abs_diff``."""
+@contextlib.contextmanager
+def onnxruntime_call(model: nn.Module, inputs: torch.Tensor, *, threads: int, tolerance: float = 1e-3):
+    """Export ``model`` to ONNX, check its outputs against torch on ``inputs``, and yield
+    ``(run, max_abs_diff)``: ``run()`` runs ONNX Runtime (CPU) on ``inputs`` once."""
     model = model.cpu().eval()
     inputs = inputs.cpu()
     with torch.no_grad():
@@ -96,18 +94,13 @@ def onnxruntime_latency_ms(model: nn.Module, inputs: torch.Tensor, *, warmup: in
         diff = max_abs_diff(expected, list(session.run(None, feed)))
         if diff > tolerance:
             raise OnnxMismatchError(f"ONNX outputs differ from torch by {diff:.3g} (max abs), above {tolerance:g}")
-        times = []
-        with measure.exclusive_measurement():
-            for _ in range(warmup):
-                session.run(None, feed)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times.append((time.perf_counter() - start) * 1000.0)
-    times.sort()
-    return {
-        "latency_ms": statistics.median(times),
-        "latency_p10_ms": measure.quantile(times, 0.1),
-        "latency_p90_ms": measure.quantile(times, 0.9),
-        "onnx_max_abs_diff": diff,
-    }
+        yield (lambda: session.run(None, feed)), diff
+
+
+def onnxruntime_latency_ms(model: nn.Module, inputs: torch.Tensor, *, warmup: int, repeats: int, threads: int,
+                           tolerance: float = 1e-3) -> dict[str, float]:
+    """Export ``model`` to ONNX, check its outputs against torch on ``inputs``, and time ONNX
+    Runtime (CPU) on them: median, p10 and p90 in ms, plus ``onnx_max_abs_diff``."""
+    with onnxruntime_call(model, inputs, threads=threads, tolerance=tolerance) as (run, diff):
+        stats = measure.interleaved_latency_ms({0: run}, rounds=1, warmup=warmup, repeats=repeats, threads=threads)[0]
+    return {**stats, "onnx_max_abs_diff": diff}

@@ -5,10 +5,13 @@ worker or in-process.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
+from typing import Hashable, Mapping, TypeVar
 
 import torch
 
@@ -17,6 +20,8 @@ from evaluators.checkpoint import load_dense
 from evaluators.tasks import Task
 from evaluators.train import OPTIMIZERS, accuracy, recalibrate_batchnorm, train
 from spaces import Policy
+
+K = TypeVar("K", bound=Hashable)
 
 DEVICES = ("cpu", "cuda", "auto")
 BACKENDS = ("torch", "onnxruntime")
@@ -302,11 +307,30 @@ def promote(model: torch.nn.Module, screened: Metrics, policy: Policy, task: Tas
     )
 
 
-def measure_latency(policy: Policy, task: Task, checkpoint: str | Path | bytes, measure_config: MeasureConfig) -> dict[str, float]:
-    """Latency of the model ``policy`` makes, without fine-tuning it (on dense kernels the time
-    depends on the shapes alone). Used to re-time frontier policies after a search, one at a time."""
-    model = load_dense(task, checkpoint)
-    if policy.ratios:
-        pruning.apply(policy, model, task.test_data()[0][:1], calibration=task.train_data())
+def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str | Path | bytes,
+                      measure_config: MeasureConfig, *, rounds: int = 5) -> dict[K, dict[str, float]]:
+    """Latency of the model each policy makes, without fine-tuning it (on dense kernels the time
+    depends on the shapes alone), timed together: round-robin over ``rounds`` rounds of
+    ``measure.warmup`` + ``measure.repeats`` passes each, so that all see the same machine (see
+    :func:`evaluators.measure.interleaved_latency_ms`). Used to re-time the frontier, with the
+    dense model (an empty policy), at the end of a search."""
     device = measure_config.resolve_device()
-    return _time(model.to(device), _timing_batch(task, measure_config).to(device), measure_config)
+    batch = _timing_batch(task, measure_config).to(device)
+    example = task.test_data()[0][:1]
+    with contextlib.ExitStack() as stack:
+        calls, extra = {}, {}
+        for key, policy in policies.items():
+            model = load_dense(task, checkpoint)
+            if policy.ratios:
+                pruning.apply(policy, model, example, calibration=task.train_data())
+            model = model.to(device).eval()
+            if measure_config.backend == "onnxruntime":
+                from evaluators.onnx_backend import onnxruntime_call
+
+                calls[key], diff = stack.enter_context(onnxruntime_call(model, batch, threads=measure_config.threads))
+                extra[key] = {"onnx_max_abs_diff": diff}
+            else:
+                calls[key], extra[key] = functools.partial(model, batch), {}
+        stats = measure.interleaved_latency_ms(calls, rounds=rounds, warmup=measure_config.warmup, repeats=measure_config.repeats,
+                                               threads=measure_config.threads, cuda=batch.is_cuda)
+    return {key: {**stats[key], **extra[key]} for key in policies}

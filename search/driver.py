@@ -28,7 +28,7 @@ from ray import tune
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
 from evaluators.pruning import check_space, discover_groups
 from evaluators.tasks import Task, make_task
-from evaluators.trial import FinetuneConfig, evaluate, measure_latency
+from evaluators.trial import FinetuneConfig, evaluate, measure_latencies
 from search import frontier
 from search.config import Config, ConfigError, validate
 from search.samplers import make_sampler
@@ -342,19 +342,19 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
     return result
 
 
-def _remeasure_frontier(config: Config, tracker: SearchTracker, prepared: _Prepared, dense: dict[str, float], out, rounds: int = 5) -> None:
-    """Time the dense model and each frontier policy again, one at a time with nothing else running,
-    and record those latencies (the in-search ones stay as ``latency_ms_in_search``).
+def _remeasure_frontier(config: Config, tracker: SearchTracker, prepared: _Prepared, dense: dict[str, float], out, passes: int = 3) -> None:
+    """Time the dense model and the frontier's policies again, together (round-robin, with no trial
+    running), and record those latencies; the in-search ones stay as ``latency_ms_in_search``.
 
-    New timings can reshape the frontier, so this repeats until every frontier policy has been
-    re-timed (at most ``rounds`` times)."""
+    New timings can reshape the frontier. Then the dense model and the new frontier are timed
+    together again (at most ``passes`` times), so that the reported frontier and the dense latency
+    it is compared with come from one measurement."""
     params = {run.info.run_id: run.data.params for run in tracker.child_runs("trial", "baseline")}
     dense_run = tracker.child_runs("dense")[0]
-    fresh = measure_latency(Policy(criterion=config.space.criteria[0], ratios={}), prepared.task, prepared.checkpoint, config.measure)
-    tracker.update_metrics(dense_run.info.run_id, {**fresh, "latency_ms_in_search": dense["latency_ms"]})
-    dense.update(fresh)
-    measured: set[str] = set()
-    for _ in range(rounds):
+    dense_in_search = dense["latency_ms"]
+    in_search: dict[str, float] = {}
+    timed: set[str] = set()
+    for _ in range(passes):
         table = pd.DataFrame(tracker.trial_table()[0])
         if table.empty:
             return
@@ -362,15 +362,20 @@ def _remeasure_frontier(config: Config, tracker: SearchTracker, prepared: _Prepa
         if table.empty:
             return
         front = table[frontier.frontier_table(table)["pareto"].to_numpy()]
-        todo = front[~front["run_id"].isin(measured)]
-        if todo.empty:
+        if set(front["run_id"]) <= timed:
             return
-        out(f"re-measuring the latency of {len(todo)} frontier policies, one at a time")
-        for row in todo.itertuples():
-            policy = Policy.from_json(_policy_json(row, params[row.run_id], prepared.space))
-            fresh = measure_latency(policy, prepared.task, prepared.checkpoint, config.measure)
-            tracker.update_metrics(row.run_id, {**fresh, "latency_ms_in_search": row.latency_ms})
-            measured.add(row.run_id)
+        out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
+        policies = {"dense": Policy(criterion=config.space.criteria[0], ratios={})}
+        for row in front.itertuples():
+            policies[row.run_id] = Policy.from_json(_policy_json(row, params[row.run_id], prepared.space))
+            in_search.setdefault(row.run_id, row.latency_ms)
+        fresh = measure_latencies(policies, prepared.task, prepared.checkpoint, config.measure)
+        dense_fresh = fresh.pop("dense")
+        dense.update(dense_fresh)
+        tracker.update_metrics(dense_run.info.run_id, {**dense_fresh, "latency_ms_in_search": dense_in_search})
+        for run_id, metrics in fresh.items():
+            tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
+        timed = set(fresh)
 
 
 def _stderr(line: str) -> None:

@@ -20,7 +20,7 @@ from evaluators.models import MLP, DigitsCNN
 from evaluators.pruning import apply
 from evaluators.tasks import TaskConfig, TensorTask
 from evaluators.train import NonFiniteLossError, accuracy, train
-from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate, prune_and_finetune
+from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate, measure_latencies, prune_and_finetune
 from spaces import Policy
 
 X8 = torch.zeros(1, 1, 8, 8)
@@ -82,6 +82,43 @@ def test_latency_restores_thread_count_and_rejects_zero_repeats():
         torch.set_num_threads(previous)
     with pytest.raises(ValueError, match="repeats"):
         measure.latency_ms(nn.Linear(4, 2), torch.zeros(2, 4), repeats=0)
+
+
+def test_interleaved_timing_runs_the_calls_round_robin():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("dense", "a", "b")}
+    stats = measure.interleaved_latency_ms(calls, rounds=3, warmup=1, repeats=2)
+    # each round: every call's warm-up and timed runs, in turn; three rounds
+    assert order == (["dense"] * 3 + ["a"] * 3 + ["b"] * 3) * 3
+    assert set(stats) == {"dense", "a", "b"}
+    with pytest.raises(ValueError, match="rounds"):
+        measure.interleaved_latency_ms(calls, rounds=0, warmup=0, repeats=1)
+
+
+def test_interleaved_timing_keeps_ratios_when_the_machine_slows_down():
+    # two equally fast calls on a machine that gets slower with every run: timed one after the
+    # other, the second looks ~2x slower; timed round-robin, they come out within 25% of each other
+    clock = {"runs": 0}
+
+    def work():
+        clock["runs"] += 1
+        time.sleep(0.0005 * (1 + clock["runs"] / 20))
+
+    calls = {"first": work, "second": work}
+    one_after_other = {k: measure.interleaved_latency_ms({k: c}, rounds=1, warmup=0, repeats=20)[k]["latency_ms"] for k, c in calls.items()}
+    clock["runs"] = 0
+    together = measure.interleaved_latency_ms(calls, rounds=10, warmup=0, repeats=2)
+    assert one_after_other["second"] / one_after_other["first"] > 1.5
+    assert together["second"]["latency_ms"] / together["first"]["latency_ms"] < 1.25
+
+
+def test_measure_latencies_times_each_policy_model(digits_task, digits_checkpoint):
+    config = MeasureConfig(batch_size=8, warmup=1, repeats=3)
+    policies = {"dense": Policy(criterion="l1", ratios={}), "pruned": Policy(criterion="l1", ratios={"features.0": 0.5})}
+    stats = measure_latencies(policies, digits_task, digits_checkpoint, config, rounds=2)
+    assert set(stats) == {"dense", "pruned"}
+    for values in stats.values():
+        assert 0 < values["latency_p10_ms"] <= values["latency_ms"] <= values["latency_p90_ms"]
 
 
 def test_quantile_interpolates_linearly():
