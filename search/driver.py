@@ -37,7 +37,7 @@ from search.recorder import REPORTED as _REPORTED
 from search.recorder import HypervolumePlateau, TrialRecorder, feasible_mask, normalised_hypervolume
 from search import sensitivity
 from search.baselines import Baseline, reference_points
-from search.screening import ScreeningScheduler
+from search.screening import ScreeningScheduler, recorded_screening
 from search.searcher import SecateursSearch
 from search.tracking import SearchTracker, ui_command
 from search.trainable import TrialContext, run_trial
@@ -275,6 +275,12 @@ def resume_search(
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks = [recorder]
         run_config.stop = stopper
+        # The restored scheduler is the one pickled when the search started: give it the screening
+        # results MLflow recorded since, so that screening goes on where it stopped.
+        scheduler = tuner._local_tuner._tune_config.scheduler
+        if isinstance(scheduler, ScreeningScheduler):
+            scheduler.screened = recorded_screening(done)
+            out(f"screening: {len(scheduler.screened)} recorded screening results restored")
         return tuner
 
     return _run(config, tracker, prepared, dense, config_name, make_tuner, started, out, address, fresh=False)

@@ -11,7 +11,7 @@ metrics and tag ``secateurs.screened_out``; it is never on the frontier, and the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -50,14 +50,43 @@ def dominated(point: Sequence[float], others: Sequence[Sequence[float]]) -> bool
     return bool(np.any(np.all(o >= p, axis=1) & np.any(o > p, axis=1)))
 
 
-class ScreeningScheduler(FIFOScheduler):
-    """Stops a trial after its screening report when an earlier screening result dominates it."""
+def recorded_screening(rows: Iterable[Mapping[str, Any]]) -> list[tuple[float, ...]]:
+    """The screening results of recorded trials (rows of MLflow metrics with ``trial``), in trial
+    order: a screened-out trial's own metrics; for a fine-tuned one its ``screening_accuracy`` and its
+    in-search latency. Trials recorded without screening are skipped.
 
-    def __init__(self, warmup: int, references: Sequence[str] = ()) -> None:
+    >>> recorded_screening([{"trial": 2, "fidelity": 0, "accuracy": 0.5, "latency_ms": 2.0, "size_mb": 1.0},
+    ...                     {"trial": 1, "fidelity": 1, "accuracy": 0.9, "screening_accuracy": 0.6,
+    ...                      "latency_ms": 2.9, "latency_ms_in_search": 3.0, "size_mb": 1.0},
+    ...                     {"trial": 3, "accuracy": 0.8, "latency_ms": 1.0, "size_mb": 1.0}])
+    [(0.6, 3.0, 1.0), (0.5, 2.0, 1.0)]
+    """
+    points = []
+    for row in sorted(rows, key=lambda r: r["trial"]):
+        fidelity = row.get("fidelity")
+        if fidelity is None or fidelity != fidelity:  # absent, or NaN in a table
+            continue
+        screened = dict(row)
+        if fidelity != 0:
+            screened["accuracy"] = row["screening_accuracy"]
+        in_search = row.get("latency_ms_in_search")
+        if in_search is not None and in_search == in_search:
+            screened["latency_ms"] = in_search
+        points.append(tuple(float(screened[m]) for m in frontier.OBJECTIVES))
+    return points
+
+
+class ScreeningScheduler(FIFOScheduler):
+    """Stops a trial after its screening report when an earlier screening result dominates it.
+
+    ``history``: screening results recorded before (a resumed search passes
+    :func:`recorded_screening` of its MLflow trials); they count towards ``warmup``."""
+
+    def __init__(self, warmup: int, references: Sequence[str] = (), history: Sequence[tuple[float, ...]] = ()) -> None:
         super().__init__()
         self.warmup = warmup
         self.references = set(references)  # names of the baselines: always fine-tuned
-        self.screened: list[tuple[float, ...]] = []
+        self.screened: list[tuple[float, ...]] = list(history)
         self.stopped: set[str] = set()
 
     def _is_reference(self, config: Mapping[str, Any]) -> bool:

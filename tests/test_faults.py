@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-def write_config(tmp_path: Path, num_trials: int, max_concurrent: int = 1) -> Path:
+def write_config(tmp_path: Path, num_trials: int, max_concurrent: int = 1, screening: dict | None = None) -> Path:
     config = {
         "task": {"dense_epochs": 3},
         "space": {"criteria": ["l1", "l2"], "ratio": {"low": 0.0, "high": 0.6, "step": 0.05}},
         "finetune": {"epochs": 0.5},
         "measure": {"warmup": 2, "repeats": 5},
         "search": {"num_trials": num_trials, "population_size": 4, "max_concurrent": max_concurrent,
-                   "seed": 1, "storage_path": str(tmp_path / "ray"), "baseline_ratios": []},
+                   "seed": 1, "storage_path": str(tmp_path / "ray"), "baseline_ratios": [], "screening": screening},
         "tracking": {"experiment": "faults"},
     }
     path = tmp_path / "faults.yaml"
@@ -73,7 +73,7 @@ def search_runs(uri: str):
 
 
 def test_sigkill_then_resume_keeps_every_trial_once(tmp_path, env):
-    config = write_config(tmp_path, num_trials=8)
+    config = write_config(tmp_path, num_trials=8, screening={"warmup": 2, "bn_batches": 2})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = start_search([str(config), "--tracking-uri", uri], tmp_path, env)
     wait_for(proc, "[3/8]")
@@ -88,6 +88,8 @@ def test_sigkill_then_resume_keeps_every_trial_once(tmp_path, env):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming search {parent.info.run_id}: {len(before)} trials completed" in resumed.stderr
+    # the screening scheduler goes on from what was recorded, not from scratch
+    assert f"screening: {len(before)} recorded screening results restored" in resumed.stderr
 
     client, parent_after, after = search_runs(uri)
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
