@@ -310,10 +310,11 @@ def promote(model: torch.nn.Module, screened: Metrics, policy: Policy, task: Tas
 def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str | Path | bytes,
                       measure_config: MeasureConfig, *, rounds: int = 5) -> dict[K, dict[str, float]]:
     """Latency of the model each policy makes, without fine-tuning it (on dense kernels the time
-    depends on the shapes alone), timed together: round-robin over ``rounds`` rounds of
-    ``measure.warmup`` + ``measure.repeats`` passes each, so that all see the same machine (see
-    :func:`evaluators.measure.interleaved_latency_ms`). Used to re-time the frontier, with the
-    dense model (an empty policy), at the end of a search."""
+    depends on the shapes alone), timed together: round-robin over ``rounds`` rounds, so that all
+    see the same machine (see :func:`evaluators.measure.interleaved_latency_ms`). ``measure.warmup``
+    and ``measure.repeats`` are spread over the rounds (rounded up), so a model costs about what one
+    in-search timing does. Used to re-time the frontier, with the dense model (an empty policy), at
+    the end of a search."""
     device = measure_config.resolve_device()
     batch = _timing_batch(task, measure_config).to(device)
     example = task.test_data()[0][:1]
@@ -331,6 +332,6 @@ def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str 
                 extra[key] = {"onnx_max_abs_diff": diff}
             else:
                 calls[key], extra[key] = functools.partial(model, batch), {}
-        stats = measure.interleaved_latency_ms(calls, rounds=rounds, warmup=measure_config.warmup, repeats=measure_config.repeats,
-                                               threads=measure_config.threads, cuda=batch.is_cuda)
+        stats = measure.interleaved_latency_ms(calls, rounds=rounds, warmup=-(-measure_config.warmup // rounds),
+                                               repeats=-(-measure_config.repeats // rounds), threads=measure_config.threads, cuda=batch.is_cuda)
     return {key: {**stats[key], **extra[key]} for key in policies}
