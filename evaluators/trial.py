@@ -88,6 +88,7 @@ class MeasureConfig:
     repeats: int = 30      # timed passes; latency_ms is their median
     device: str = "cpu"    # cpu, cuda, or auto (cuda when present)
     backend: str = "torch"  # torch (eager), or onnxruntime: export to ONNX, check outputs, time ONNX Runtime (CPU)
+    channels_last: bool = False  # torch backend, image inputs: time with channels-last weights and inputs (as deployed so)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "threads", "repeats"):
@@ -101,6 +102,14 @@ class MeasureConfig:
             raise ValueError("backend: onnxruntime times on the CPU; use device: cpu with it")
         if self.device not in DEVICES:
             raise ValueError(f"device: must be one of {', '.join(DEVICES)}, but got {self.device!r}")
+        if self.channels_last and self.backend != "torch":
+            raise ValueError(f"channels_last: applies to the torch backend; {self.backend} chooses its own memory layout")
+
+    def check_inputs(self, example: torch.Tensor) -> None:
+        """Refuse settings the task's inputs cannot take (``example``: one test input batch)."""
+        if self.channels_last and example.dim() != 4:
+            raise ValueError(f"measure.channels_last: needs image inputs (N, C, H, W), but the task's inputs have shape "
+                             f"{tuple(example.shape)}; set it to false")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -197,7 +206,22 @@ def _time(model: torch.nn.Module, batch: torch.Tensor, config: MeasureConfig) ->
         from evaluators.onnx_backend import onnxruntime_latency_ms
 
         return onnxruntime_latency_ms(model, batch, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
-    return measure.latency_ms(model, batch, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
+    with _layout(model, batch, config) as batch:
+        return measure.latency_ms(model, batch, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
+
+
+@contextlib.contextmanager
+def _layout(model: torch.nn.Module, batch: torch.Tensor, config: MeasureConfig):
+    """With ``measure.channels_last``: the model's weights and the batch in channels-last memory
+    format while timing (yields the batch to time); the model's weights go back to contiguous after."""
+    if not config.channels_last:
+        yield batch
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield batch.contiguous(memory_format=torch.channels_last)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def _timing_batch(task: Task, measure_config: MeasureConfig) -> torch.Tensor:
@@ -331,7 +355,7 @@ def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str 
                 calls[key], diff = stack.enter_context(onnxruntime_call(model, batch, threads=measure_config.threads))
                 extra[key] = {"onnx_max_abs_diff": diff}
             else:
-                calls[key], extra[key] = functools.partial(model, batch), {}
+                calls[key], extra[key] = functools.partial(model, stack.enter_context(_layout(model, batch, measure_config))), {}
         stats = measure.interleaved_latency_ms(calls, rounds=rounds, warmup=-(-measure_config.warmup // rounds),
                                                repeats=-(-measure_config.repeats // rounds), threads=measure_config.threads, cuda=batch.is_cuda)
     return {key: {**stats[key], **extra[key]} for key in policies}

@@ -106,6 +106,7 @@ def _prepare(config: Config, out: Callable[[str], None], checkpoint: str | None 
     """Everything that can fail on bad input, done before any record is made."""
     task = make_task(config.task)
     config.measure.resolve_device()
+    config.measure.check_inputs(task.test_data()[0][:1])
     checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out))
     groups = discover_groups(load_dense(task, checkpoint), task.test_data()[0][:1], config.space.granularity, config.space.nm_block)
     check_space(config.space.granularity, config.space.criteria, groups)

@@ -112,8 +112,9 @@ def test_interleaved_timing_keeps_ratios_when_the_machine_slows_down():
     assert together["second"]["latency_ms"] / together["first"]["latency_ms"] < 1.25
 
 
-def test_measure_latencies_times_each_policy_model(digits_task, digits_checkpoint):
-    config = MeasureConfig(batch_size=8, warmup=1, repeats=3)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_measure_latencies_times_each_policy_model(digits_task, digits_checkpoint, channels_last):
+    config = MeasureConfig(batch_size=8, warmup=1, repeats=3, channels_last=channels_last)
     policies = {"dense": Policy(criterion="l1", ratios={}), "pruned": Policy(criterion="l1", ratios={"features.0": 0.5})}
     stats = measure_latencies(policies, digits_task, digits_checkpoint, config, rounds=2)
     assert set(stats) == {"dense", "pruned"}

@@ -42,6 +42,48 @@ def test_onnxruntime_backend_times_several_policies_together():
         assert 0 < values["latency_p10_ms"] <= values["latency_ms"] <= values["latency_p90_ms"]
 
 
+class _LayoutProbe(torch.nn.Module):
+    """A conv net that records, on every forward pass, whether its activations and its weights were
+    channels-last (with one input channel both layouts coincide, so the input itself cannot tell)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 8, 3)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3)
+        self.head = torch.nn.Linear(8, 10)
+        self.seen = []
+
+    @staticmethod
+    def _channels_last(t):
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+    def forward(self, x):
+        hidden = self.conv1(x)
+        self.seen.append((self._channels_last(hidden), self._channels_last(self.conv2.weight)))
+        return self.head(self.conv2(hidden).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_times_channels_last_weights_and_inputs_then_restores_the_model(channels_last):
+    task = tiny_task()
+    model = _LayoutProbe().eval()
+    measure_model(model, task, MeasureConfig(batch_size=8, warmup=1, repeats=3, channels_last=channels_last))
+    # the warm-up and timed passes (4) ran channels-last, and only they: not the accuracy pass before them
+    assert model.seen[0] == (False, False)
+    assert model.seen[1:5] == [(channels_last, channels_last)] * 4
+    assert all(seen == (False, False) for seen in model.seen[5:])
+    assert model.conv2.weight.is_contiguous()  # what is saved and exported is unchanged
+
+
+def test_channels_last_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="channels_last: applies to the torch backend; onnxruntime"):
+        MeasureConfig(backend="onnxruntime", channels_last=True)
+    with pytest.raises(ValueError, match=r"measure.channels_last: needs image inputs \(N, C, H, W\), but the task's inputs have shape \(1, 12\)"):
+        MeasureConfig(channels_last=True).check_inputs(torch.zeros(1, 12, dtype=torch.long))
+    MeasureConfig(channels_last=True).check_inputs(torch.zeros(1, 1, 8, 8))
+    MeasureConfig().check_inputs(torch.zeros(1, 12))
+
+
 def test_onnxruntime_needs_the_cpu():
     with pytest.raises(ValueError, match="backend: onnxruntime times on the CPU"):
         MeasureConfig(backend="onnxruntime", device="cuda")
