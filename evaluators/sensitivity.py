@@ -163,6 +163,89 @@ def safe_ratios(rows: Sequence[Mapping[str, Any]], max_drop: float) -> dict[str,
     return safe
 
 
+def _monotone_curve(points: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """(ratios, values) through (0, 0) and ``points``, sorted, made monotone by a running maximum."""
+    xs, ys, top = [0.0], [0.0], 0.0
+    for ratio, value in sorted(points):
+        if ratio > 0:
+            top = max(top, value)
+            xs.append(ratio)
+            ys.append(top)
+    return xs, ys
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys); flat past the last point (no extrapolation)."""
+    if x >= xs[-1]:
+        return ys[-1]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[-1]
+
+
+def allocation_path(rows: Sequence[Mapping[str, Any]], dense_cost: float, bounds: Mapping[str, tuple[float, float]],
+                    step: float, cost: str = "latency_ms") -> list[dict[str, float]]:
+    """Policies that prune more and more, each the cheapest next move in proxy accuracy per unit of
+    ``cost`` saved (greedy, as in NetAdapt's resource-constrained allocation).
+
+    Each group's proxy drop and its saving (``dense_cost - row[cost]``, the group pruned alone) are
+    made monotone in the ratio and interpolated linearly between its tested ratios, through (0, 0),
+    and flat past the last one, so a group is never pruned past the largest ratio it was tested at.
+    From every group at its range's low (``bounds[group] = (low, high)``), each step raises one
+    group to a ratio on the ``step`` grid (up to ``high``): the move with the least drop per unit
+    saved, among moves that save something (a move may jump several grid steps, which lets a group
+    whose first step saves nothing be pruned past it). Ties go to the smaller move. Savings are
+    assumed to add up across groups, which they only roughly do; measure the policies.
+    Returns the ratios after each move (the starting point not included); groups in ``bounds`` but
+    without rows stay at their low.
+
+    >>> rows = [{"group": "a", "ratio": 0.5, "accuracy_drop": 0.10, "latency_ms": 8.0},
+    ...         {"group": "b", "ratio": 0.5, "accuracy_drop": 0.01, "latency_ms": 9.0}]
+    >>> [p for p in allocation_path(rows, 10.0, {"a": (0, 0.5), "b": (0, 0.5)}, 0.25)]
+    [{'a': 0.0, 'b': 0.25}, {'a': 0.0, 'b': 0.5}, {'a': 0.25, 'b': 0.5}, {'a': 0.5, 'b': 0.5}]
+    """
+    if not step or step <= 0:
+        raise ValueError(f"step: must be > 0, but got {step!r}")
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    for i, row in enumerate(rows):
+        missing = [k for k in ("group", "ratio", "accuracy_drop", cost) if k not in row]
+        if missing:
+            raise ValueError(f"rows[{i}]: missing key(s) {missing}; it has {sorted(row)}")
+        points.setdefault(str(row["group"]), []).append(
+            (float(row["ratio"]), float(row["accuracy_drop"]), float(dense_cost) - float(row[cost])))
+    curves = {}
+    for group, pts in points.items():
+        if group in bounds:
+            xs, drops = _monotone_curve([(r, d) for r, d, _ in pts])
+            _, saved = _monotone_curve([(r, s) for r, _, s in pts])
+            curves[group] = (xs, drops, saved)
+    current = {group: float(low) for group, (low, _) in bounds.items()}
+    path: list[dict[str, float]] = []
+    while True:
+        best: tuple[float, float, str, float] | None = None  # (drop per saving, move size, group, new ratio)
+        for group, (xs, drops, saved) in curves.items():
+            low, high = bounds[group]
+            now = current[group]
+            here_drop, here_saved = _interp(xs, drops, now), _interp(xs, saved, now)
+            k = 1
+            while True:
+                ratio = round(low + (round((now - low) / step) + k) * step, 10)
+                if ratio > min(high, xs[-1]) + 1e-9:
+                    break
+                gain = _interp(xs, saved, ratio) - here_saved
+                if gain > 1e-12:
+                    price = max(_interp(xs, drops, ratio) - here_drop, 0.0) / gain
+                    candidate = (float(f"{price:.9g}"), ratio - now, group, ratio)  # 9 digits: equal prices tie
+                    if best is None or candidate[:2] < best[:2]:
+                        best = candidate
+                k += 1
+        if best is None:
+            return path
+        current[best[2]] = best[3]
+        path.append(dict(current))
+
+
 def to_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """The rows as a table with the columns of :data:`COLUMNS` first (then any others), for a CSV.
 

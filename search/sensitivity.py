@@ -3,8 +3,11 @@ ratios and scored by :mod:`evaluators.sensitivity`'s cheap proxy, one Ray task p
 trial's resources), before the first trial. The table and plot go to the parent run
 (``sensitivity.csv``, ``sensitivity.png``); the search then
 
-- starts from seed policies: for each of ``seed_drops``, every group at the ratio where its proxy
-  drop reaches that value (MLflow tag ``secateurs.seed``, counted in ``num_trials``);
+- starts from seed policies (MLflow tag ``secateurs.seed``, counted in ``num_trials``): for each of
+  ``seed_drops``, every group at the ratio where its proxy drop reaches that value; for each of
+  ``seed_latency``, a policy measured at about that fraction of the dense latency, from a greedy
+  path that prunes where the proxy loses least per millisecond saved (each single-group model is
+  then also timed, with the dense model, for the table's ``latency_ms``);
 - with ``narrow``, caps each group's range at the ratio where its proxy drop reaches ``narrow``.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
 import ray
 
 from evaluators import sensitivity
@@ -32,6 +36,25 @@ def _analyse_group(task: TaskConfig, checkpoint: bytes, template: Policy, ratios
     from evaluators.trial import MeasureConfig
 
     return sensitivity.analyse(make_task(task), checkpoint, template, ratios, device=MeasureConfig(device=device).resolve_device(), **options)
+
+
+def _time_policies(task: TaskConfig, checkpoint: bytes, policies: dict[Any, Policy], measure: Any) -> dict[Any, dict[str, float]]:
+    from evaluators.trial import measure_latencies
+
+    return measure_latencies(policies, make_task(task), checkpoint, measure)
+
+
+def _timed(config: Config, checkpoint_ref: Any, policies: dict[Any, Policy]) -> dict[Any, dict[str, float]]:
+    """``policies`` timed together (round-robin) in one Ray task with a trial's resources, on the
+    measure device, as trials are."""
+    remote = ray.remote(num_cpus=config.search.cpus_per_trial, num_gpus=config.search.gpus_per_trial)(_time_policies)
+    return ray.get(remote.remote(config.task, checkpoint_ref, policies, config.measure))
+
+
+def _template(space: SearchSpace) -> Policy:
+    return Policy(criterion=space.config.criteria[0], ratios={}, granularity=space.config.granularity[0],
+                  round_to=space.config.round_to, min_channels=space.config.min_channels,
+                  group_min_channels=space.group_min_channels, seed=space.seed, nm_block=space.config.nm_block)
 
 
 def _ratios(space: SearchSpace, tried: list[float]) -> dict[str, list[float]]:
@@ -51,10 +74,7 @@ def analyse(config: Config, space: SearchSpace, checkpoint: bytes, tracker: Sear
     """Run the analysis on Ray (one task per group), log its table and plot; returns the rows."""
     settings = config.search.sensitivity
     started = time.perf_counter()
-    template = Policy(criterion=space.config.criteria[0], ratios={}, granularity=space.config.granularity[0],
-                      round_to=space.config.round_to, min_channels=space.config.min_channels,
-                      group_min_channels=space.group_min_channels, seed=space.seed,
-                      nm_block=space.config.nm_block)
+    template = _template(space)
     ratios = _ratios(space, settings.ratios)
     options = {"bn_batches": settings.bn_batches, "batch_size": config.finetune.batch_size, "samples": settings.samples}
     out(f"sensitivity: pruning each of {len(ratios)} groups alone at {sum(map(len, ratios.values()))} ratios in all")
@@ -62,6 +82,15 @@ def analyse(config: Config, space: SearchSpace, checkpoint: bytes, tracker: Sear
     checkpoint_ref = ray.put(checkpoint)
     futures = [remote.remote(config.task, checkpoint_ref, template, {g: r}, options, config.measure.device) for g, r in ratios.items()]
     rows = [row for part in ray.get(futures) for row in part]
+    if settings.seed_latency and rows:
+        timing_started = time.perf_counter()
+        singles = {(r["group"], r["ratio"]): dataclasses.replace(template, ratios={r["group"]: r["ratio"]}) for r in rows}
+        timed = _timed(config, checkpoint_ref, {"dense": template, **singles})
+        for row in rows:
+            row["latency_ms"] = timed[(row["group"], row["ratio"])]["latency_ms"]
+            row["dense_latency_ms"] = timed["dense"]["latency_ms"]
+        out(f"sensitivity: timed the dense model and the {len(singles)} single-group models together "
+            f"({time.perf_counter() - timing_started:.1f} s)")
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp) / "sensitivity.csv"
         sensitivity.to_frame(rows).to_csv(csv_path, index=False)
@@ -105,3 +134,51 @@ def narrowed(space: SearchSpace, rows: list[dict[str, Any]], max_drop: float) ->
     config = dataclasses.replace(space.config, rules=rules)
     return SearchSpace(config, space.groups, seed=space.seed), highs
 
+
+
+def latency_seed_points(config: Config, space: SearchSpace, rows: list[dict[str, Any]], checkpoint: bytes,
+                        tracker: SearchTracker, out: Callable[[str], None], points: int = 12) -> list[Baseline]:
+    """Seeds at ``search.sensitivity.seed_latency`` fractions of the dense latency.
+
+    :func:`evaluators.sensitivity.allocation_path` orders the moves by proxy drop per millisecond
+    saved (from the table's single-group timings). Latency does not add up across groups (kernels
+    favour some widths), so up to ``points`` policies spread along the path are timed together
+    with the dense model, and each target takes the one measured closest to it. The path and its
+    timings go to the parent run as ``sensitivity_path.csv``."""
+    targets = config.search.sensitivity.seed_latency
+    timed_rows = [r for r in rows if "latency_ms" in r]
+    if not targets or not timed_rows:
+        return []
+    granularity = space.config.granularity[0]
+    sizes = {g.name: g.size for g in space.groups}
+    bounds = {m: (d.range.low, d.range.high) for d in space.dimensions(granularity) if d.range is not None for m in d.members}
+    low = {m: b[0] for m, b in bounds.items()}
+    step = min((d.range.step for d in space.dimensions(granularity) if d.range is not None and d.range.step), default=0.05)
+    path = sensitivity.allocation_path(timed_rows, timed_rows[0]["dense_latency_ms"], bounds, step)
+    if not path:
+        return []
+    picks = sorted({round(i * (len(path) - 1) / max(points - 1, 1)) for i in range(points)})
+    candidates: dict[int, dict[str, Any]] = {}
+    for i in picks:
+        point = space_point(space, granularity, {**low, **path[i]}, space.config.criteria[0], sizes)
+        if all(point != c for c in candidates.values()):
+            candidates[i] = point
+    timed = _timed(config, ray.put(checkpoint), {"dense": _template(space), **{i: space.policy(p) for i, p in candidates.items()}})
+    dense = timed["dense"]["latency_ms"]
+    fractions = {i: timed[i]["latency_ms"] / dense for i in candidates}
+    seeds: list[Baseline] = []
+    chosen: dict[int, list[float]] = {}
+    for target in targets:
+        i = min(fractions, key=lambda k: (abs(fractions[k] - target), k))
+        chosen.setdefault(i, []).append(target)
+        if all(candidates[i] != s.point for s in seeds):
+            seeds.append(Baseline(f"sensitivity latency~{target:g}x dense", candidates[i], kind="seed"))
+    table = pd.DataFrame([{"path_step": i + 1, "latency_ms": timed[i]["latency_ms"], "dense_latency_ms": dense,
+                           "latency_fraction": fractions[i], "seed_for": " ".join(f"{t:g}" for t in chosen.get(i, [])),
+                           **candidates[i]} for i in candidates])
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "sensitivity_path.csv", index=False)
+        tracker.log_artifact(Path(tmp) / "sensitivity_path.csv")
+    out("sensitivity: latency seeds at " + ", ".join(f"{fractions[i]:.2f}x" for i in chosen) + " of the dense latency "
+        f"(targets {', '.join(f'{t:g}' for t in targets)}; {len(candidates)} policies along the path timed)")
+    return seeds

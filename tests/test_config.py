@@ -55,6 +55,8 @@ def test_parse_overrides_builds_nested_values():
         ("space:\n  rules:\n    - {match: conv, ratio: 1.5}\n", r"`space.rules\[0\].ratio`: must satisfy 0 <= ratio < 1, but got 1.5"),
         ("search:\n  num_trials: -1\n", r"`search.num_trials`: must be >= 0, but got -1"),
         ("search:\n  sampler: annealing\n", r"`search.sampler`: unknown sampler 'annealing'; valid: gp, nsga2, nsga3, qmc, random, tpe"),
+        ("search:\n  sensitivity: {seed_latency: [0.5, 1.2]}\n",
+         r"`search.sensitivity.seed_latency`: each must be a fraction of the dense model's latency, 0 < fraction < 1, but got 1.2"),
         ("finetune:\n  epochs: lots\n", r"`finetune.epochs`: .*number.*'lots'"),
         ("task:\n  name: imagenet\n", r"`task.name`: unknown task 'imagenet'; valid: cifar10, digits, fashion_mnist, sst2"),
         ("- a\n- b\n", r"top level must be a mapping"),

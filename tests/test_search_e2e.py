@@ -218,6 +218,35 @@ def test_sensitivity_analysis_is_logged_seeds_the_search_and_narrows_ranges(tmp_
     assert any(line.startswith("sensitivity: most fragile") for line in lines)
 
 
+def test_latency_seeds_are_timed_points_of_the_sensitivity_path(tmp_path, store):
+    raw = tiny_config(tmp_path)
+    raw["search"].update({"num_trials": 3, "baselines": [], "remeasure": False,
+                          "sensitivity": {"ratios": [0.3, 0.6], "samples": 300, "seed_drops": [], "seed_latency": [0.95, 0.2]}})
+    lines: list[str] = []
+    result = run_search(validate(raw), config_name="latency-seeded", tracking_uri=store, out=lines.append)
+    client = MlflowClient(store)
+    table = pd.read_csv(client.download_artifacts(result.parent_run_id, "sensitivity.csv", str(tmp_path)))
+    assert (table["latency_ms"] > 0).all() and table["dense_latency_ms"].nunique() == 1  # one timing of the dense model
+    path = pd.read_csv(client.download_artifacts(result.parent_run_id, "sensitivity_path.csv", str(tmp_path)))
+    ratios = [c for c in path.columns if c.startswith("ratio.")]
+    assert sorted(ratios) == ["ratio.features.0", "ratio.features.3", "ratio.features.7"]
+    assert (path[ratios].diff().dropna() >= -1e-9).all().all()  # along the path pruning only grows
+    assert np.allclose(path["latency_fraction"], path["latency_ms"] / path["dense_latency_ms"])
+    seeds = {run.data.tags["secateurs.seed"]: run for run in children(client, result, "trial") if "secateurs.seed" in run.data.tags}
+    assert seeds
+    for target in (0.95, 0.2):
+        # each target takes the path point measured closest to it
+        closest = path.loc[(path["latency_fraction"] - target).abs().idxmin()]
+        assert str(target) in str(closest["seed_for"]).split()
+        run = seeds.get(f"sensitivity latency~{target:g}x dense")
+        if run is None:  # the same point as the other target's: recorded once
+            assert len(seeds) == 1
+            continue
+        for column in ratios:
+            assert float(run.data.params[column]) == pytest.approx(closest[column])
+    assert any(line.startswith("sensitivity: latency seeds at") for line in lines)
+
+
 def test_screening_fine_tunes_only_trials_no_screened_trial_dominates(tmp_path, store):
     raw = tiny_config(tmp_path)
     raw["search"].update({"num_trials": 10, "remeasure": False, "screening": {"warmup": 2, "bn_batches": 4}})

@@ -232,3 +232,49 @@ def test_module_doctests_pass():
 
     result = doctest.testmod(sensitivity)
     assert result.attempted >= 2 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- allocation_path
+
+
+def _path_rows(table):
+    return [{"group": g, "ratio": r, "accuracy_drop": d, "latency_ms": t} for g, r, d, t in table]
+
+
+def test_allocation_path_prunes_where_drop_per_saving_is_least_first():
+    # a: 0.02 drop per ms saved; b: 0.002 per ms; c: saves nothing at all
+    rows = _path_rows([("a", 0.5, 0.04, 8.0), ("b", 0.5, 0.004, 8.0), ("c", 0.5, 0.0, 10.0)])
+    bounds = {"a": (0.0, 0.5), "b": (0.0, 0.5), "c": (0.0, 0.5)}
+    path = sensitivity.allocation_path(rows, 10.0, bounds, 0.1)
+    assert [max(p, key=lambda g: p[g] - (path[i - 1][g] if i else 0.0)) for i, p in enumerate(path)] == ["b"] * 5 + ["a"] * 5
+    assert path[-1] == {"a": 0.5, "b": 0.5, "c": 0.0}  # c never moves: no move of it saves anything
+    for before, after in zip(path, path[1:]):  # each move raises one group, never lowers any
+        assert sum(after[g] > before[g] for g in bounds) == 1 and all(after[g] >= before[g] for g in bounds)
+
+
+def test_allocation_path_jumps_past_a_step_that_saves_nothing_and_stops_at_the_last_tested_ratio():
+    # a's first half saves nothing (a kernel that wants aligned widths), its second saves 4 ms;
+    # b saves steadily but at a higher price than a's jump on average
+    rows = _path_rows([("a", 0.25, 0.0, 10.0), ("a", 0.5, 0.02, 6.0), ("b", 0.25, 0.02, 9.0), ("b", 0.5, 0.04, 8.0)])
+    path = sensitivity.allocation_path(rows, 10.0, {"a": (0.0, 0.7), "b": (0.0, 0.25)}, 0.05)
+    # one move over the flat part, to the first step that saves: 0.005 per ms beats b's 0.02
+    assert path[0] == {"a": 0.3, "b": 0.0}
+    assert [p["a"] for p in path[:5]] == [0.3, 0.35, 0.4, 0.45, 0.5] and all(p["b"] == 0.0 for p in path[:5])
+    assert path[-1] == {"a": 0.5, "b": 0.25}  # a stops at 0.5 (not tested beyond; range to 0.7), b at its high
+    assert len(path) == 10
+
+
+def test_allocation_path_starts_from_each_groups_low_and_honours_the_drop_running_maximum():
+    rows = _path_rows([("a", 0.2, 0.05, 9.0), ("a", 0.4, 0.01, 8.0), ("b", 0.4, 0.03, 8.0)])
+    path = sensitivity.allocation_path(rows, 10.0, {"a": (0.2, 0.4), "b": (0.0, 0.4), "gone": (0.1, 0.5)}, 0.2)
+    # a starts at its low 0.2; its lucky 0.01 at 0.4 counts as 0.05 (the running maximum), so
+    # raising it to 0.4 costs no drop and comes first; "gone" has no rows and stays at its low
+    assert path == [{"a": 0.4, "b": 0.0, "gone": 0.1}, {"a": 0.4, "b": 0.2, "gone": 0.1}, {"a": 0.4, "b": 0.4, "gone": 0.1}]
+
+
+def test_allocation_path_checks_its_input():
+    with pytest.raises(ValueError, match=r"rows\[0\]: missing key\(s\) \['latency_ms'\]"):
+        sensitivity.allocation_path([{"group": "a", "ratio": 0.5, "accuracy_drop": 0.1}], 10.0, {"a": (0, 1)}, 0.1)
+    with pytest.raises(ValueError, match="step: must be > 0, but got 0"):
+        sensitivity.allocation_path([], 10.0, {}, 0)
+    assert sensitivity.allocation_path(_path_rows([("a", 0.5, 0.1, 8.0)]), 10.0, {"a": (0.0, 0.5)}, 0.25, cost="latency_ms")
