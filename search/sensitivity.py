@@ -135,7 +135,6 @@ def narrowed(space: SearchSpace, rows: list[dict[str, Any]], max_drop: float) ->
     return SearchSpace(config, space.groups, seed=space.seed), highs
 
 
-
 def latency_seed_points(config: Config, space: SearchSpace, rows: list[dict[str, Any]], checkpoint: bytes,
                         tracker: SearchTracker, out: Callable[[str], None], points: int = 12) -> list[Baseline]:
     """Seeds at ``search.sensitivity.seed_latency`` fractions of the dense latency.

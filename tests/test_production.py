@@ -236,6 +236,7 @@ def test_export_writes_every_file_and_they_agree(search, exported):
     card = (out / "MODEL_CARD.md").read_text()
     assert search["result"].parent_run_id in card and exported.trial["run_id"] in card
     assert f"{exported.final['accuracy']:.4f}" in card and "digits-pruned" in card and "secateurs pick" in card
+    assert "- measured on: cpu, torch eager, batch" in card  # the runtime the latencies came from
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["final"]["accuracy"] == exported.final["accuracy"]
     trial_steps = _runs(search, "trial")[0].data.metrics["finetune_steps"]
@@ -343,3 +344,12 @@ def test_ui_serves_the_store_and_stops_on_ctrl_c(search):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def test_model_card_names_the_runtime_the_latency_was_timed_with():
+    from evaluators.trial import MeasureConfig
+    from search.production import _runtime
+
+    assert _runtime(MeasureConfig()) == "torch eager"
+    assert _runtime(MeasureConfig(backend="onnxruntime")) == "ONNX Runtime (model.onnx)"
+    assert "model.to(memory_format=torch.channels_last)" in _runtime(MeasureConfig(channels_last=True))
