@@ -37,7 +37,7 @@ from search.recorder import REPORTED as _REPORTED
 from search.recorder import HypervolumePlateau, TrialRecorder, feasible_mask, normalised_hypervolume
 from search import sensitivity
 from search.baselines import Baseline, reference_points
-from search.screening import ScreeningScheduler, recorded_screening
+from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import SecateursSearch
 from search.tracking import SearchTracker, ui_command
 from search.trainable import TrialContext, run_trial
@@ -205,6 +205,8 @@ def run_search(
             origins=[b.name for b in prepared.first],
             constraints=parse_all(config.search.constraints),
             dense=dense,
+            fine_tunes=config.search.screening.fine_tunes if config.search.screening else None,
+            exempt=len(prepared.baselines),
         )
         return tune.Tuner(
             _tuner_parts(config, prepared, dense),
@@ -321,7 +323,10 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
         tuner = make_tuner(recorder, stopper)
         kinds = ", ".join(dict.fromkeys(b.name.split()[0] for b in prepared.baselines)) or "none"
         seeds = len(prepared.first) - len(prepared.baselines)
-        out(f"searching {config.search.num_trials} policies with {config.search.sampler}"
+        fine_tunes = config.search.screening.fine_tunes if config.search.screening else None
+        budget = (f"until {fine_tunes} sampled policies are fine-tuned (at most {config.search.num_trials} sampled)"
+                  if fine_tunes is not None else f"{config.search.num_trials} policies")
+        out(f"searching {budget} with {config.search.sampler}"
             f"{f' ({seeds} seeded by sensitivity)' if seeds else ''} after {len(prepared.baselines)} baselines ({kinds}), "
             f"{config.search.max_concurrent} at a time; MLflow run {tracker.parent_run_id}")
         fit_started = time.perf_counter()
@@ -329,7 +334,11 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
         fit_wall = time.perf_counter() - fit_started
         tracker.log_search_metrics({"fit_wall_s": fit_wall})
         rows, failed, _ = tracker.trial_table()
-        if stopper is not None and stopper.stop_all():
+        if fine_tunes is not None and fine_tuned_trials(rows) >= fine_tunes:
+            status = "FINISHED"
+            out(f"stopped: {fine_tunes} sampled policies were fine-tuned (search.screening.fine_tunes), "
+                f"{len(rows) + failed} trials recorded")
+        elif stopper is not None and stopper.stop_all():
             status = "FINISHED"
             out(f"stopped early: the hypervolume did not grow for {config.search.patience} trials")
         elif config.search.time_budget_s is not None and fit_wall >= config.search.time_budget_s and len(rows) + failed < _budget(config, prepared):

@@ -28,12 +28,26 @@ class ScreeningSettings:
 
     bn_batches: int = 8   # training batches that re-estimate BatchNorm statistics before the screening measurement
     warmup: int = 4       # the first trials to screen are fine-tuned whatever their screening result
+    fine_tunes: int | None = None  # stop once this many sampled trials were fine-tuned (screened-out ones do not count; num_trials stays the cap)
 
     def __post_init__(self) -> None:
+        if self.fine_tunes is not None and self.fine_tunes < 1:
+            raise ValueError(f"fine_tunes: must be >= 1 (or null: no budget of fine-tunes), but got {self.fine_tunes}")
         if self.bn_batches < 0:
             raise ValueError(f"bn_batches: must be >= 0, but got {self.bn_batches}")
         if self.warmup < 0:
             raise ValueError(f"warmup: must be >= 0, but got {self.warmup}")
+
+
+def fine_tuned_trials(rows: Iterable[Mapping[str, Any]]) -> int:
+    """How many sampled trials (``kind`` trial: not baselines) were fine-tuned, i.e. not screened out
+    (``fidelity`` 0); rows recorded without screening count as fine-tuned.
+
+    >>> fine_tuned_trials([{"kind": "trial", "fidelity": 1}, {"kind": "trial", "fidelity": 0},
+    ...                    {"kind": "baseline", "fidelity": 1}, {"kind": "trial"}])
+    2
+    """
+    return sum(1 for row in rows if row.get("kind") == "trial" and row.get("fidelity", 1) != 0)
 
 
 def dominated(point: Sequence[float], others: Sequence[Sequence[float]]) -> bool:

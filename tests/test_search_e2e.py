@@ -247,6 +247,22 @@ def test_latency_seeds_are_timed_points_of_the_sensitivity_path(tmp_path, store)
     assert any(line.startswith("sensitivity: latency seeds at") for line in lines)
 
 
+def test_a_budget_of_fine_tunes_stops_the_search_once_that_many_sampled_trials_were_fine_tuned(tmp_path, store):
+    raw = tiny_config(tmp_path)
+    raw["search"].update({"num_trials": 40, "remeasure": False, "screening": {"warmup": 1, "bn_batches": 4, "fine_tunes": 3}})
+    lines: list[str] = []
+    result = run_search(validate(raw), config_name="fine-tune-budget", tracking_uri=store, out=lines.append)
+    client = MlflowClient(store)
+    trials = children(client, result, "trial")
+    fine_tuned = [r for r in trials if r.data.tags.get("secateurs.screened_out") != "true"]
+    assert len(fine_tuned) == 3 and all(r.data.metrics["fidelity"] == 1 for r in fine_tuned)
+    assert len(trials) < 40  # stopped long before the cap on sampled trials
+    assert len(children(client, result, "baseline")) == 2  # baselines run whatever the budget
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    assert any(line.startswith("stopped: 3 sampled policies were fine-tuned") for line in lines)
+    assert any("until 3 sampled policies are fine-tuned (at most 40 sampled)" in line for line in lines)
+
+
 def test_screening_fine_tunes_only_trials_no_screened_trial_dominates(tmp_path, store):
     raw = tiny_config(tmp_path)
     raw["search"].update({"num_trials": 10, "remeasure": False, "screening": {"warmup": 2, "bn_batches": 4}})

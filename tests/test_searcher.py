@@ -87,3 +87,37 @@ def test_the_enqueued_points_and_only_they_carry_their_names():
     assert recorder._tags(SimpleNamespace(trial_id="t0", config=configs[0]), {}) == (
         "baseline", {"secateurs.ray_trial_id": "t0", "secateurs.baseline": "uniform 0.5"})
     assert recorder._tags(SimpleNamespace(trial_id="t9", config=twin), {})[0] == "trial"
+
+
+def test_a_budget_of_fine_tunes_counts_only_sampled_trials_that_were_fine_tuned():
+    from ray.tune.search import Searcher
+
+    s = space()
+    first = reference_points(s, None, None, ["uniform"], [0.5])
+    searcher = SecateursSearch(
+        space=s, metric=["accuracy", "latency_ms", "size_mb"], mode=["max", "min", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0), points_to_evaluate=[b.point for b in first],
+        origins=[b.name for b in first], constraints=[], dense=DENSE, fine_tunes=2, exempt=1,
+    )
+    result = {"accuracy": 0.8, "latency_ms": 1.0, "size_mb": 0.5}
+    baseline, t1, t2 = (searcher.suggest(t) for t in ("b", "t1", "t2"))
+    assert all(isinstance(c, dict) for c in (baseline, t1, t2))
+    assert searcher.suggest("t3") is None  # two running could still fill the budget of 2: wait
+    searcher.on_trial_complete("b", result={**result, "fidelity": 1})  # the baseline is not counted
+    assert searcher.suggest("t3") is None
+    searcher.on_trial_complete("t1", result={**result, "fidelity": 0})  # screened out: not counted
+    assert isinstance(searcher.suggest("t3"), dict)
+    searcher.on_trial_complete("t2", result={**result, "fidelity": 1})
+    searcher.on_trial_complete("t3", error=True)  # a failed trial is not a fine-tune either
+    assert isinstance(searcher.suggest("t4"), dict)
+    searcher.on_trial_complete("t4", result={**result, "fidelity": 1})
+    assert searcher.suggest("t5") == Searcher.FINISHED  # 2 sampled trials fine-tuned: t2 and t4
+
+
+def test_without_a_budget_of_fine_tunes_the_searcher_never_waits():
+    s = space()
+    searcher = SecateursSearch(
+        space=s, metric=["accuracy", "latency_ms", "size_mb"], mode=["max", "min", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0), constraints=[], dense=DENSE,
+    )
+    assert all(isinstance(searcher.suggest(f"t{i}"), dict) for i in range(5))
