@@ -128,8 +128,9 @@ def _first_points(config: Config, prepared: _Prepared, tracker: SearchTracker, o
             out(f"sensitivity: narrowed {len(highs)} ranges (proxy drop <= {settings.narrow:g}): "
                 + ", ".join(f"{g} <= {h:g}" for g, h in highs.items()))
         seeds = sensitivity.seed_points(prepared.space, rows, settings.seed_drops)
-        seeds += [s for s in sensitivity.latency_seed_points(config, prepared.space, rows, Path(prepared.checkpoint).read_bytes(), tracker, out)
-                  if all(s.point != t.point for t in seeds)]
+        if settings.seed_latency:
+            seeds += [s for s in sensitivity.latency_seed_points(config, prepared.space, rows, Path(prepared.checkpoint).read_bytes(), tracker, out)
+                      if all(s.point != t.point for t in seeds)]
         seeds = seeds[: config.search.num_trials]
     model = load_dense(prepared.task, prepared.checkpoint)
     baselines = reference_points(prepared.space, model, prepared.task.test_data()[0][:1], config.baseline_kinds(), config.search.baseline_ratios)
