@@ -19,6 +19,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -174,16 +175,6 @@ def _monotone_curve(points: Sequence[tuple[float, float]]) -> tuple[list[float],
     return xs, ys
 
 
-def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise-linear through (xs, ys); flat past the last point (no extrapolation)."""
-    if x >= xs[-1]:
-        return ys[-1]
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-    return ys[-1]
-
-
 def allocation_path(rows: Sequence[Mapping[str, Any]], dense_cost: float, bounds: Mapping[str, tuple[float, float]],
                     step: float, cost: str = "latency_ms") -> list[dict[str, float]]:
     """Policies that prune more and more, each the cheapest next move in proxy accuracy per unit of
@@ -227,15 +218,15 @@ def allocation_path(rows: Sequence[Mapping[str, Any]], dense_cost: float, bounds
         for group, (xs, drops, saved) in curves.items():
             low, high = bounds[group]
             now = current[group]
-            here_drop, here_saved = _interp(xs, drops, now), _interp(xs, saved, now)
+            here_drop, here_saved = float(np.interp(now, xs, drops)), float(np.interp(now, xs, saved))
             k = 1
             while True:
                 ratio = round(low + (round((now - low) / step) + k) * step, 10)
                 if ratio > min(high, xs[-1]) + 1e-9:
                     break
-                gain = _interp(xs, saved, ratio) - here_saved
+                gain = float(np.interp(ratio, xs, saved)) - here_saved
                 if gain > 1e-12:
-                    price = max(_interp(xs, drops, ratio) - here_drop, 0.0) / gain
+                    price = max(float(np.interp(ratio, xs, drops)) - here_drop, 0.0) / gain
                     candidate = (float(f"{price:.9g}"), ratio - now, group, ratio)  # 9 digits: equal prices tie
                     if best is None or candidate[:2] < best[:2]:
                         best = candidate

@@ -81,6 +81,11 @@ class SearchSettings:
     remeasure: bool = True         # re-time the dense model and the frontier at the end, together (round-robin)
     max_failures: int = 0          # times Ray retries a failed trial (its worker died, or it raised)
 
+    @property
+    def fine_tune_budget(self) -> int | None:
+        """``screening.fine_tunes``: the sampled trials to fine-tune before the search stops (None: no such budget)."""
+        return self.screening.fine_tunes if self.screening else None
+
     def __post_init__(self) -> None:
         if self.num_trials < 0:
             raise ValueError(f"num_trials: must be >= 0, but got {self.num_trials}")

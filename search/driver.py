@@ -121,7 +121,8 @@ def _first_points(config: Config, prepared: _Prepared, tracker: SearchTracker, o
     seeds: list[Baseline] = []
     if config.search.sensitivity is not None:
         settings = config.search.sensitivity
-        rows = sensitivity.analyse(config, prepared.space, Path(prepared.checkpoint).read_bytes(), tracker, out)
+        checkpoint = Path(prepared.checkpoint).read_bytes()
+        rows = sensitivity.analyse(config, prepared.space, checkpoint, tracker, out)
         if settings.narrow is not None:
             prepared.space, highs = sensitivity.narrowed(prepared.space, rows, settings.narrow)
             tracker.log_json(highs, "narrowed.json")
@@ -129,7 +130,7 @@ def _first_points(config: Config, prepared: _Prepared, tracker: SearchTracker, o
                 + ", ".join(f"{g} <= {h:g}" for g, h in highs.items()))
         seeds = sensitivity.seed_points(prepared.space, rows, settings.seed_drops)
         if settings.seed_latency:
-            seeds += [s for s in sensitivity.latency_seed_points(config, prepared.space, rows, Path(prepared.checkpoint).read_bytes(), tracker, out)
+            seeds += [s for s in sensitivity.latency_seed_points(config, prepared.space, rows, checkpoint, tracker, out)
                       if all(s.point != t.point for t in seeds)]
         seeds = seeds[: config.search.num_trials]
     model = load_dense(prepared.task, prepared.checkpoint)
@@ -206,7 +207,7 @@ def run_search(
             origins=[b.name for b in prepared.first],
             constraints=parse_all(config.search.constraints),
             dense=dense,
-            fine_tunes=config.search.screening.fine_tunes if config.search.screening else None,
+            fine_tunes=config.search.fine_tune_budget,
             exempt=len(prepared.baselines),
         )
         return tune.Tuner(
@@ -324,7 +325,7 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
         tuner = make_tuner(recorder, stopper)
         kinds = ", ".join(dict.fromkeys(b.name.split()[0] for b in prepared.baselines)) or "none"
         seeds = len(prepared.first) - len(prepared.baselines)
-        fine_tunes = config.search.screening.fine_tunes if config.search.screening else None
+        fine_tunes = config.search.fine_tune_budget
         budget = (f"until {fine_tunes} sampled policies are fine-tuned (at most {config.search.num_trials} sampled)"
                   if fine_tunes is not None else f"{config.search.num_trials} policies")
         out(f"searching {budget} with {config.search.sampler}"
