@@ -38,7 +38,7 @@ from search.recorder import HypervolumePlateau, TrialRecorder, feasible_mask, no
 from search import sensitivity
 from search.baselines import Baseline, reference_points
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
-from search.searcher import SecateursSearch
+from search.searcher import RecordedTrial, SecateursSearch
 from search.tracking import SearchTracker, ui_command
 from search.trainable import TrialContext, run_trial
 from spaces import Policy, SearchSpace
@@ -139,7 +139,7 @@ def _first_points(config: Config, prepared: _Prepared, tracker: SearchTracker, o
     tracker.log_json([b.to_dict() for b in prepared.first], "baselines.json")
 
 
-def _tuner_parts(config: Config, prepared: _Prepared, dense: dict[str, float]):
+def _tuner_parts(config: Config, prepared: _Prepared, dense: dict[str, float], replay: dict[str, dict] | None = None):
     context = TrialContext(
         space=prepared.space,
         task=config.task,
@@ -149,6 +149,7 @@ def _tuner_parts(config: Config, prepared: _Prepared, dense: dict[str, float]):
         dense_accuracy=dense["accuracy"],
         dense_params=int(dense["params"]),
         screening_bn_batches=config.search.screening.bn_batches if config.search.screening else None,
+        replay=replay,
     )
     return tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial})
 
@@ -277,8 +278,16 @@ def resume_search(
     out(f"resuming search {run_id}: {len(done)} trials completed, {failed} failed, budget {_budget(config, prepared)}")
     tracker.set_running()
 
+    # MLflow records each trial when it ends; Ray checkpoints its state only every so often. What
+    # MLflow holds is replayed, not run again, and each recorded trial is counted once.
+    recorded = tracker.recorded_trials()
+    replay = {ray_id: {k: v for k, v in record.items() if k in ("metrics", "error")} for ray_id, record in recorded}
+
     def make_tuner(recorder: TrialRecorder, stopper: tune.Stopper | None) -> tune.Tuner:
-        tuner = tune.Tuner.restore(experiment_path, trainable=_tuner_parts(config, prepared, dense), resume_unfinished=True)
+        tuner = tune.Tuner.restore(experiment_path, trainable=_tuner_parts(config, prepared, dense, replay), resume_unfinished=True)
+        searcher = tuner._local_tuner._tune_config.search_alg
+        if isinstance(searcher, SecateursSearch):  # Ray restores its state during fit(), then it replays these
+            searcher.replay_recorded([RecordedTrial(ray_id, r["origin"], r["sampled"]) for ray_id, r in recorded])
         # The restored RunConfig carries pickled copies of the old recorder and stopper; use these.
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks = [recorder]
@@ -334,6 +343,8 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
         fit_started = time.perf_counter()
         tuner.fit()
         fit_wall = time.perf_counter() - fit_started
+        if recorder.replayed:
+            out(f"resume: {recorder.replayed} trials that MLflow recorded after Ray's last checkpoint were replayed from the record, not run again")
         tracker.log_search_metrics({"fit_wall_s": fit_wall})
         rows, failed, _ = tracker.trial_table()
         if fine_tunes is not None and fine_tuned_trials(rows) >= fine_tunes:

@@ -12,7 +12,7 @@ from ray import tune
 from search import frontier
 from search.baselines import Baseline
 from search.constraints import Constraint, violations
-from search.searcher import ORIGIN
+from search.searcher import ORIGIN, REPLAY, sampled_params
 from search.tracking import TRIAL_METRICS, SearchTracker
 from spaces import SearchSpace
 
@@ -75,6 +75,7 @@ class TrialRecorder(tune.Callback):
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
         self.best_hypervolume = normalised_hypervolume(self._feasible(), self.dense)
         self.since_improvement = 0
+        self.replayed = 0  # trials MLflow held already, replayed by a resumed search
 
     def _index(self) -> int:
         return len(self.rows) + self.num_failed + 1
@@ -88,6 +89,10 @@ class TrialRecorder(tune.Callback):
         tags[f"secateurs.{first.kind}"] = first.name  # secateurs.baseline or secateurs.seed
         return ("baseline" if first.kind == "baseline" else "trial"), tags
 
+    def _is_recorded(self, trial) -> bool:
+        """Whether MLflow holds this trial already: a resumed search re-runs or replays it."""
+        return trial.trial_id in self.recorded or trial.config.get(REPLAY) in self.recorded
+
     def _feasible(self) -> pd.DataFrame:
         table = pd.DataFrame(self.rows, columns=None if self.rows else ["feasible", *frontier.OBJECTIVES])
         return table[feasible_mask(table)]
@@ -95,8 +100,11 @@ class TrialRecorder(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         try:
             result = trial.last_result or {}
-            if trial.trial_id in self.recorded or not all(m in result for m in frontier.OBJECTIVES):
-                return  # already in MLflow (resumed search), or an error that on_trial_error records
+            if self._is_recorded(trial):
+                self.replayed += 1  # a resumed search replayed what MLflow holds
+                return
+            if not all(m in result for m in frontier.OBJECTIVES):
+                return  # an error that on_trial_error records
             index = self._index()
             policy = self.space.policy(trial.config)
             metrics = {k: float(v) for k, v in result.items() if k in REPORTED and isinstance(v, (int, float))}
@@ -108,7 +116,7 @@ class TrialRecorder(tune.Callback):
                 worst = max(violations(self.constraints, metrics, self.dense).values())
                 metrics["feasible"] = float(worst <= 0)
                 metrics["constraint_violation"] = max(worst, 0.0)
-            run_id = self.tracker.log_trial(index, policy, metrics, tags=tags, kind=kind)
+            run_id = self.tracker.log_trial(index, policy, metrics, tags=tags, kind=kind, sampled=sampled_params(trial.config))
             self.recorded.add(trial.trial_id)
             self.rows.append({"run_id": run_id, "trial": index, "kind": kind, "criterion": policy.criterion, **metrics})
             self._update_hypervolume(index)
@@ -121,7 +129,8 @@ class TrialRecorder(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         try:
-            if trial.trial_id in self.recorded:
+            if self._is_recorded(trial):
+                self.replayed += 1
                 return
             index = self._index()
             error = ""
@@ -135,7 +144,7 @@ class TrialRecorder(tune.Callback):
                 kind, tags = self._tags(trial, {})
             except Exception:
                 kind, tags = "trial", {"secateurs.ray_trial_id": trial.trial_id}
-            self.tracker.log_failed_trial(index, policy, error, tags=tags, kind=kind)
+            self.tracker.log_failed_trial(index, policy, error, tags=tags, kind=kind, sampled=sampled_params(trial.config))
             self.recorded.add(trial.trial_id)
             self.num_failed += 1
             self.since_improvement += 1

@@ -107,8 +107,8 @@ class ScreeningScheduler(FIFOScheduler):
         return config.get(ORIGIN) in self.references
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if result.get("fidelity") != 0:
-            return TrialScheduler.CONTINUE
+        if result.get("fidelity") != 0 or result.get("replayed"):
+            return TrialScheduler.CONTINUE  # a replayed result is already in the recorded history
         point = tuple(float(result[m]) for m in frontier.OBJECTIVES)
         verdict = dominated(point, self.screened)
         self.screened.append(point)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +21,7 @@ from spaces import Policy
 KIND = "secateurs.kind"
 PARETO = "secateurs.pareto"
 PARENT = "mlflow.parentRunId"
+SAMPLED = "sampled.json"  # a trial run's artifact: the parameters the sampler chose
 TRIAL_METRICS = ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms", "size_mb", "macs", "params")
 
 
@@ -133,6 +135,32 @@ class SearchTracker:
             })
         return rows, failed, seen
 
+    def recorded_trials(self) -> list[tuple[str, dict[str, Any]]]:
+        """What a resumed search replays of the trials MLflow holds, in trial order: each one's Ray
+        trial id and its record, ``{"metrics": ..., "origin": ..., "sampled": ...}`` for a completed
+        trial or ``{"error": ..., ...}`` for a failed one. ``origin`` is the baseline or seed it
+        evaluated (else None); ``sampled`` its sampled parameters (None if not recorded)."""
+        recorded = []
+        runs = sorted(self.child_runs("trial", "baseline"), key=lambda r: int(r.data.tags.get("secateurs.trial", 0)))
+        with tempfile.TemporaryDirectory() as tmp:
+            for run in runs:
+                tags = run.data.tags
+                ray_id = tags.get("secateurs.ray_trial_id")
+                if not ray_id:
+                    continue
+                record: dict[str, Any] = {"origin": tags.get("secateurs.baseline") or tags.get("secateurs.seed"), "sampled": None}
+                if run.info.status == "FINISHED":
+                    record["metrics"] = dict(run.data.metrics)
+                else:
+                    record["error"] = tags.get("secateurs.error", "unknown error")
+                try:
+                    path = self.client.download_artifacts(run.info.run_id, SAMPLED, tmp)
+                    record["sampled"] = json.loads(Path(path).read_text())
+                except Exception:  # recorded before sampled.json existed, or cut off while logging
+                    pass
+                recorded.append((ray_id, record))
+        return recorded
+
     def _child(self, run_name: str, kind: str, tags: Mapping[str, str] | None = None) -> str:
         if self.parent_run_id is None:
             raise RuntimeError("start_search() must be called before logging child runs")
@@ -153,20 +181,28 @@ class SearchTracker:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
-    def log_trial(self, index: int, policy: Policy, metrics: Mapping[str, float], tags: Mapping[str, str] | None = None, kind: str = "trial") -> str:
+    def log_trial(self, index: int, policy: Policy, metrics: Mapping[str, float], tags: Mapping[str, str] | None = None, kind: str = "trial",
+                  sampled: Mapping[str, Any] | None = None) -> str:
+        """One completed trial's run; ``sampled``: the parameters the sampler chose, kept (``sampled.json``)
+        so that a resumed search can tell the sampler about this trial again."""
         run_id = self._child(f"{kind}-{index:04d}", kind, {"secateurs.trial": str(index), **(tags or {})})
         self.client.log_batch(run_id, params=_params(policy, self.group_names or sorted(policy.ratios)))
         self._log_metrics(run_id, metrics)
         self.client.log_text(run_id, policy.to_json(), "policy.json")
+        if sampled is not None:
+            self.client.log_text(run_id, json.dumps(dict(sampled)), SAMPLED)
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
-    def log_failed_trial(self, index: int, policy: Policy | None, error: str, tags: Mapping[str, str] | None = None, kind: str = "trial") -> str:
+    def log_failed_trial(self, index: int, policy: Policy | None, error: str, tags: Mapping[str, str] | None = None, kind: str = "trial",
+                         sampled: Mapping[str, Any] | None = None) -> str:
         summary = error.strip().splitlines()[-1][:500] if error.strip() else "unknown error"
         run_id = self._child(f"{kind}-{index:04d}", kind, {"secateurs.trial": str(index), "secateurs.error": summary, **(tags or {})})
         if policy is not None:
             self.client.log_batch(run_id, params=_params(policy, self.group_names or sorted(policy.ratios)))
             self.client.log_text(run_id, policy.to_json(), "policy.json")
+        if sampled is not None:
+            self.client.log_text(run_id, json.dumps(dict(sampled)), SAMPLED)
         self.client.log_text(run_id, error or summary, "error.txt")
         self.client.set_terminated(run_id, "FAILED")
         return run_id

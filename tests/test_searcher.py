@@ -121,3 +121,62 @@ def test_without_a_budget_of_fine_tunes_the_searcher_never_waits():
         sampler=optuna.samplers.RandomSampler(seed=0), constraints=[], dense=DENSE,
     )
     assert all(isinstance(searcher.suggest(f"t{i}"), dict) for i in range(5))
+
+
+def test_a_restored_searcher_replays_the_recorded_trials_its_checkpoint_never_saw(tmp_path):
+    """Ray checkpoints the searcher every so often; MLflow records every trial. On resume, the
+    recorded trials the checkpoint does not know of are suggested again, with their recorded
+    parameters and a replay mark, before anything new: counted once, never sampled afresh."""
+    from ray.tune.search import Searcher
+
+    from search.searcher import ORIGIN, REPLAY, RecordedTrial, sampled_params
+
+    s = space()
+    first = reference_points(s, None, None, ["uniform"], [0.5, 0.2])
+
+    def make():
+        return SecateursSearch(
+            space=s, metric=["accuracy", "latency_ms", "size_mb"], mode=["max", "min", "min"],
+            sampler=optuna.samplers.RandomSampler(seed=0), points_to_evaluate=[b.point for b in first],
+            origins=[b.name for b in first], constraints=[], dense=DENSE, fine_tunes=3, exempt=2,
+        )
+
+    result = {"accuracy": 0.8, "latency_ms": 1.0, "size_mb": 0.5, "fidelity": 1}
+    searcher = make()
+    b1 = searcher.suggest("b1")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Ray's last checkpoint: it knows of b1 only
+    b2, t1, t2 = (searcher.suggest(t) for t in ("b2", "t1", "t2"))
+    searcher.on_trial_complete("b1", result=result)
+    searcher.on_trial_complete("b2", result=result)
+    searcher.on_trial_complete("t1", result=result)
+    # ... killed; MLflow holds b1, b2 and t1 (t2 was running)
+    recorded = [RecordedTrial("b1", origin=first[0].name), RecordedTrial("b2", origin=first[1].name),
+                RecordedTrial("t1", sampled=sampled_params(t1))]
+
+    resumed = make()
+    resumed.replay_recorded(recorded)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    # Ray re-runs b1 (its checkpoint had it running) under its own id; the trainable replays it
+    again = [resumed.suggest(t) for t in ("n1", "n2", "n3")]
+    assert again[0][ORIGIN] == first[1].name and again[0][REPLAY] == "b2"
+    assert sampled_params(again[1]) == sampled_params(t1) and again[1][REPLAY] == "t1" and ORIGIN not in again[1]
+    assert REPLAY not in again[2] and ORIGIN not in again[2]  # sampled afresh: t2's run was lost
+    assert resumed.replayed == 2
+    for trial_id in ("b1", "n1", "n2", "n3"):
+        resumed.on_trial_complete(trial_id, result=result)
+    # the fine-tune budget counts t1 (replayed) and n3 once each: one more to go, then finished
+    assert isinstance(resumed.suggest("n4"), dict)
+    resumed.on_trial_complete("n4", result=result)
+    assert resumed.suggest("n5") == Searcher.FINISHED
+    # the sampler was told each trial once: b1, b2 and t1 (the last two as replays), n3, n4
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in resumed._ot_study.trials) == 5
+
+
+def test_a_trial_recorded_as_failed_is_replayed_as_a_failure_without_any_work():
+    from search.searcher import REPLAY
+    from search.trainable import ReplayedFailure, TrialContext, run_trial
+
+    context = TrialContext(space=None, task=None, checkpoint=b"", finetune=None, measure=None, dense_accuracy=0.9,
+                           dense_params=1, replay={"old-id": {"error": "CUDA out of memory"}})
+    with pytest.raises(ReplayedFailure, match="recorded as failed before the resume: CUDA out of memory"):
+        run_trial({REPLAY: "old-id", "ratio.a": 0.5}, context)  # no space, task or checkpoint is touched
