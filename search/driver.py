@@ -13,10 +13,8 @@ from typing import Any, Callable
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1e9")
-# Snapshot Tune's experiment state after every trial (default: at most every 10 s), so that a
-# driver killed hard loses no finished trial on --resume.
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+# Tune snapshots its experiment state at its own pace (every 10 s or more); --resume replays from
+# MLflow what finished after the last snapshot (search.searcher.SecateursSearch).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import optuna
