@@ -15,6 +15,9 @@ trial, over the same space (ratios 0..0.7 in steps of 0.05, l1/l2/random):
   same number of *fine-tuned* trials as the other methods (``search.screening.fine_tunes``: the
   sampled trials screened out do not count, up to 3x as many sampled), so screening's savings buy
   more candidates; more compute than ``secateurs_mf``, reported;
+- ``secateurs_mf_tpe_ft_w`` / ``random_w``: ``secateurs_mf_tpe_ft`` / ``random`` with
+  ``space.round_to: [1, 8]`` (the sampler also picks whether widths are kept multiples of 8);
+  ``uniform_r8``: the uniform sweep with every width a multiple of 8;
 - ``secateurs_lat`` / ``secateurs_lat_tpe``: ``secateurs_mf`` / ``secateurs_mf_tpe`` with latency
   seeds (``seed_latency: [0.8, 0.6, 0.4]``: the sensitivity path, pruned where the proxy loses
   least per millisecond saved, timed) instead of the proxy-drop seeds.
@@ -69,6 +72,12 @@ def methods(trials: int, high: float) -> dict[str, list[str]]:
                             f"search.screening={{warmup: 4, fine_tunes: {trials - default_baselines}}}"],
         "secateurs_mf_tpe_ft": [f"search.num_trials={3 * trials}", "search.sampler=tpe", "search.sensitivity={}",
                                 f"search.screening={{warmup: 4, fine_tunes: {trials - default_baselines}}}"],
+        # kernel-friendly widths: the search chooses round_to 1 or 8 per policy (random over the same
+        # space); uniform_r8 is the hand-made sweep with every width a multiple of 8
+        "uniform_r8": ["search.num_trials=0", "search.baselines=[uniform]", f"search.baseline_ratios={levels}", "space.round_to=8"],
+        "random_w": [f"search.num_trials={trials}", "search.sampler=random", "search.baselines=[]", "space.round_to=[1, 8]"],
+        "secateurs_mf_tpe_ft_w": [f"search.num_trials={3 * trials}", "search.sampler=tpe", "search.sensitivity={}",
+                                  f"search.screening={{warmup: 4, fine_tunes: {trials - default_baselines}}}", "space.round_to=[1, 8]"],
         "secateurs_lat": [f"search.num_trials={trials - default_baselines}", "search.sampler=nsga2",
                           f"search.sensitivity={{{LATENCY_SEEDS}}}", "search.screening={warmup: 4}"],
         "secateurs_lat_tpe": [f"search.num_trials={trials - default_baselines}", "search.sampler=tpe",

@@ -53,7 +53,7 @@ def _timed(config: Config, checkpoint_ref: Any, policies: dict[Any, Policy]) -> 
 
 def _template(space: SearchSpace) -> Policy:
     return Policy(criterion=space.config.criteria[0], ratios={}, granularity=space.config.granularity[0],
-                  round_to=space.config.round_to, min_channels=space.config.min_channels,
+                  round_to=space.config.round_to_choices[0], min_channels=space.config.min_channels,
                   group_min_channels=space.group_min_channels, seed=space.seed, nm_block=space.config.nm_block)
 
 

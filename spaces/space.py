@@ -158,13 +158,18 @@ class SpaceConfig:
     granularity: list[str] = dataclasses.field(default_factory=lambda: ["channel"])
     criteria: list[str] = dataclasses.field(default_factory=lambda: ["l1", "l2", "random"])
     ratio: RatioRange = dataclasses.field(default_factory=RatioRange)
-    round_to: int = 1
+    round_to: int | list[int] = 1  # a list: searched, as the parameter round_to (first = the default)
     min_channels: int = 1
     rules: list[Rule] = dataclasses.field(default_factory=list)
     scope: str = "layer"
     nm_block: int = 4
     finetune_lr: list[float] | None = None  # [low, high]: search the fine-tune learning rate (log-uniform)
     finetune_optimizers: list[str] = dataclasses.field(default_factory=list)  # search the optimizer among these
+
+    @property
+    def round_to_choices(self) -> list:
+        """``round_to`` as the list searched among (one entry when it is fixed)."""
+        return list(self.round_to) if isinstance(self.round_to, (list, tuple)) else [self.round_to]
 
     def __post_init__(self) -> None:
         if not self.granularity:
@@ -178,8 +183,9 @@ class SpaceConfig:
             raise ValueError("criteria: must list at least one criterion")
         if self.finetune_lr is not None and (len(self.finetune_lr) != 2 or not 0 < self.finetune_lr[0] <= self.finetune_lr[1] < math.inf):
             raise ValueError(f"finetune_lr: must be [low, high] with 0 < low <= high, but got {self.finetune_lr!r}")
-        if self.round_to < 1:
-            raise ValueError(f"round_to: must be >= 1, but got {self.round_to}")
+        choices = self.round_to_choices
+        if not choices or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in choices) or len(set(choices)) != len(choices):
+            raise ValueError(f"round_to: must be an integer >= 1, or a list of distinct ones to search among, but got {self.round_to!r}")
         if self.min_channels < 1:
             raise ValueError(f"min_channels: must be >= 1, but got {self.min_channels}")
         if self.nm_block < 2:
@@ -366,6 +372,8 @@ class SearchSpace:
         for d in self._dims[chosen["granularity"]]:
             if d.range is not None:
                 trial.suggest_float(RATIO_PREFIX + d.group, d.range.low, d.range.high, step=d.range.step)
+        if len(self.config.round_to_choices) > 1:  # channel counts the kernels may prefer (multiples of 8, ...)
+            trial.suggest_categorical("round_to", self.config.round_to_choices)
         if self.config.finetune_lr is not None:
             low, high = self.config.finetune_lr
             trial.suggest_float(FINETUNE_PREFIX + "lr", float(low), float(high), log=True)
@@ -396,7 +404,7 @@ class SearchSpace:
             criterion=params.get("criterion") or self.config.criteria[0],
             granularity=granularity,
             ratios=ratios,
-            round_to=self.config.round_to,
+            round_to=int(params.get("round_to") or self.config.round_to_choices[0]),
             min_channels=self.config.min_channels,
             group_min_channels=self.group_min_channels,
             seed=self.seed,

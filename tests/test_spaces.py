@@ -623,3 +623,43 @@ def test_fine_tune_knobs_are_searched_and_travel_in_the_policy():
 def test_policy_rejects_bad_fine_tune_knobs(finetune, message):
     with pytest.raises(ValueError, match=message):
         Policy(criterion="l1", ratios={}, finetune=finetune)
+
+
+def test_a_list_of_round_to_is_searched_and_the_pruned_widths_follow_it():
+    import copy
+
+    import torch
+
+    from evaluators.pruning import prune
+    from search.baselines import reference_points
+
+    space = SearchSpace(SpaceConfig(criteria=["l1"], ratio=RatioRange(0.1, 0.6, 0.05), round_to=[1, 8]), GROUPS)
+    study = _study(5)
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        constants = space(trial)
+        policy = space.policy({**trial.params, **constants})
+        assert policy.round_to == trial.params["round_to"]
+        seen.add(policy.round_to)
+    assert seen == {1, 8}
+    fixed = SearchSpace(SpaceConfig(criteria=["l1"], round_to=8), GROUPS)
+    trial = study.ask()
+    constants = fixed(trial)
+    assert "round_to" not in trial.params and "round_to" not in constants
+    assert fixed.policy({**trial.params, **constants}).round_to == 8
+    # the baselines are points of the space: at its first round_to
+    assert all(b.point["round_to"] == 1 for b in reference_points(space, None, None, ["uniform"], [0.5]))
+    # and the widths a policy keeps are multiples of its round_to
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3), torch.nn.ReLU(), torch.nn.Conv2d(24, 8, 3))
+    for round_to, kept in ((1, 15), (8, 16)):
+        policy = Policy(criterion="l1", ratios={"0": 0.4}, round_to=round_to)
+        pruned = copy.deepcopy(model)
+        prune(policy, pruned, torch.randn(1, 3, 8, 8))
+        assert pruned[0].out_channels == kept
+
+
+@pytest.mark.parametrize("round_to", [0, [], [8, 8], [1, 0], True, 2.5])
+def test_bad_round_to_is_refused_naming_the_field(round_to):
+    with pytest.raises(ValueError, match="round_to: must be an integer >= 1, or a list of distinct ones"):
+        SpaceConfig(round_to=round_to)
