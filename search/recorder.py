@@ -73,9 +73,25 @@ class TrialRecorder(tune.Callback):
         self.constraints = list(constraints)
         self.baselines = {b.name: b for b in baselines}
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
-        self.best_hypervolume = normalised_hypervolume(self._feasible(), self.dense)
-        self.since_improvement = 0
+        self.best_hypervolume, self.since_improvement = self._plateau()
         self.replayed = 0  # trials MLflow held already, replayed by a resumed search
+
+    def _plateau(self) -> tuple[float, int]:
+        """The best hypervolume of the recorded trials and how many trials in a row since it last
+        grew, as the search counted them live (a failed trial counts as one that did not grow it),
+        so that ``search.patience`` goes on counting across a resume."""
+        by_index = {int(row["trial"]): row for row in self.rows}
+        best, since, seen = 0.0, 0, []
+        for index in range(1, len(self.rows) + self.num_failed + 1):
+            if index in by_index:
+                seen.append(by_index[index])
+                table = pd.DataFrame(seen)
+                hv = normalised_hypervolume(table[feasible_mask(table)], self.dense)
+                if hv > best + 1e-12:
+                    best, since = hv, 0
+                    continue
+            since += 1
+        return best, since
 
     def _index(self) -> int:
         return len(self.rows) + self.num_failed + 1

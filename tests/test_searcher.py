@@ -180,3 +180,22 @@ def test_a_trial_recorded_as_failed_is_replayed_as_a_failure_without_any_work():
                            dense_params=1, replay={"old-id": {"error": "CUDA out of memory"}})
     with pytest.raises(ReplayedFailure, match="recorded as failed before the resume: CUDA out of memory"):
         run_trial({REPLAY: "old-id", "ratio.a": 0.5}, context)  # no space, task or checkpoint is touched
+
+
+def test_the_hypervolume_plateau_count_goes_on_across_a_resume():
+    from types import SimpleNamespace
+
+    from search.recorder import TrialRecorder
+
+    def row(trial, accuracy, latency, **extra):
+        return {"trial": trial, "kind": "trial", "accuracy": accuracy, "latency_ms": latency, "size_mb": 0.5, **extra}
+
+    rows = [row(1, 0.80, 1.5), row(2, 0.85, 1.0),  # each grows the hypervolume
+            row(3, 0.70, 1.8), row(5, 0.60, 1.9),  # dominated by trial 2; trial 4 failed
+            row(6, 0.99, 0.1, fidelity=0)]  # screened out: never on the frontier
+    tracker = SimpleNamespace(trial_table=lambda: (rows, 1, set()))
+    recorder = TrialRecorder(tracker, None, 10, print, dense=DENSE)
+    assert recorder.since_improvement == 4  # trials 3, 4 (failed), 5 and 6
+    assert recorder.best_hypervolume > 0
+    rows.append(row(7, 0.9, 0.5))
+    assert TrialRecorder(tracker, None, 10, print, dense=DENSE).since_improvement == 0
