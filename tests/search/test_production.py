@@ -32,7 +32,7 @@ from search.production import compare_tables, pick, plot_compare
 from search.ui import check_ui, ui_argv
 from spaces import Policy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 OBJECTIVES = list(frontier.OBJECTIVES)
 

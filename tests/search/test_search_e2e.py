@@ -16,7 +16,7 @@ from search.config import validate
 from search.driver import run_search
 from spaces import Policy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 

@@ -7,7 +7,7 @@ ratio / metric columns, expand the parent run, sort by a metric, filter the Pare
 them (parallel coordinates, scatter) and open the parent run's ``frontier.png``.
 
 Skipped when Chromium or the ``playwright`` package is missing (``.ci/run`` installs Chromium).
-``SECATEURS_UI_SCREENSHOTS=docs/img pytest tests/test_ui_browser.py`` refreshes the screenshots
+``SECATEURS_UI_SCREENSHOTS=docs/img pytest tests/search/test_ui_browser.py`` refreshes the screenshots
 of docs/mlflow_ui.md; otherwise they are written under pytest's temporary directory.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SECATEURS_CHROMIUM", "/usr/bin/chromium")
 
 pytestmark = [

@@ -15,7 +15,7 @@ from evaluators.models import MODELS
 from evaluators.tasks import TaskConfig, make_cifar10_task, make_fashion_mnist_task, make_sst2_task
 from spaces import Policy
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FASHION_DIR = datasets.FASHION_MNIST_SYSTEM_DIR
 
 

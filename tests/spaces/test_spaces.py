@@ -16,7 +16,7 @@ from spaces.space import RATIO_PREFIX
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 GROUPS = [
     PrunableGroup("features.0", "conv", 32),

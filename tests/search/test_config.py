@@ -11,7 +11,7 @@ import yaml
 from search.cli import main
 from search.config import Config, ConfigError, load_config, parse_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
