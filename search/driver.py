@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -33,7 +33,7 @@ from search.samplers import make_sampler
 from search.constraints import parse_all
 from search.recorder import REPORTED as _REPORTED
 from search.recorder import HypervolumePlateau, TrialRecorder, feasible_mask, normalised_hypervolume
-from search import sensitivity
+from search import records, sensitivity
 from search.baselines import Baseline, reference_points
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import RecordedTrial, SecateursSearch
@@ -52,8 +52,8 @@ class SearchResult:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    trials: pd.DataFrame      # one row per completed trial (run_id, trial, policy, metrics, pareto)
-    frontier: pd.DataFrame    # the non-dominated rows of ``trials``
+    trials: pd.DataFrame      # one row per completed trial (run_id, trial, kind, metrics, ratio.<group>, pareto)
+    frontier: pd.DataFrame    # the non-dominated rows of ``trials``, with ``policy`` (the policy.json each ran)
     dense: dict[str, float]
     num_failed: int
     wall_s: float
@@ -260,9 +260,10 @@ def resume_search(
     if not experiment_path or not tune.Tuner.can_restore(experiment_path):
         raise ConfigError(f"--resume: the Ray Tune state of run {run_id} ({experiment_path or 'not recorded'}) is missing; cannot resume")
     dense_runs = tracker.child_runs("dense")
-    if not dense_runs:
+    if not len(dense_runs):
         raise ConfigError(f"--resume: run {run_id} has no dense reference run; cannot resume")
-    prepared = _prepare(config, out, checkpoint=dense_runs[0].data.tags["secateurs.checkpoint"])
+    dense_run = dense_runs.iloc[0]
+    prepared = _prepare(config, out, checkpoint=dense_run["tags.secateurs.checkpoint"])
     with tempfile.TemporaryDirectory() as tmp:
         logged = json.loads(Path(tracker.client.download_artifacts(run_id, "baselines.json", tmp)).read_text())
     prepared.first = [Baseline.from_dict(b) for b in logged]
@@ -271,7 +272,7 @@ def resume_search(
         raise ConfigError(f"--resume: search {run_id} already finished ({len(done) + failed} of {_budget(config, prepared)} "
                           "trials recorded); nothing to resume")
     tracker.group_names = [g.name for g in prepared.space.groups]
-    dense = dict(dense_runs[0].data.metrics)
+    dense = {k: float(v) for k, v in records.row_values(dense_run, "metrics.").items()}
     config_name = parent.data.tags.get("secateurs.config_name", "search")
     out(f"resuming search {run_id}: {len(done)} trials completed, {failed} failed, budget {_budget(config, prepared)}")
     tracker.set_running()
@@ -368,7 +369,7 @@ def _run(config, tracker, prepared, dense, config_name, make_tuner, started, out
             ray.shutdown()
         if status == "FINISHED" and config.search.remeasure:
             _remeasure_frontier(config, tracker, prepared, dense, out)
-        result = _finish(tracker, prepared.space, dense, config_name, status, started, out)
+        result = _finish(tracker, dense, config_name, status, started, out)
     return result
 
 
@@ -379,8 +380,7 @@ def _remeasure_frontier(config: Config, tracker: SearchTracker, prepared: _Prepa
     New timings can reshape the frontier. Then the dense model and the new frontier are timed
     together again (at most ``passes`` times), so that the reported frontier and the dense latency
     it is compared with come from one measurement."""
-    params = {run.info.run_id: run.data.params for run in tracker.child_runs("trial", "baseline")}
-    dense_run = tracker.child_runs("dense")[0]
+    dense_run_id = tracker.child_runs("dense").iloc[0]["run_id"]
     dense_in_search = dense["latency_ms"]
     in_search: dict[str, float] = {}
     timed: set[str] = set()
@@ -395,14 +395,13 @@ def _remeasure_frontier(config: Config, tracker: SearchTracker, prepared: _Prepa
         if set(front["run_id"]) <= timed:
             return
         out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
-        policies = {"dense": Policy(criterion=config.space.criteria[0], ratios={})}
+        policies = {"dense": Policy(criterion=config.space.criteria[0], ratios={}), **tracker.policies(list(front["run_id"]))}
         for row in front.itertuples():
-            policies[row.run_id] = Policy.from_json(_policy_json(row, params[row.run_id], prepared.space))
             in_search.setdefault(row.run_id, row.latency_ms)
         fresh = measure_latencies(policies, prepared.task, prepared.checkpoint, config.measure)
         dense_fresh = fresh.pop("dense")
         dense.update(dense_fresh)
-        tracker.update_metrics(dense_run.info.run_id, {**dense_fresh, "latency_ms_in_search": dense_in_search})
+        tracker.update_metrics(dense_run_id, {**dense_fresh, "latency_ms_in_search": dense_in_search})
         for run_id, metrics in fresh.items():
             tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
         timed = set(fresh)
@@ -417,20 +416,10 @@ def _quiet() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
-def _policy_json(row: pd.Series, params: dict[str, str], space: SearchSpace) -> str:
-    values: dict[str, Any] = {k: float(v) for k, v in params.items() if k.startswith("ratio.")}
-    values["criterion"] = params.get("policy.criterion")
-    values["granularity"] = params.get("policy.granularity")
-    values.update({k: (float(v) if k == "finetune.lr" else v) for k, v in params.items() if k.startswith("finetune.")})
-    return space.policy(values).to_json()
-
-
-def _finish(tracker: SearchTracker, space: SearchSpace, dense: dict[str, float], config_name: str, status: str, started: float, out: Callable[[str], None]) -> SearchResult:
+def _finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, status: str, started: float, out: Callable[[str], None]) -> SearchResult:
     rows, num_failed, _ = tracker.trial_table()  # MLflow is the record: the frontier is computed from it
     trials = pd.DataFrame(rows, columns=None if rows else ["run_id", "trial", "criterion", *frontier.OBJECTIVES])
     if len(trials):
-        params = {run.info.run_id: run.data.params for run in tracker.child_runs("trial", "baseline")}
-        trials["policy"] = [_policy_json(row, params[row.run_id], space) for row in trials.itertuples()]
         trials = trials.sort_values("trial").reset_index(drop=True)
         feasible = feasible_mask(trials)
         trials["pareto"] = False
@@ -438,6 +427,8 @@ def _finish(tracker: SearchTracker, space: SearchSpace, dense: dict[str, float],
             trials.loc[feasible, "pareto"] = frontier.frontier_table(trials[feasible])["pareto"].to_numpy()
         tracker.tag_pareto(dict(zip(trials["run_id"], trials["pareto"].astype(bool))))
         front = trials[trials["pareto"]].sort_values("latency_ms").reset_index(drop=True)
+        policies = tracker.policies(list(front["run_id"]))  # the policies the frontier's trials ran (policy.json)
+        front["policy"] = [policies[run_id].to_json() for run_id in front["run_id"]]
     else:
         front = trials
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,6 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +22,9 @@ from mlflow.tracking import MlflowClient
 
 from search import frontier
 from search.config import Config, ConfigError, validate
-from search.tracking import KIND, PARENT, PARETO, TRIAL_METRICS, resolve_tracking_uri
+from search import records
+from search.records import KIND, PARENT, TRIAL_METRICS
+from search.tracking import resolve_tracking_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars around one small file
 
@@ -76,20 +77,6 @@ def check_store(tracking_uri: str) -> None:
                                   "run a search first or pass --tracking-uri")
 
 
-def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _children(client: MlflowClient, experiment_id: str, parent_id: str, kind: str) -> list:
-    return _all_runs(client, experiment_id, f"tags.`{PARENT}` = '{parent_id}' and tags.`{KIND}` = '{kind}'")
-
-
 def get_search_run(client: MlflowClient, run_id: str):
     """The parent run ``run_id``; a missing run or one that is not a search raises :class:`ProductionError`."""
     try:
@@ -106,26 +93,20 @@ def get_search_run(client: MlflowClient, run_id: str):
     return run
 
 
-def _trial_rows(runs: list) -> pd.DataFrame:
-    rows = []
-    for run in runs:
-        metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
-        if run.info.status != "FINISHED" or not all(m in metrics for m in frontier.OBJECTIVES):
-            continue  # failed trials have no metrics
-        row: dict[str, Any] = {
-            "run_id": run.info.run_id,
-            "trial": int(tags.get("secateurs.trial", 0)),
-            "kind": tags.get(KIND, "trial"),
-            "criterion": params.get("policy.criterion", ""),
-        }
-        row.update({m: metrics.get(m, math.nan) for m in (*TRIAL_METRICS, "param_sparsity")})
-        row["feasible"] = metrics.get("feasible", 1.0) != 0
-        row.update({m: int(metrics[m]) for m in ("macs", "params") if m in metrics})
-        row.update({k: float(v) for k, v in sorted(params.items()) if k.startswith("ratio.")})
-        row["pareto_tag"] = tags.get(PARETO)
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    return table.sort_values("trial", kind="stable").reset_index(drop=True) if len(table) else table
+def _trial_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """The completed trials with every objective (failed ones have no metrics), in trial order."""
+    table, _ = records.trial_table(runs)
+    if not len(table):
+        return table
+    for metric in (*TRIAL_METRICS, "param_sparsity"):
+        if metric not in table:
+            table[metric] = math.nan
+    table = table[table[list(frontier.OBJECTIVES)].notna().all(axis=1)].copy()
+    table["feasible"] = table["feasible"].fillna(1.0) != 0 if "feasible" in table else True
+    for metric in ("macs", "params"):
+        if table[metric].notna().all():
+            table[metric] = table[metric].astype(int)
+    return table.sort_values("trial", kind="stable").reset_index(drop=True)
 
 
 def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
@@ -149,12 +130,12 @@ def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
         config = validate(yaml.safe_load(config_yaml))
     except ConfigError as exc:
         raise ProductionError(f"the config.yaml of search {run_id} no longer validates: {exc}") from None
-    dense_runs = _children(client, experiment_id, run_id, "dense")
-    if not dense_runs:
+    dense_runs = records.child_runs(uri, experiment_id, run_id, "dense")
+    if not len(dense_runs):
         raise ProductionError(f"search {run_id} has no dense run (tag {KIND}=dense): it was not recorded by secateurs search")
-    dense_run = dense_runs[0]
+    dense_run = dense_runs.iloc[0]
     # Baselines (uniform policies the search evaluates first) compete for the frontier like trials.
-    trials = _trial_rows(_children(client, experiment_id, run_id, "trial") + _children(client, experiment_id, run_id, "baseline"))
+    trials = _trial_rows(records.child_runs(uri, experiment_id, run_id, "trial", "baseline"))
     tagged = bool(len(trials)) and trials["pareto_tag"].notna().all()
     if len(trials):
         if tagged:
@@ -171,8 +152,8 @@ def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
         experiment_id=experiment_id,
         status=run.info.status,
         config=config,
-        dense=dict(dense_run.data.metrics),
-        checkpoint=dense_run.data.tags.get("secateurs.checkpoint", ""),
+        dense={k: float(v) for k, v in records.row_values(dense_run, "metrics.").items()},
+        checkpoint=records.row_values(dense_run, "tags.").get("secateurs.checkpoint", ""),
         trials=trials,
         pareto_from_tags=tagged,
     )

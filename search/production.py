@@ -13,21 +13,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from evaluators.checkpoint import CheckpointError, load_dense
 from evaluators.measure import torch_threads
 from evaluators.tasks import make_task
 from evaluators.trial import measure_model, prune_and_finetune
-from search import frontier
+from search import frontier, records
 from search.export import (
     check_out_dir, model_card, model_identity, publish, stage_export, staging_dir, write_json,
 )
@@ -174,11 +172,10 @@ class PickResult:
 
 
 def trial_policy(client: MlflowClient, run_id: str) -> Policy:
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return Policy.from_json(Path(client.download_artifacts(run_id, "policy.json", tmp)).read_text())
-        except (MlflowException, OSError, ValueError) as exc:
-            raise ProductionError(f"trial run {run_id} has no readable policy.json: {exc}") from None
+    try:
+        return records.read_policy(client, run_id)
+    except LookupError as exc:
+        raise ProductionError(f"trial {exc}") from None
 
 
 def _reason(record: SearchRecord, constraints: Constraints, prefer: str, trial: str | None) -> str:

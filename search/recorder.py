@@ -13,7 +13,8 @@ from search import frontier
 from search.baselines import Baseline
 from search.constraints import Constraint, violations
 from search.searcher import ORIGIN, REPLAY, sampled_params
-from search.tracking import TRIAL_METRICS, SearchTracker
+from search.records import TRIAL_METRICS
+from search.tracking import SearchTracker
 from spaces import SearchSpace
 
 REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prune_s", "time_finetune_s", "time_measure_s", "onnx_max_abs_diff", "bn_recalibration_batches", "fidelity", "screening_accuracy"}

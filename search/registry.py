@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from search.export import MODEL_CLASS_TAG, TASK_TAG
 from search.pick import ProductionError
-from search.tracking import KIND, PARENT
+from search.records import KIND, PARENT
 
 DEFAULT_ALIAS = "candidate"
 

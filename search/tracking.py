@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from search import records
+from search.records import KIND, PARENT, PARETO, POLICY, SAMPLED
 from spaces import Policy
-
-KIND = "secateurs.kind"
-PARETO = "secateurs.pareto"
-PARENT = "mlflow.parentRunId"
-SAMPLED = "sampled.json"  # a trial run's artifact: the parameters the sampler chose
-TRIAL_METRICS = ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms", "size_mb", "macs", "params")
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -106,34 +102,22 @@ class SearchTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def child_runs(self, *kinds: str) -> list:
-        """The search's child runs of the given kinds (``trial``, ``baseline``, ``dense``), oldest first."""
-        runs = []
-        for kind in kinds:  # MLflow's filter has no IN for tags
-            runs += self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{PARENT}` = '{self.parent_run_id}' and tags.`{KIND}` = '{kind}'",
-                max_results=50000,
-            )
-        return sorted(runs, key=lambda run: (run.info.start_time, int(run.data.tags.get("secateurs.trial", 0))))
+    def child_runs(self, *kinds: str) -> pd.DataFrame:
+        """The search's child runs of the given kinds (``trial``, ``baseline``, ``dense``) in trial
+        order, as :func:`search.records.child_runs` reads them."""
+        return records.child_runs(self.tracking_uri, self.experiment_id, self.parent_run_id, *kinds)
 
     def trial_table(self) -> tuple[list[dict[str, Any]], int, set[str]]:
         """What MLflow holds of the search's trials: rows of the completed ones, the number that
         failed, and the Ray trial ids already recorded."""
-        rows, failed, seen = [], 0, set()
-        for run in self.child_runs("trial", "baseline"):
-            seen.add(run.data.tags.get("secateurs.ray_trial_id", ""))
-            if run.info.status != "FINISHED":
-                failed += 1
-                continue
-            rows.append({
-                "run_id": run.info.run_id,
-                "trial": int(run.data.tags.get("secateurs.trial", 0)),
-                "kind": run.data.tags.get(KIND),
-                "criterion": run.data.params.get("policy.criterion"),
-                **{k: v for k, v in run.data.metrics.items()},
-            })
-        return rows, failed, seen
+        runs = self.child_runs("trial", "baseline")
+        table, failed = records.trial_table(runs)
+        seen = set(runs.get("tags.secateurs.ray_trial_id", pd.Series(dtype=object)).fillna(""))
+        return table.drop(columns=["pareto_tag"], errors="ignore").to_dict("records"), failed, seen
+
+    def policies(self, run_ids: list[str]) -> dict[str, Policy]:
+        """The policies trial runs ran (their ``policy.json``)."""
+        return records.read_policies(self.client, run_ids)
 
     def recorded_trials(self) -> list[tuple[str, dict[str, Any]]]:
         """What a resumed search replays of the trials MLflow holds, in trial order: each one's Ray
@@ -141,24 +125,18 @@ class SearchTracker:
         trial or ``{"error": ..., ...}`` for a failed one. ``origin`` is the baseline or seed it
         evaluated (else None); ``sampled`` its sampled parameters (None if not recorded)."""
         recorded = []
-        runs = sorted(self.child_runs("trial", "baseline"), key=lambda r: int(r.data.tags.get("secateurs.trial", 0)))
-        with tempfile.TemporaryDirectory() as tmp:
-            for run in runs:
-                tags = run.data.tags
-                ray_id = tags.get("secateurs.ray_trial_id")
-                if not ray_id:
-                    continue
-                record: dict[str, Any] = {"origin": tags.get("secateurs.baseline") or tags.get("secateurs.seed"), "sampled": None}
-                if run.info.status == "FINISHED":
-                    record["metrics"] = dict(run.data.metrics)
-                else:
-                    record["error"] = tags.get("secateurs.error", "unknown error")
-                try:
-                    path = self.client.download_artifacts(run.info.run_id, SAMPLED, tmp)
-                    record["sampled"] = json.loads(Path(path).read_text())
-                except Exception:  # recorded before sampled.json existed, or cut off while logging
-                    pass
-                recorded.append((ray_id, record))
+        for _, run in self.child_runs("trial", "baseline").iterrows():
+            tags = records.row_values(run, "tags.")
+            ray_id = tags.get("secateurs.ray_trial_id")
+            if not ray_id:
+                continue
+            record: dict[str, Any] = {"origin": tags.get("secateurs.baseline") or tags.get("secateurs.seed"),
+                                      "sampled": records.read_sampled(self.client, run["run_id"])}
+            if run["status"] == "FINISHED":
+                record["metrics"] = {k: float(v) for k, v in records.row_values(run, "metrics.").items()}
+            else:
+                record["error"] = tags.get("secateurs.error", "unknown error")
+            recorded.append((ray_id, record))
         return recorded
 
     def _child(self, run_name: str, kind: str, tags: Mapping[str, str] | None = None) -> str:
@@ -188,7 +166,7 @@ class SearchTracker:
         run_id = self._child(f"{kind}-{index:04d}", kind, {"secateurs.trial": str(index), **(tags or {})})
         self.client.log_batch(run_id, params=_params(policy, self.group_names or sorted(policy.ratios)))
         self._log_metrics(run_id, metrics)
-        self.client.log_text(run_id, policy.to_json(), "policy.json")
+        self.client.log_text(run_id, policy.to_json(), POLICY)
         if sampled is not None:
             self.client.log_text(run_id, json.dumps(dict(sampled)), SAMPLED)
         self.client.set_terminated(run_id, "FINISHED")
@@ -200,7 +178,7 @@ class SearchTracker:
         run_id = self._child(f"{kind}-{index:04d}", kind, {"secateurs.trial": str(index), "secateurs.error": summary, **(tags or {})})
         if policy is not None:
             self.client.log_batch(run_id, params=_params(policy, self.group_names or sorted(policy.ratios)))
-            self.client.log_text(run_id, policy.to_json(), "policy.json")
+            self.client.log_text(run_id, policy.to_json(), POLICY)
         if sampled is not None:
             self.client.log_text(run_id, json.dumps(dict(sampled)), SAMPLED)
         self.client.log_text(run_id, error or summary, "error.txt")

@@ -384,18 +384,16 @@ class SearchSpace:
         return constants
 
     def policy(self, params: dict[str, Any]) -> Policy:
-        """The policy that sampled ``params`` (as returned by a trial) stand for.
-
-        A tie's or the global ratio may also be given through its members' ``ratio.<group>``
-        parameters (as MLflow records them), which must then agree.
-        """
+        """The policy that sampled ``params`` (as a trial's config holds them) stand for."""
         granularity = params.get("granularity") or self.config.granularity[0]
         if granularity not in self._dims:
             raise SpaceError(f"granularity {granularity!r} is not in this space; it has {', '.join(self._dims)}")
         ratios: dict[str, float] = {}
         joint: list[str] = []
         for d in self._dims[granularity]:
-            value = d.fixed if d.range is None else self._value(d, params)
+            value = d.fixed if d.range is None else params.get(RATIO_PREFIX + d.group)
+            if value is None:
+                raise SpaceError(f"parameters have no value for {RATIO_PREFIX + d.group!r}")
             if value > 0.0:
                 ratios.update({m: float(value) for m in d.members})
                 if d.joint:
@@ -413,15 +411,3 @@ class SearchSpace:
             finetune={k.removeprefix(FINETUNE_PREFIX): (float(v) if k.endswith(".lr") else v)
                       for k, v in params.items() if k.startswith(FINETUNE_PREFIX) and v is not None},
         )
-
-    @staticmethod
-    def _value(d: Dimension, params: dict[str, Any]) -> float:
-        key = RATIO_PREFIX + d.group
-        if params.get(key) is not None:
-            return float(params[key])
-        given = {float(params[RATIO_PREFIX + m]) for m in d.members if params.get(RATIO_PREFIX + m) is not None}
-        if len(given) == 1 and d.members != (d.group,):
-            return given.pop()
-        if len(given) > 1:
-            raise SpaceError(f"parameters give the members of {key!r} different ratios {sorted(given)}; they share one")
-        raise SpaceError(f"parameters have no value for {key!r}")

@@ -19,23 +19,26 @@ def recorded(tmp_path):
     tracker.start_search("remeasure", "search", config_yaml="{}", params={})
     tracker.group_names = ["a", "b"]
     tracker.log_dense(DENSE, "dense.pt")
-    ids = {}
+    ids, policies = {}, {}
     for index, (name, ratio, accuracy, latency, size) in enumerate([
         ("fast", 0.5, 0.80, 5.0, 0.5),    # on the frontier
         ("slower", 0.4, 0.70, 6.0, 0.5),  # dominated by "fast" as timed in the search
         ("best", 0.2, 0.85, 8.0, 0.8),    # on the frontier
     ], start=1):
-        policy = Policy(criterion="l1", ratios={"a": ratio, "b": ratio})
+        # round_to 8 sampled from space.round_to [1, 8]: the re-timed model must be this one (it was
+        # once rebuilt from the ratio.* params, which dropped round_to and re-timed another network)
+        policy = Policy(criterion="l1", ratios={"a": ratio, "b": ratio}, round_to=8)
+        policies[name] = policy
         ids[name] = tracker.log_trial(index, policy, {"accuracy": accuracy, "latency_ms": latency, "size_mb": size,
                                                       "macs": 50.0, "params": 50.0})
     space = SearchSpace(SpaceConfig(ratio=RatioRange(0.0, 0.6, 0.1)), [PrunableGroup("a", "conv", 8), PrunableGroup("b", "conv", 8)])
     prepared = types.SimpleNamespace(space=space, task=None, checkpoint="dense.pt")
     config = types.SimpleNamespace(space=types.SimpleNamespace(criteria=["l1"]), measure=None)
-    return tracker, ids, prepared, config
+    return tracker, ids, policies, prepared, config
 
 
 def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_holds(recorded, monkeypatch):
-    tracker, ids, prepared, config = recorded
+    tracker, ids, logged, prepared, config = recorded
     by_id = {v: k for k, v in ids.items()}
     retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}  # "fast" is slower alone: "slower" joins the frontier
     passes = []
@@ -44,6 +47,7 @@ def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_
         names = {by_id.get(key, key) for key in policies}
         passes.append(names)
         assert policies["dense"].ratios == {}
+        assert all(policy == logged[by_id[key]] for key, policy in policies.items() if key != "dense")  # what each trial ran
         return {key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
 
     monkeypatch.setattr(driver, "measure_latencies", fake_measure_latencies)
@@ -57,5 +61,5 @@ def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_
     metrics = {name: tracker.client.get_run(run_id).data.metrics for name, run_id in ids.items()}
     assert metrics["fast"]["latency_ms"] == 7.0 and metrics["fast"]["latency_ms_in_search"] == 5.0  # not the first pass's 7.0
     assert metrics["slower"]["latency_ms"] == 6.5 and metrics["slower"]["latency_ms_in_search"] == 6.0
-    dense_metrics = tracker.client.get_run(tracker.child_runs("dense")[0].info.run_id).data.metrics
+    dense_metrics = tracker.client.get_run(tracker.child_runs("dense").iloc[0]["run_id"]).data.metrics
     assert dense_metrics["latency_ms"] == 11.0 and dense_metrics["latency_ms_in_search"] == 10.0

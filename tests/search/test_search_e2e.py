@@ -51,7 +51,9 @@ def children(client: MlflowClient, result, kind: str):
 
 
 def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
-    config = validate(tiny_config(tmp_path))
+    raw = tiny_config(tmp_path)
+    raw["space"]["round_to"] = [1, 8]  # searched: each trial's policy.json says which it ran
+    config = validate(raw)
     lines: list[str] = []
     result = run_search(config, config_name="tiny", tracking_uri=store, out=lines.append)
     client = MlflowClient(store)
@@ -110,6 +112,9 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
     csv_path = client.download_artifacts(result.parent_run_id, "frontier.csv", str(tmp_path / "csv"))
     front = pd.read_csv(csv_path)
     assert set(front["run_id"]) == set(table.loc[expected, "run_id"])
+    for row in front.itertuples():  # the frontier's policies are the ones its trials ran: their policy.json
+        ran = Policy.from_json(Path(client.download_artifacts(row.run_id, "policy.json", str(tmp_path / "ran" / row.run_id))).read_text())
+        assert Policy.from_json(row.policy) == ran and str(ran.round_to) == client.get_run(row.run_id).data.params["policy.round_to"]
     assert np.all(front["latency_ms"].diff().dropna() >= 0)
 
     assert parent.data.metrics["trials_completed"] == 8
