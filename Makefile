@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test quickstart test benchmark clean
+.PHONY: install install-test quickstart test test-fast screenshots benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -25,6 +25,12 @@ quickstart: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+test-fast: install-test  # everything not marked integration (no Ray, no MLflow store): under two minutes
+	$(BIN)/python -m pytest -q -m "not integration"
+
+screenshots: install-test  # refresh docs/img from a real search in a real MLflow UI (needs Debian's chromium)
+	SECATEURS_UI_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q tests/search/test_ui_browser.py
 
 benchmark: install
 	$(BIN)/python benchmarks/quickstart.py

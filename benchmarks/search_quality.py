@@ -44,7 +44,7 @@ from mlflow.tracking import MlflowClient
 
 from search.config import load_config
 from search.driver import run_search
-from search.recorder import feasible_mask, normalised_hypervolume
+from search.frontier import feasible_mask, normalised_hypervolume
 
 ROOT = Path(__file__).resolve().parents[1]
 # The benchmark scores accuracy on all 2,000 test images of the subset (the config's 1,000 keep a

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from evaluators import pruning
@@ -235,54 +234,3 @@ def allocation_path(rows: Sequence[Mapping[str, Any]], dense_cost: float, bounds
             return path
         current[best[2]] = best[3]
         path.append(dict(current))
-
-
-def to_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """The rows as a table with the columns of :data:`COLUMNS` first (then any others), for a CSV.
-
-    >>> list(to_frame([]).columns) == list(COLUMNS)
-    True
-    """
-    extra = list(dict.fromkeys(k for row in rows for k in row if k not in COLUMNS))
-    return pd.DataFrame([dict(row) for row in rows], columns=[*COLUMNS, *extra])
-
-
-def plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Write a PNG of accuracy drop against ratio, one line per group, the dense level at 0.
-
-    Parent folders are created. Returns the path.
-    """
-    frame = to_frame(rows)
-    if frame.empty:
-        raise ValueError("rows: nothing to plot (no rows)")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    groups = list(dict.fromkeys(frame["group"]))
-    many = len(groups) > 8
-    fig, ax = plt.subplots(figsize=(9 if many else 7, 4.5))
-    try:
-        ax.axhline(0.0, color="black", linewidth=1, linestyle="--", label="dense")
-        for group in groups:
-            part = frame[frame["group"] == group].sort_values("ratio", kind="stable")
-            ax.plot(part["ratio"].astype(float), part["accuracy_drop"].astype(float), marker="o", markersize=4,
-                    linewidth=1.2, label=str(group))
-        ax.set_xlabel("ratio (fraction of the group removed)")
-        ax.set_ylabel("accuracy drop (dense - pruned)")
-        ax.grid(True, alpha=0.3)
-        if many:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small", ncol=1 + len(groups) // 25)
-        else:
-            ax.legend(loc="upper left", fontsize="small")
-        if title:
-            ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(out, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return out

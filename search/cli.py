@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _production_parsers(commands) -> None:
-    """frontier, compare, pick and ui: from a finished search to a shipped model (search.production)."""
+    """frontier, compare, pick and ui: from a finished search to a shipped model (search.compare, search.pick)."""
     frontier = commands.add_parser("frontier", help="print the frontier of a search (and write it as CSV/JSON)")
     frontier.add_argument("run_id", metavar="RUN_ID", help="the search's MLflow run id (the parent run)")
     frontier.add_argument("--all", action="store_true", help="every completed trial, with a pareto column, not only the frontier")
@@ -47,6 +47,9 @@ def _production_parsers(commands) -> None:
     pick.add_argument("--max-accuracy-drop", type=float, metavar="D", help="keep policies at most D below the dense accuracy")
     pick.add_argument("--max-latency-ms", type=float, metavar="MS", help="keep policies with latency_ms <= MS (as the search measured)")
     pick.add_argument("--max-size-mb", type=float, metavar="MB", help="keep policies with size_mb <= MB")
+    pick.add_argument("--where", action="append", default=[], metavar="EXPR",
+                      help="keep policies meeting a constraint written as search.constraints writes it, e.g. 'macs <= 0.5 * dense' "
+                           "(repeatable; the flags above are shorthands for the same)")
     pick.add_argument("--prefer", default="knee", choices=("knee", "accuracy", "latency_ms", "size_mb"),
                       help="among the policies left: the knee of the frontier (default) or the best of one metric")
     pick.add_argument("--trial", metavar="N|RUN_ID", help="take this trial of the search (number or run id) instead of choosing")
@@ -119,8 +122,8 @@ def _production(handler):
 
 
 def _frontier(args: argparse.Namespace, uri: str) -> int:
-    from search.pick import format_table, load_search
-    from search.production import describe_search, write_frontier
+    from search.compare import describe_search, write_frontier
+    from search.records import format_table, load_search
 
     record = load_search(args.run_id, uri)
     table = record.trials if args.all else record.frontier
@@ -135,8 +138,8 @@ def _frontier(args: argparse.Namespace, uri: str) -> int:
 
 
 def _compare(args: argparse.Namespace, uri: str) -> int:
-    from search.pick import format_table, load_search
-    from search.production import compare_tables, plot_compare
+    from search.compare import compare_tables, plot_compare
+    from search.records import format_table, load_search
 
     records = [load_search(run_id, uri) for run_id in dict.fromkeys(args.run_ids)]
     summary, combined = compare_tables(records)
@@ -167,21 +170,23 @@ def _pick_command(args: argparse.Namespace) -> str:
         value = getattr(args, flag)
         if value is not None:
             words += [f"--{flag.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    for where in args.where:
+        words += ["--where", where]
     if args.prefer != "knee":
         words += ["--prefer", args.prefer]
     return shlex.join(words)
 
 
 def _pick(args: argparse.Namespace, uri: str) -> int:
-    from search.pick import Constraints
-    from search.production import format_pick, pick
+    from search.choose import Constraints
+    from search.pick import format_pick, pick
     from search.registry import DEFAULT_ALIAS
 
     if args.alias is not None and args.register is None:
         return _fail("--alias needs --register NAME")
     if args.force and args.out is None:
         return _fail("--force applies only with --out DIR")
-    constraints = Constraints(args.min_accuracy, args.max_accuracy_drop, args.max_latency_ms, args.max_size_mb)
+    constraints = Constraints(args.min_accuracy, args.max_accuracy_drop, args.max_latency_ms, args.max_size_mb, where=tuple(args.where))
     if args.trial is not None and constraints.active():
         return _fail("--trial takes the trial given: it cannot be combined with constraints")
     result = pick(

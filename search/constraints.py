@@ -10,6 +10,8 @@ import dataclasses
 import re
 from typing import Mapping
 
+import pandas as pd
+
 METRICS = ("accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params")
 _PATTERN = re.compile(
     r"^\s*(?P<metric>[a-z_]+)\s*(?P<op><=|>=)\s*(?P<value>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*(?P<dense>\*\s*dense)?\s*$"
@@ -29,6 +31,7 @@ class Constraint:
     op: str
     value: float
     relative: bool = False
+    label: str | None = dataclasses.field(default=None, compare=False)  # how it was typed, if not as an expression (``--max-latency-ms 4``)
 
     @classmethod
     def parse(cls, text: str) -> Constraint:
@@ -43,6 +46,8 @@ class Constraint:
         return cls(match["metric"], match["op"], float(match["value"]), bool(match["dense"]))
 
     def bound(self, dense: Mapping[str, float]) -> float:
+        if self.relative and self.metric not in dense:
+            raise ValueError(f"constraint {self}: relative to the dense model, whose {self.metric} is not known here")
         return self.value * float(dense[self.metric]) if self.relative else self.value
 
     def violation(self, metrics: Mapping[str, float], dense: Mapping[str, float]) -> float:
@@ -51,8 +56,13 @@ class Constraint:
         value = float(metrics[self.metric])
         return value - bound if self.op == "<=" else bound - value
 
+    def holds(self, table: pd.DataFrame, dense: Mapping[str, float]) -> pd.Series:
+        """Boolean mask of the rows of ``table`` that meet the constraint."""
+        bound = self.bound(dense)
+        return table[self.metric] >= bound if self.op == ">=" else table[self.metric] <= bound
+
     def __str__(self) -> str:
-        return f"{self.metric} {self.op} {self.value:g}" + (" * dense" if self.relative else "")
+        return self.label or f"{self.metric} {self.op} {self.value:g}" + (" * dense" if self.relative else "")
 
 
 def parse_all(texts: list[str]) -> list[Constraint]:

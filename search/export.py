@@ -28,7 +28,7 @@ from torch import nn
 
 from evaluators import pruning
 from evaluators.onnx_backend import export_program, flat_outputs, max_abs_diff, onnx_outputs, write_onnx
-from search.pick import ProductionError
+from search.records import ProductionError
 from spaces import Policy
 
 FORMAT = "secateurs.pruned-model/1"

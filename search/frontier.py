@@ -6,7 +6,7 @@ objectives are turned into minimisation by negating the "max" ones.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -198,6 +198,69 @@ def frontier_table(df: pd.DataFrame, objectives: dict[str, str] = OBJECTIVES) ->
     out = df.copy()
     out["pareto"] = non_dominated(values.reshape(len(df), len(cols)), list(objectives.values()))
     return out
+
+
+# Hypervolume is computed on (accuracy, latency / dense latency, size / dense size) against the
+# dense model's (0, 1, 1): the share of the "better than dense" box that the frontier covers.
+HV_REFERENCE = (0.0, 1.0, 1.0)
+
+
+def dominated(point: Sequence[float], others: Sequence[Sequence[float]], senses: Sequence[str]) -> bool:
+    """True if some row of ``others`` is at least as good as ``point`` on every objective and better on one.
+
+    >>> dominated((0.8, 2.0, 1.0), [(0.9, 1.5, 1.0)], ["max", "min", "min"]), dominated((0.8, 2.0), [(0.9, 2.5)], ["max", "min"])
+    (True, False)
+    """
+    if not len(others):
+        return False
+    p, o = _as_minimisation([point], senses)[0], _as_minimisation(others, senses)
+    return bool(np.any(np.all(o <= p, axis=1) & np.any(o < p, axis=1)))
+
+
+def feasible_mask(table: pd.DataFrame) -> pd.Series:
+    """True for rows that may be on the frontier: they meet every constraint (rows without a
+    ``feasible`` metric do) and were fine-tuned (not screened out: ``fidelity`` 0)."""
+    mask = pd.Series(True, index=table.index)
+    if "feasible" in table:
+        mask &= table["feasible"].fillna(1.0) > 0
+    if "fidelity" in table:
+        mask &= table["fidelity"].fillna(1.0) > 0
+    return mask
+
+
+def feasible_frontier(table: pd.DataFrame, objectives: dict[str, str] = OBJECTIVES) -> pd.Series:
+    """True for the rows on the frontier of the feasible rows (:func:`feasible_mask`)."""
+    on_front = pd.Series(False, index=table.index)
+    feasible = feasible_mask(table)
+    if feasible.any():
+        on_front[feasible] = frontier_table(table[feasible], objectives)["pareto"].to_numpy()
+    return on_front
+
+
+def normalised_hypervolume(rows: pd.DataFrame, dense: Mapping[str, float]) -> float:
+    """Hypervolume of ``rows`` in (accuracy, latency / dense, size / dense) against :data:`HV_REFERENCE`."""
+    if rows.empty:
+        return 0.0
+    values = np.column_stack([
+        rows["accuracy"].to_numpy(float),
+        rows["latency_ms"].to_numpy(float) / float(dense["latency_ms"]),
+        rows["size_mb"].to_numpy(float) / float(dense["size_mb"]),
+    ])
+    return hypervolume(values, list(OBJECTIVES.values()), HV_REFERENCE)
+
+
+def common_box_hypervolumes(tables: list[pd.DataFrame], objectives: dict[str, str] = OBJECTIVES) -> list[float]:
+    """Hypervolume of each table's rows, all normalised to the same box: each objective scaled
+    to [0, 1] over the rows of every table (0 = best), reference point 1.1 in each."""
+    cols, senses = list(objectives), list(objectives.values())
+    nonempty = [t for t in tables if len(t)]
+    if not nonempty:
+        return [0.0 for _ in tables]
+    union = _as_minimisation(pd.concat([t[cols] for t in nonempty]).to_numpy(dtype=float), senses)
+    lo, hi = union.min(axis=0), union.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return [hypervolume((_as_minimisation(t[cols].to_numpy(dtype=float), senses) - lo) / span, ["min"] * len(cols), [1.1] * len(cols))
+            if len(t) else 0.0 for t in tables]
 
 
 def plot_frontier(df: pd.DataFrame, path: str | Path, *, dense: dict | None = None, title: str = "") -> Path:

@@ -1,323 +1,276 @@
-"""Read a finished search back from MLflow and choose one frontier policy under constraints.
+"""``secateurs pick``: from a search's frontier to a shipped model.
 
-A search is found by its parent run id (``secateurs.kind=search``); its trials, dense reference
-and resolved config come from the runs and artifacts that :mod:`search.tracking` wrote.
+``pick`` reads a search back from MLflow, chooses a frontier policy under constraints, replays it
+on the dense checkpoint with the search's own config (optionally fine-tuning longer), measures it
+as the search did, writes deployable files and logs/registers it in MLflow.
 
->>> record = load_search("3241bd1d4aa04c958a6255df61a85320", "sqlite:///mlflow.db")  # doctest: +SKIP
->>> row = choose(record.frontier, Constraints(max_latency_ms=1.0), prefer="knee")  # doctest: +SKIP
+>>> result = pick("3241bd1d4aa04c958a6255df61a85320", constraints=Constraints(max_latency_ms=1.0),
+...               out="export", register="digits-cnn")  # doctest: +SKIP
+>>> print(format_pick(result))  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import tempfile
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
-import yaml
-from mlflow.exceptions import MlflowException
+import torch
 from mlflow.tracking import MlflowClient
 
-from search import frontier
-from search.config import Config, ConfigError, validate
+from evaluators.checkpoint import CheckpointError, load_dense
+from evaluators.measure import torch_threads
+from evaluators.tasks import make_task
+from evaluators.trial import measure_model, prune_and_finetune
 from search import records
-from search.records import KIND, PARENT, TRIAL_METRICS
-from search.tracking import resolve_tracking_uri
+from search.choose import PREFERENCES, Constraints, choose, find_trial
+from search.export import check_out_dir, model_card, model_identity, publish, stage_export, staging_dir, write_json
+from search.records import ProductionError, SearchRecord, load_search
+from search.registry import (
+    DEFAULT_ALIAS, check_alias, check_registered_name, log_metrics, log_model, register as register_model,
+    start_export_run,
+)
+from spaces import Policy
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars around one small file
-
-PREFERENCES = ("knee", "accuracy", "latency_ms", "size_mb")
-"""How :func:`choose` breaks the tie among feasible frontier policies."""
-
-TABLE_COLUMNS = ["trial", "kind", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params", "run_id"]
-
-
-class ProductionError(ValueError):
-    """Bad input to frontier/compare/pick/export; the message is one line saying what and why."""
+Log = Callable[[str], None]
+_SHOWN = ("accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params")
 
 
-class NoFeasiblePolicyError(ProductionError):
-    """No frontier policy satisfies the constraints; the message names the binding one."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
+
+# --- frontier -------------------------------------------------------------------------------
+
+# --- pick -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class SearchRecord:
-    """One search as MLflow holds it: its config, dense reference and completed trials."""
+class PickResult:
+    """What ``pick`` chose and, when it rebuilt the model, what it measured and where it shipped it."""
 
-    tracking_uri: str
-    run_id: str
-    run_name: str
-    experiment_id: str
-    status: str
-    config: Config
-    dense: dict[str, float]
-    checkpoint: str
-    trials: pd.DataFrame        # one row per completed trial or baseline, with a boolean ``pareto`` column
-    pareto_from_tags: bool      # False when the search never tagged its frontier (still running, crashed)
-
-    @property
-    def frontier(self) -> pd.DataFrame:
-        """The frontier trials, fastest first."""
-        front = self.trials[self.trials["pareto"]] if len(self.trials) else self.trials
-        return front.sort_values("latency_ms", kind="stable").reset_index(drop=True) if len(front) else front
-
-    @property
-    def label(self) -> str:
-        return f"{self.run_name} ({self.run_id[:8]})"
+    record: SearchRecord
+    trial: pd.Series
+    policy: Policy
+    reason: str
+    finetune_epochs: float | None = None
+    final: dict[str, float] | None = None          # the rebuilt model, measured now
+    dense_now: dict[str, float] | None = None      # the dense model, measured now (back to back)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    out_dir: Path | None = None
+    files: list[Path] = dataclasses.field(default_factory=list)
+    check_diffs: dict[str, float] = dataclasses.field(default_factory=dict)
+    export_run_id: str | None = None
+    model_uri: str | None = None
+    registered: tuple[str, str, str] | None = None  # name, version, alias
+    model: torch.nn.Module | None = None
 
 
-def check_store(tracking_uri: str) -> None:
-    """A sqlite store that does not exist is an error here: MLflow would silently create an empty one."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise ProductionError(f"no MLflow store at {str(path)!r} (tracking URI {tracking_uri}); "
-                                  "run a search first or pass --tracking-uri")
-
-
-def get_search_run(client: MlflowClient, run_id: str):
-    """The parent run ``run_id``; a missing run or one that is not a search raises :class:`ProductionError`."""
+def trial_policy(client: MlflowClient, run_id: str) -> Policy:
     try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ProductionError(f"run {run_id!r} not found in the tracking store {client.tracking_uri}") from None
-        raise ProductionError(f"cannot read run {run_id!r} from {client.tracking_uri}: {exc.message}") from None
-    kind = run.data.tags.get(KIND)
-    if kind != "search":
-        parent = run.data.tags.get(PARENT)
-        hint = f"; its search run is {parent}" if parent else ""
-        raise ProductionError(f"run {run_id!r} is not a search (tag {KIND}={kind or '<none>'}){hint}")
-    return run
+        return records.read_policy(client, run_id)
+    except LookupError as exc:
+        raise ProductionError(f"trial {exc}") from None
 
 
-def _trial_rows(runs: pd.DataFrame) -> pd.DataFrame:
-    """The completed trials with every objective (failed ones have no metrics), in trial order."""
-    table, _ = records.trial_table(runs)
-    if not len(table):
-        return table
-    for metric in (*TRIAL_METRICS, "param_sparsity"):
-        if metric not in table:
-            table[metric] = math.nan
-    table = table[table[list(frontier.OBJECTIVES)].notna().all(axis=1)].copy()
-    table["feasible"] = table["feasible"].fillna(1.0) != 0 if "feasible" in table else True
-    for metric in ("macs", "params"):
-        if table[metric].notna().all():
-            table[metric] = table[metric].astype(int)
-    return table.sort_values("trial", kind="stable").reset_index(drop=True)
+def _reason(record: SearchRecord, constraints: Constraints, prefer: str, trial: str | None) -> str:
+    if trial is not None:
+        return f"asked for with --trial {trial}"
+    feasible = int(constraints.satisfied_by(record.frontier, record.dense).sum())
+    what = "knee" if prefer == "knee" else f"best {prefer}"
+    scope = (f"the {feasible} of {len(record.frontier)} frontier policies that satisfy {constraints.describe()}"
+             if constraints.active() else f"all {len(record.frontier)} frontier policies")
+    return f"{what} of {scope}"
 
 
-def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
-    """Read the search ``run_id`` (its parent run id) from the tracking store.
-
-    Raises :class:`ProductionError` for an unknown run, a run that is not a search, or a search
-    whose records are incomplete (no config.yaml, no dense run).
-    """
-    uri = resolve_tracking_uri(tracking_uri)
-    check_store(uri)
-    client = MlflowClient(uri)
-    run = get_search_run(client, run_id)
-    experiment_id = run.info.experiment_id
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            config_path = client.download_artifacts(run_id, "config.yaml", tmp)
-            config_yaml = Path(config_path).read_text()
-        except (MlflowException, OSError) as exc:
-            raise ProductionError(f"search {run_id} has no readable config.yaml artifact: {exc}") from None
-    try:
-        config = validate(yaml.safe_load(config_yaml))
-    except ConfigError as exc:
-        raise ProductionError(f"the config.yaml of search {run_id} no longer validates: {exc}") from None
-    dense_runs = records.child_runs(uri, experiment_id, run_id, "dense")
-    if not len(dense_runs):
-        raise ProductionError(f"search {run_id} has no dense run (tag {KIND}=dense): it was not recorded by secateurs search")
-    dense_run = dense_runs.iloc[0]
-    # Baselines (uniform policies the search evaluates first) compete for the frontier like trials.
-    trials = _trial_rows(records.child_runs(uri, experiment_id, run_id, "trial", "baseline"))
-    tagged = bool(len(trials)) and trials["pareto_tag"].notna().all()
-    if len(trials):
-        if tagged:
-            trials["pareto"] = trials["pareto_tag"] == "true"
-        else:  # only feasible trials (search.constraints) can be on the frontier
-            trials["pareto"] = False
-            feasible = trials["feasible"]
-            trials.loc[feasible, "pareto"] = frontier.frontier_table(trials[feasible])["pareto"]
-        trials = trials.drop(columns=["pareto_tag"])
-    return SearchRecord(
-        tracking_uri=uri,
-        run_id=run_id,
-        run_name=run.info.run_name or run_id[:8],
-        experiment_id=experiment_id,
-        status=run.info.status,
-        config=config,
-        dense={k: float(v) for k, v in records.row_values(dense_run, "metrics.").items()},
-        checkpoint=records.row_values(dense_run, "tags.").get("secateurs.checkpoint", ""),
-        trials=trials,
-        pareto_from_tags=tagged,
-    )
-
-
-def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
-    """A fixed-width table of trials: ints as ints, floats to 4 decimals, run ids cut to 12 characters."""
-    columns = [c for c in (columns or TABLE_COLUMNS) if c in table.columns]
-    shown = table[columns].copy()
-    if "run_id" in shown:
-        shown["run_id"] = shown["run_id"].str[:12]
-    for column in ("trial", "macs", "params"):
-        if column in shown:
-            shown[column] = shown[column].astype(int)
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
-
-
-# --- constraints and preference -------------------------------------------------------------
-
-# field -> (column, comparison, command-line flag)
-_CONSTRAINTS: dict[str, tuple[str, str, str]] = {
-    "min_accuracy": ("accuracy", ">=", "--min-accuracy"),
-    "max_accuracy_drop": ("accuracy_drop", "<=", "--max-accuracy-drop"),
-    "max_latency_ms": ("latency_ms", "<=", "--max-latency-ms"),
-    "max_size_mb": ("size_mb", "<=", "--max-size-mb"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Constraints:
-    """Bounds a chosen policy must meet (None = no bound), checked on the metrics the search recorded.
-
-    >>> Constraints(min_accuracy=0.98, max_latency_ms=1.0).describe()
-    '--min-accuracy 0.98 and --max-latency-ms 1'
-    """
-
-    min_accuracy: float | None = None
-    max_accuracy_drop: float | None = None
-    max_latency_ms: float | None = None
-    max_size_mb: float | None = None
-
-    def __post_init__(self) -> None:
-        for name, (_, _, flag) in _CONSTRAINTS.items():
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ProductionError(f"{flag} must be a finite number, but got {value}")
-        if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
-            raise ProductionError(f"--min-accuracy must be in [0, 1], but got {self.min_accuracy}")
-        for name in ("max_latency_ms", "max_size_mb"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ProductionError(f"{_CONSTRAINTS[name][2]} must be > 0, but got {value}")
-
-    def active(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in _CONSTRAINTS if getattr(self, name) is not None}
-
-    def describe(self) -> str:
-        return " and ".join(f"{_CONSTRAINTS[n][2]} {v:g}" for n, v in self.active().items()) or "no constraints"
-
-    def satisfied_by(self, table: pd.DataFrame) -> pd.Series:
-        """Boolean mask of rows meeting every bound."""
-        mask = pd.Series(True, index=table.index)
-        for name in self.active():
-            mask &= self._mask(name, table)
-        return mask
-
-    def _mask(self, name: str, table: pd.DataFrame) -> pd.Series:
-        column, op, _ = _CONSTRAINTS[name]
-        bound = getattr(self, name)
-        return table[column] >= bound if op == ">=" else table[column] <= bound
-
-    def violations(self, metrics: dict[str, float]) -> list[str]:
-        """The bounds ``metrics`` misses, as ``--flag bound (got value)``."""
-        out = []
-        for name, bound in self.active().items():
-            column, op, flag = _CONSTRAINTS[name]
-            value = metrics[column]
-            if (value < bound) if op == ">=" else (value > bound):
-                out.append(f"{flag} {bound:g} (got {value:.4g})")
-        return out
-
-
-def _infeasible_message(table: pd.DataFrame, constraints: Constraints, what: str) -> str:
-    total = len(table)
-    active = constraints.active()
-    parts, binding = [], []
-    for name in active:
-        column, op, flag = _CONSTRAINTS[name]
-        ruled_out = int((~constraints._mask(name, table)).sum())
-        best = table[column].max() if op == ">=" else table[column].min()
-        best_word = "best" if column == "accuracy" else "lowest"
-        parts.append(f"{flag} {active[name]:g} alone rules out {ruled_out} of {total} (the {best_word} {column} is {best:.4g})")
-        if ruled_out == total:
-            binding.append(flag)
-    if binding:
-        verdict = f"binding: {', '.join(binding)} (rules out every policy alone)"
-    else:
-        relax = []
-        for name in active:
-            others = Constraints(**{n: v for n, v in active.items() if n != name})
-            left = int(others.satisfied_by(table).sum())
-            if left:
-                relax.append(f"{_CONSTRAINTS[name][2]} ({left} left without it)")
-        verdict = (f"binding together; relaxing one of {', '.join(relax)} would do" if relax
-                   else "binding together: no single constraint can be relaxed alone to leave a policy")
-    return f"no {what} satisfies {constraints.describe()}: {'; '.join(parts)}; {verdict}"
-
-
-def choose(table: pd.DataFrame, constraints: Constraints = Constraints(), prefer: str = "knee", *, what: str = "frontier policy") -> pd.Series:
-    """The row of ``table`` (frontier trials) that meets ``constraints`` and is best by ``prefer``.
-
-    ``knee`` takes :func:`search.frontier.knee_point` of the feasible rows; ``accuracy`` the most
-    accurate (ties: faster, then smaller); ``latency_ms``/``size_mb`` the lowest (ties: more
-    accurate). Restricting to the frontier loses nothing: the bounds are monotone in the
-    objectives, so whatever dominates a feasible trial is feasible too.
-    Raises :class:`NoFeasiblePolicyError` naming the binding constraint.
-    """
+def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str = "knee", trial: str | None = None,
+         finetune_epochs: float | None = None, out: str | Path | None = None, force: bool = False,
+         register: str | None = None, alias: str = DEFAULT_ALIAS, onnx_tolerance: float = 1e-4,
+         tracking_uri: str | None = None, command: str | None = None, log: Log = _stderr) -> PickResult:
+    """Choose a policy of search ``run_id``; with ``finetune_epochs``, ``out`` or ``register`` also
+    rebuild, measure, export and register it. Every input is checked before any work is done."""
     if prefer not in PREFERENCES:
         raise ProductionError(f"--prefer: unknown preference {prefer!r}; valid: {', '.join(PREFERENCES)}")
-    if not len(table):
-        raise NoFeasiblePolicyError("the frontier is empty: the search completed no trial")
-    feasible = table[constraints.satisfied_by(table)]
-    if not len(feasible):
-        raise NoFeasiblePolicyError(_infeasible_message(table, constraints, what))
-    if prefer == "knee":
-        values = feasible[list(frontier.OBJECTIVES)].to_numpy(dtype=float)
-        return feasible.iloc[frontier.knee_point(values, list(frontier.OBJECTIVES.values()))]
-    order = {
-        "accuracy": (["accuracy", "latency_ms", "size_mb"], [False, True, True]),
-        "latency_ms": (["latency_ms", "accuracy", "size_mb"], [True, False, True]),
-        "size_mb": (["size_mb", "accuracy", "latency_ms"], [True, False, True]),
-    }[prefer]
-    return feasible.sort_values(order[0], ascending=order[1], kind="stable").iloc[0]
+    if finetune_epochs is not None and not finetune_epochs >= 0:
+        raise ProductionError(f"--finetune-epochs must be >= 0, but got {finetune_epochs}")
+    if not onnx_tolerance > 0:
+        raise ProductionError(f"--onnx-tolerance must be > 0, but got {onnx_tolerance}")
+    record = load_search(run_id, tracking_uri)
+    row = find_trial(record, trial) if trial is not None else choose(record.frontier, constraints, prefer, dense=record.dense)
+    out_dir = check_out_dir(out, force) if out is not None else None
+    client = MlflowClient(record.tracking_uri)
+    config = record.config
+    task = make_task(config.task)
+    identity = model_identity(config.task.name, task.build_model())
+    if register is not None:
+        check_registered_name(client, register, identity)
+        check_alias(alias)
+    policy = trial_policy(client, row["run_id"])
+    result = PickResult(record, row, policy, _reason(record, constraints, prefer, trial), finetune_epochs)
+    if finetune_epochs is None and out_dir is None and register is None:
+        return result
+
+    if not record.checkpoint or not Path(record.checkpoint).is_file():
+        raise ProductionError(f"the dense checkpoint {record.checkpoint!r} that search {record.run_id} recorded does not exist any more")
+    finetune = config.finetune if finetune_epochs is None else dataclasses.replace(config.finetune, epochs=finetune_epochs)
+    threads = max(1, int(config.search.cpus_per_trial))  # a Ray trial gets OMP_NUM_THREADS = its CPUs
+    log(f"rebuilding {_name(row)}: prune the dense model, fine-tune {finetune.epochs:g} epoch(s) "
+        f"({threads} torch thread{'s' if threads > 1 else ''}, as a trial), measure")
+    try:
+        with torch_threads(threads):
+            model, timings = prune_and_finetune(policy, task, record.checkpoint, finetune, config.measure.resolve_device())
+        dense_model = load_dense(task, record.checkpoint)
+    except CheckpointError as exc:
+        raise ProductionError(str(exc)) from None
+    final = measure_model(model, task, config.measure)
+    dense_now = measure_model(dense_model, task, config.measure)
+    dense_accuracy = record.dense.get("accuracy", dense_now["accuracy"])
+    final["accuracy_drop"] = dense_accuracy - final["accuracy"]
+    dense_now["accuracy_drop"] = dense_accuracy - dense_now["accuracy"]
+    final["param_sparsity"] = 1.0 - final["params"] / dense_now["params"]
+    final.update(timings)
+    result.final, result.dense_now, result.model = final, dense_now, model
+    result.warnings = [f"measured now, the model misses {v} (the search recorded it within bounds)"
+                       for v in constraints.violations(final, record.dense)] if trial is None else []
+    if out_dir is None and register is None:
+        return result
+    _ship(result, client, task, identity, out_dir=out_dir, register=register, alias=alias,
+          onnx_tolerance=onnx_tolerance, command=command, log=log)
+    return result
 
 
-def find_trial(record: SearchRecord, trial: str) -> pd.Series:
-    """A completed trial of ``record`` by number (``6``) or run id (or a unique prefix of it)."""
-    table = record.trials
-    if not len(table):
-        raise ProductionError(f"search {record.run_id} has no completed trial")
-    found = table[table["trial"] == int(trial)] if trial.isdigit() else table[table["run_id"].str.startswith(trial)]
-    if len(found) != 1:
-        numbers = ", ".join(str(t) for t in table["trial"])
-        raise ProductionError(f"--trial {trial!r} matches {len(found)} completed trials of search {record.run_id}; "
-                              f"completed trials: {numbers}")
-    return found.iloc[0]
+def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[str, str], *, out_dir: Path | None,
+          register: str | None, alias: str, onnx_tolerance: float, command: str | None, log: Log) -> None:
+    record, row, model = result.record, result.trial, result.model
+    x_test = task.test_data()[0]
+    example, check = x_test[:2], x_test[:256]
+    meta = {"search_run_id": record.run_id, "trial_run_id": row["run_id"], **identity}
+    epochs = record.config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
+    with staging_dir(out_dir) as tmp:
+        stage = Path(tmp)
+        if out_dir is not None:
+            log("exporting: model.pt, model.pt2 (torch.export), model.onnx (checked with onnxruntime)")
+            result.check_diffs = stage_export(stage, model, result.policy, example, check, tolerance=onnx_tolerance, meta=meta)
+            result.check_diffs["check_inputs"] = len(check)
+        else:
+            (stage / "policy.json").write_text(result.policy.to_json() + "\n")
+        run_id = start_export_run(
+            client, record.experiment_id, record.run_id, f"export-{row['kind']}-{int(row['trial']):04d}",
+            tags={"secateurs.source_run": row["run_id"], "secateurs.trial": str(int(row["trial"])), **identity},
+            params={"source_run_id": row["run_id"], "finetune.epochs": epochs, "policy.criterion": result.policy.criterion,
+                    **{f"ratio.{g}": f"{r:g}" for g, r in result.policy.ratios.items()}},
+        )
+        result.export_run_id = run_id
+        try:
+            log_metrics(client, run_id, {**{k: v for k, v in result.final.items() if isinstance(v, (int, float))}, **result.check_diffs})
+            log("logging the model to MLflow (pt2)" + (f" and registering it as {register!r}" if register else ""))
+            result.model_uri = log_model(record.tracking_uri, run_id, model, example)
+            if register is not None:
+                version = register_model(client, register, result.model_uri, run_id, registry_uri=record.tracking_uri,
+                                         identity=identity, alias=alias,
+                                         version_tags={"secateurs.search_run": record.run_id, "secateurs.trial_run": row["run_id"],
+                                                       "accuracy": f"{result.final['accuracy']:.6f}"},
+                                         description=f"Pruned {identity['secateurs.model_class']} for task {identity['secateurs.task']} (secateurs).")
+                result.registered = (register, version, alias)
+            write_json(stage / "metrics.json", {"final": result.final, "dense_measured_now": result.dense_now,
+                                                "search_trial": _row_metrics(row), "dense_search": record.dense,
+                                                "checks": result.check_diffs})
+            (stage / "MODEL_CARD.md").write_text(_card(result, command, onnx_tolerance))
+            for name in ("policy.json", "metrics.json", "MODEL_CARD.md"):
+                client.log_artifact(run_id, str(stage / name))
+            if out_dir is not None:
+                result.files = publish(stage, out_dir)
+                result.out_dir = out_dir
+            client.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
 
 
-def common_box_hypervolumes(tables: list[pd.DataFrame]) -> list[float]:
-    """Hypervolume of each table's rows, all normalised to the same box: each objective scaled
-    to [0, 1] over the rows of every table (0 = best), reference point 1.1 in each."""
-    cols, senses = list(frontier.OBJECTIVES), list(frontier.OBJECTIVES.values())
-    nonempty = [t for t in tables if len(t)]
-    if not nonempty:
-        return [0.0 for _ in tables]
-    union = pd.concat([t[cols] for t in nonempty]).to_numpy(dtype=float)
-    flip = np.array([-1.0 if s == "max" else 1.0 for s in senses])
-    lo, hi = (union * flip).min(axis=0), (union * flip).max(axis=0)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    out = []
-    for table in tables:
-        if not len(table):
-            out.append(0.0)
-            continue
-        scaled = (table[cols].to_numpy(dtype=float) * flip - lo) / span
-        out.append(frontier.hypervolume(scaled, ["min"] * len(cols), [1.1] * len(cols)))
-    return out
+def _name(row: pd.Series) -> str:
+    return f"{row.get('kind', 'trial')} {int(row['trial'])}"
+
+
+def _row_metrics(row: pd.Series) -> dict[str, float]:
+    return {k: float(row[k]) for k in ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms",
+                                        "size_mb", "macs", "params") if k in row}
+
+
+def _runtime(measure: Any) -> str:
+    """How the latency was timed, as the card states it: the runtime and, for channels-last, what
+    the user must do to run the exported weights (stored contiguous) the same way."""
+    if measure.backend == "onnxruntime":
+        return "ONNX Runtime (model.onnx)"
+    if measure.channels_last:
+        return ("torch eager, channels-last weights and inputs (the files hold contiguous weights: "
+                "`model.to(memory_format=torch.channels_last)` and channels-last inputs run it as timed)")
+    return "torch eager"
+
+
+def _card(result: PickResult, command: str | None, tolerance: float) -> str:
+    record, row = result.record, result.trial
+    config = record.config
+    epochs = config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
+    facts = [
+        ("search run", f"`{record.run_id}` ({record.run_name}, experiment {record.experiment_id}, tracking URI `{record.tracking_uri}`)"),
+        ("source trial", f"{_name(row)}, run `{row['run_id']}` ({'on' if row.get('pareto') else 'not on'} the frontier)"),
+        ("chosen as", result.reason),
+        ("task / model", f"{config.task.name} / {result.model.__class__.__module__}.{type(result.model).__qualname__}"),
+        ("dense reference", f"`{record.checkpoint}`"),
+        ("fine-tune", f"{epochs:g} epoch(s) (search: {config.finetune.epochs:g}), lr {config.finetune.lr:g}, batch {config.finetune.batch_size}"),
+        ("measured on", f"{config.measure.device}, {_runtime(config.measure)}, batch {config.measure.batch_size}, "
+                        f"{config.measure.threads} thread(s), {config.measure.repeats} timed passes after {config.measure.warmup} warm-up"),
+        ("export run", f"`{result.export_run_id}` (tag secateurs.kind=export)"),
+    ]
+    if result.check_diffs:
+        facts.append(("export checks", f"max abs output diff vs torch on {int(result.check_diffs['check_inputs'])} test inputs: "
+                                       f"model.pt2 {result.check_diffs['pt2_max_abs_diff']:.3g}, "
+                                       f"model.onnx {result.check_diffs['onnx_max_abs_diff']:.3g} (tolerance {tolerance:g})"))
+    loading = [
+        "- `model.pt` (weights + policy, `torch.load(weights_only=True)`): "
+        "`search.export.load_pruned(task_or_model_factory, \"model.pt\")` rebuilds the dense model, applies the policy, loads the weights.",
+        "- `model.pt2`: `torch.export.load(\"model.pt2\").module()` (no Python class needed).",
+        "- `model.onnx`: `onnxruntime.InferenceSession(\"model.onnx\")`, input `input` (dynamic batch), output `output`.",
+    ]
+    if result.registered:
+        name, version, alias = result.registered
+        facts.append(("registered", f"`{name}` version {version}, alias `{alias}`"))
+        loading.append(f"- MLflow: `mlflow.pytorch.load_model(\"models:/{name}@{alias}\")` gives a torch.export program; "
+                       "call it directly (it is in inference mode; `.eval()` is not supported on it).")
+    columns = {"dense (search)": record.dense, f"{_name(row)} (search)": _row_metrics(row),
+               "final (measured now)": result.final, "dense (measured now)": result.dense_now}
+    return model_card(title=f"Pruned {config.task.name} model from search {record.run_name}", columns=columns, facts=facts,
+                      policy=result.policy, command=command or f"secateurs pick {record.run_id}", loading=loading)
+
+
+def format_pick(result: PickResult) -> str:
+    """The report ``secateurs pick`` prints."""
+    record, row = result.record, result.trial
+    ratios = ", ".join(f"{g} {r:g}" for g, r in result.policy.ratios.items()) or "none (dense)"
+    lines = [
+        f"search {record.label}: {len(record.trials)} trials, {len(record.frontier)} on the frontier",
+        f"chosen: {_name(row)} (run {row['run_id']}), {result.reason}",
+        f"policy: criterion {result.policy.criterion}; fraction of channels removed: {ratios}",
+        "",
+    ]
+    table = [{"": "dense (search)", **record.dense}, {"": f"{_name(row)} (search)", **_row_metrics(row)}]
+    if result.final is not None:
+        epochs = record.config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
+        table += [{"": f"final ({epochs:g} ep fine-tune)", **result.final}, {"": "dense (measured now)", **result.dense_now}]
+    frame = pd.DataFrame(table).set_index("")[list(_SHOWN)]
+    frame.index.name = None
+    frame[["macs", "params"]] = frame[["macs", "params"]].astype(int)
+    lines.append(frame.to_string(float_format=lambda v: f"{v:.4f}"))
+    lines += [f"warning: {w}" for w in result.warnings]
+    if result.files:
+        diffs = result.check_diffs
+        lines.append(f"\nexported to {result.out_dir}: {', '.join(p.name for p in result.files)}")
+        lines.append(f"  outputs vs torch (max abs): model.pt2 {diffs['pt2_max_abs_diff']:.2g}, model.onnx {diffs['onnx_max_abs_diff']:.2g}")
+    if result.export_run_id:
+        lines.append(f"MLflow export run {result.export_run_id} (parent {record.run_id}), model {result.model_uri}")
+    if result.registered:
+        name, version, alias = result.registered
+        lines.append(f"registered: {name} version {version}, alias {alias} -> mlflow.pytorch.load_model(\"models:/{name}@{alias}\")")
+    if result.final is None:
+        lines.append(f"\nrebuild and ship it: secateurs pick {record.run_id} ... --out DIR [--register NAME] [--finetune-epochs N]")
+    return "\n".join(lines)

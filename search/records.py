@@ -7,21 +7,29 @@ MLflow's own :func:`mlflow.search_runs` (it pages and flattens into ``metrics.*`
 artifact, written by the driver from the policy the trial ran. The ``ratio.*`` params of a trial
 run are a view of that policy for the MLflow UI; nothing reads them back.
 
->>> runs = child_runs("sqlite:///mlflow.db", "1", "3241bd1d...", "trial", "baseline")  # doctest: +SKIP
->>> table, failed = trial_table(runs)  # doctest: +SKIP
+A whole search, for ``secateurs frontier | compare | pick``, is read by :func:`load_search`.
+
+>>> record = load_search("3241bd1d4aa04c958a6255df61a85320", "sqlite:///mlflow.db")  # doctest: +SKIP
+>>> record.frontier  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import mlflow
 import pandas as pd
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from search import frontier
+from search.config import Config, ConfigError, validate
 from spaces import Policy
 
 KIND = "secateurs.kind"
@@ -30,7 +38,16 @@ PARENT = "mlflow.parentRunId"
 TRIAL = "secateurs.trial"
 POLICY = "policy.json"    # a trial run's artifact: the policy it ran (the one record of it)
 SAMPLED = "sampled.json"  # a trial run's artifact: the parameters the sampler chose (replayed by --resume)
+TABLE_COLUMNS = ["trial", "kind", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params", "run_id"]
 TRIAL_METRICS = ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms", "size_mb", "macs", "params")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (MLflow's default, made absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, *kinds: str) -> pd.DataFrame:
@@ -121,3 +138,136 @@ def read_sampled(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
         return json.loads(read_artifact(client, run_id, SAMPLED))
     except (LookupError, ValueError):
         return None
+
+
+class ProductionError(ValueError):
+    """Bad input to frontier/compare/pick/export; the message is one line saying what and why."""
+
+
+@dataclasses.dataclass
+class SearchRecord:
+    """One search as MLflow holds it: its config, dense reference and completed trials."""
+
+    tracking_uri: str
+    run_id: str
+    run_name: str
+    experiment_id: str
+    status: str
+    config: Config
+    dense: dict[str, float]
+    checkpoint: str
+    trials: pd.DataFrame        # one row per completed trial or baseline, with a boolean ``pareto`` column
+    pareto_from_tags: bool      # False when the search never tagged its frontier (still running, crashed)
+
+    @property
+    def frontier(self) -> pd.DataFrame:
+        """The frontier trials, fastest first."""
+        front = self.trials[self.trials["pareto"]] if len(self.trials) else self.trials
+        return front.sort_values("latency_ms", kind="stable").reset_index(drop=True) if len(front) else front
+
+    @property
+    def label(self) -> str:
+        return f"{self.run_name} ({self.run_id[:8]})"
+
+
+def check_store(tracking_uri: str) -> None:
+    """A sqlite store that does not exist is an error here: MLflow would silently create an empty one."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ProductionError(f"no MLflow store at {str(path)!r} (tracking URI {tracking_uri}); "
+                                  "run a search first or pass --tracking-uri")
+
+
+def get_search_run(client: MlflowClient, run_id: str):
+    """The parent run ``run_id``; a missing run or one that is not a search raises :class:`ProductionError`."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ProductionError(f"run {run_id!r} not found in the tracking store {client.tracking_uri}") from None
+        raise ProductionError(f"cannot read run {run_id!r} from {client.tracking_uri}: {exc.message}") from None
+    kind = run.data.tags.get(KIND)
+    if kind != "search":
+        parent = run.data.tags.get(PARENT)
+        hint = f"; its search run is {parent}" if parent else ""
+        raise ProductionError(f"run {run_id!r} is not a search (tag {KIND}={kind or '<none>'}){hint}")
+    return run
+
+
+def _trial_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """The completed trials with every objective (failed ones have no metrics), in trial order."""
+    table, _ = trial_table(runs)
+    if not len(table):
+        return table
+    for metric in (*TRIAL_METRICS, "param_sparsity"):
+        if metric not in table:
+            table[metric] = math.nan
+    table = table[table[list(frontier.OBJECTIVES)].notna().all(axis=1)].copy()
+    table["feasible"] = table["feasible"].fillna(1.0) != 0 if "feasible" in table else True
+    for metric in ("macs", "params"):
+        if table[metric].notna().all():
+            table[metric] = table[metric].astype(int)
+    return table.sort_values("trial", kind="stable").reset_index(drop=True)
+
+
+def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
+    """Read the search ``run_id`` (its parent run id) from the tracking store.
+
+    Raises :class:`ProductionError` for an unknown run, a run that is not a search, or a search
+    whose records are incomplete (no config.yaml, no dense run).
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    check_store(uri)
+    client = MlflowClient(uri)
+    run = get_search_run(client, run_id)
+    experiment_id = run.info.experiment_id
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            config_path = client.download_artifacts(run_id, "config.yaml", tmp)
+            config_yaml = Path(config_path).read_text()
+        except (MlflowException, OSError) as exc:
+            raise ProductionError(f"search {run_id} has no readable config.yaml artifact: {exc}") from None
+    try:
+        config = validate(yaml.safe_load(config_yaml))
+    except ConfigError as exc:
+        raise ProductionError(f"the config.yaml of search {run_id} no longer validates: {exc}") from None
+    dense_runs = child_runs(uri, experiment_id, run_id, "dense")
+    if not len(dense_runs):
+        raise ProductionError(f"search {run_id} has no dense run (tag {KIND}=dense): it was not recorded by secateurs search")
+    dense_run = dense_runs.iloc[0]
+    # Baselines (uniform policies the search evaluates first) compete for the frontier like trials.
+    trials = _trial_rows(child_runs(uri, experiment_id, run_id, "trial", "baseline"))
+    tagged = bool(len(trials)) and trials["pareto_tag"].notna().all()
+    if len(trials):
+        if tagged:
+            trials["pareto"] = trials["pareto_tag"] == "true"
+        else:  # only feasible trials (search.constraints) can be on the frontier
+            trials["pareto"] = False
+            feasible = trials["feasible"]
+            trials.loc[feasible, "pareto"] = frontier.frontier_table(trials[feasible])["pareto"]
+        trials = trials.drop(columns=["pareto_tag"])
+    return SearchRecord(
+        tracking_uri=uri,
+        run_id=run_id,
+        run_name=run.info.run_name or run_id[:8],
+        experiment_id=experiment_id,
+        status=run.info.status,
+        config=config,
+        dense={k: float(v) for k, v in row_values(dense_run, "metrics.").items()},
+        checkpoint=row_values(dense_run, "tags.").get("secateurs.checkpoint", ""),
+        trials=trials,
+        pareto_from_tags=tagged,
+    )
+
+
+def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
+    """A fixed-width table of trials: ints as ints, floats to 4 decimals, run ids cut to 12 characters."""
+    columns = [c for c in (columns or TABLE_COLUMNS) if c in table.columns]
+    shown = table[columns].copy()
+    if "run_id" in shown:
+        shown["run_id"] = shown["run_id"].str[:12]
+    for column in ("trial", "macs", "params"):
+        if column in shown:
+            shown[column] = shown[column].astype(int)
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -23,7 +23,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from search.export import MODEL_CLASS_TAG, TASK_TAG
-from search.pick import ProductionError
+from search.records import ProductionError
 from search.records import KIND, PARENT
 
 DEFAULT_ALIAS = "candidate"

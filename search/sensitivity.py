@@ -18,7 +18,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import ray
@@ -93,10 +93,10 @@ def analyse(config: Config, space: SearchSpace, checkpoint: bytes, tracker: Sear
             f"({time.perf_counter() - timing_started:.1f} s)")
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp) / "sensitivity.csv"
-        sensitivity.to_frame(rows).to_csv(csv_path, index=False)
+        to_frame(rows).to_csv(csv_path, index=False)
         tracker.log_artifact(csv_path)
         if rows:
-            tracker.log_artifact(sensitivity.plot(rows, Path(tmp) / "sensitivity.png", title="accuracy drop of each group pruned alone (no fine-tuning)"))
+            tracker.log_artifact(plot(rows, Path(tmp) / "sensitivity.png", title="accuracy drop of each group pruned alone (no fine-tuning)"))
     tracker.log_search_metrics({"sensitivity_wall_s": time.perf_counter() - started})
     worst = sorted(rows, key=lambda r: -r["accuracy_drop"])[:3]
     out("sensitivity: most fragile " + ", ".join(f"{r['group']}@{r['ratio']:g} (-{r['accuracy_drop']:.3f})" for r in worst))
@@ -181,3 +181,54 @@ def latency_seed_points(config: Config, space: SearchSpace, rows: list[dict[str,
     out("sensitivity: latency seeds at " + ", ".join(f"{fractions[i]:.2f}x" for i in chosen) + " of the dense latency "
         f"(targets {', '.join(f'{t:g}' for t in targets)}; {len(candidates)} policies along the path timed)")
     return seeds
+
+
+def to_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The rows as a table with the columns of :data:`evaluators.sensitivity.COLUMNS` first (then any others), for a CSV.
+
+    >>> list(to_frame([]).columns) == list(sensitivity.COLUMNS)
+    True
+    """
+    extra = list(dict.fromkeys(k for row in rows for k in row if k not in sensitivity.COLUMNS))
+    return pd.DataFrame([dict(row) for row in rows], columns=[*sensitivity.COLUMNS, *extra])
+
+
+def plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Write a PNG of accuracy drop against ratio, one line per group, the dense level at 0.
+
+    Parent folders are created. Returns the path.
+    """
+    frame = to_frame(rows)
+    if frame.empty:
+        raise ValueError("rows: nothing to plot (no rows)")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    groups = list(dict.fromkeys(frame["group"]))
+    many = len(groups) > 8
+    fig, ax = plt.subplots(figsize=(9 if many else 7, 4.5))
+    try:
+        ax.axhline(0.0, color="black", linewidth=1, linestyle="--", label="dense")
+        for group in groups:
+            part = frame[frame["group"] == group].sort_values("ratio", kind="stable")
+            ax.plot(part["ratio"].astype(float), part["accuracy_drop"].astype(float), marker="o", markersize=4,
+                    linewidth=1.2, label=str(group))
+        ax.set_xlabel("ratio (fraction of the group removed)")
+        ax.set_ylabel("accuracy drop (dense - pruned)")
+        ax.grid(True, alpha=0.3)
+        if many:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small", ncol=1 + len(groups) // 25)
+        else:
+            ax.legend(loc="upper left", fontsize="small")
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(out, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from typing import Callable
 
-from search.pick import ProductionError, check_store
+from search.records import ProductionError, check_store
 
 Log = Callable[[str], None]
 

@@ -27,8 +27,10 @@ from search.cli import main
 from search.config import validate
 from search.driver import run_search
 from search.export import load_pruned
-from search.pick import Constraints, NoFeasiblePolicyError, ProductionError, choose, load_search
-from search.production import compare_tables, pick, plot_compare
+from search.choose import Constraints, NoFeasiblePolicyError, choose
+from search.records import ProductionError, load_search
+from search.compare import compare_tables, plot_compare
+from search.pick import pick
 from search.ui import check_ui, ui_argv
 from spaces import Policy
 
@@ -191,6 +193,23 @@ def test_choose_when_only_the_combination_binds():
         Constraints(min_accuracy=97)
 
 
+def test_pick_bounds_speak_the_search_constraint_language_also_relative_to_dense():
+    table = pd.DataFrame({"accuracy": [0.90, 0.95, 0.99], "latency_ms": [1.0, 2.0, 3.0], "size_mb": [1.0, 2.0, 3.0],
+                          "macs": [100.0, 300.0, 900.0]})
+    dense = {"macs": 1000.0}
+    half = Constraints(where=("macs <= 0.5 * dense",))
+    assert list(half.satisfied_by(table, dense)) == [True, True, False]
+    assert choose(table, half, prefer="accuracy", dense=dense).name == 1
+    both = Constraints(min_accuracy=0.92, where=("macs <= 0.2 * dense",))
+    assert both.describe() == "--min-accuracy 0.92 and macs <= 0.2 * dense"
+    with pytest.raises(NoFeasiblePolicyError) as caught:
+        choose(table, both, dense=dense)
+    assert "macs <= 0.2 * dense alone rules out 2 of 3 (the lowest macs is 100)" in str(caught.value)
+    assert half.violations({"macs": 600.0}, dense) == ["macs <= 0.5 * dense (got 600)"]
+    with pytest.raises(ProductionError, match="--where: constraint 'flops <= 3': unknown metric 'flops'"):
+        Constraints(where=("flops <= 3",))
+
+
 # --- rebuild, export, register --------------------------------------------------------------
 
 def test_replaying_a_trial_reproduces_its_metrics(search):
@@ -348,7 +367,7 @@ def test_ui_serves_the_store_and_stops_on_ctrl_c(search):
 
 def test_model_card_names_the_runtime_the_latency_was_timed_with():
     from evaluators.trial import MeasureConfig
-    from search.production import _runtime
+    from search.pick import _runtime
 
     assert _runtime(MeasureConfig()) == "torch eager"
     assert _runtime(MeasureConfig(backend="onnxruntime")) == "ONNX Runtime (model.onnx)"

@@ -11,7 +11,8 @@ from torch import nn
 from evaluators import measure, pruning
 from evaluators import sensitivity
 from evaluators.checkpoint import load_dense
-from evaluators.sensitivity import COLUMNS, analyse, plot, safe_ratios, to_frame
+from evaluators.sensitivity import COLUMNS, analyse, safe_ratios
+from search.sensitivity import plot, to_frame
 from evaluators.tasks import TensorTask
 from evaluators.train import accuracy, recalibrate_batchnorm
 from spaces import Policy

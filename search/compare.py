@@ -1,0 +1,114 @@
+"""Reading searches back: ``secateurs frontier`` (a search's frontier as a table, CSV or JSON) and
+``secateurs compare`` (several searches' frontiers side by side, with hypervolumes on one box)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from search import frontier
+from search.export import write_json
+from search.records import TABLE_COLUMNS, SearchRecord
+
+
+def describe_search(record: SearchRecord) -> str:
+    d = record.dense
+    front = record.frontier
+    note = "" if record.pareto_from_tags else " (computed now: the search has not tagged its frontier)"
+    return (f"search {record.run_name} ({record.run_id}), {record.status}, task {record.config.task.name}, "
+            f"sampler {record.config.search.sampler}\n"
+            f"dense: acc {d.get('accuracy', float('nan')):.4f}  {d.get('latency_ms', float('nan')):.3f} ms  "
+            f"{d.get('size_mb', float('nan')):.3f} MB  {int(d.get('macs', 0)):,} MACs\n"
+            f"{len(record.trials)} trials completed, {len(front)} on the frontier{note}")
+
+
+def export_columns(table: pd.DataFrame) -> list[str]:
+    extra = ["latency_p10_ms", "latency_p90_ms", "param_sparsity", "feasible"]
+    ratios = sorted(c for c in table.columns if c.startswith("ratio."))
+    return [c for c in TABLE_COLUMNS + extra + ["pareto"] + ratios if c in table.columns]
+
+
+def write_frontier(record: SearchRecord, table: pd.DataFrame, *, csv: str | None = None, json_path: str | None = None) -> list[Path]:
+    """Write ``table`` (frontier or all trials) as CSV (full run ids) and/or JSON (with the dense reference)."""
+    written = []
+    columns = export_columns(table)
+    if csv:
+        path = Path(csv).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table[columns].to_csv(path, index=False)
+        written.append(path)
+    if json_path:
+        path = Path(json_path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {
+            "search_run_id": record.run_id, "run_name": record.run_name, "tracking_uri": record.tracking_uri,
+            "task": record.config.task.name, "objectives": frontier.OBJECTIVES, "dense": record.dense,
+            "rows": json.loads(table[columns].to_json(orient="records", double_precision=15)),
+        })
+        written.append(path)
+    return written
+
+
+# --- compare --------------------------------------------------------------------------------
+
+def compare_tables(records: list[SearchRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A summary row per search and the union of their frontiers (``overall`` = non-dominated in the union)."""
+    fronts = [r.frontier for r in records]
+    volumes = frontier.common_box_hypervolumes(fronts)
+    summary = pd.DataFrame([{
+        "search": r.label, "task": r.config.task.name, "sampler": r.config.search.sampler,
+        "trials": len(r.trials), "frontier": len(f),
+        "best_accuracy": f["accuracy"].max() if len(f) else float("nan"),
+        "min_latency_ms": f["latency_ms"].min() if len(f) else float("nan"),
+        "min_size_mb": f["size_mb"].min() if len(f) else float("nan"),
+        "hypervolume": hv, "run_id": r.run_id,
+    } for r, f, hv in zip(records, fronts, volumes)])
+    parts = [f.assign(search=r.label, search_run_id=r.run_id) for r, f in zip(records, fronts) if len(f)]
+    combined = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["search", *TABLE_COLUMNS])
+    if len(combined):
+        combined = frontier.frontier_table(combined.drop(columns=["pareto"])).rename(columns={"pareto": "overall"})
+        combined = combined.sort_values("latency_ms", kind="stable").reset_index(drop=True)
+    return summary, combined
+
+
+def plot_compare(records: list[SearchRecord], path: str | Path) -> Path:
+    """accuracy vs latency_ms and vs size_mb: each search's trials (faint), frontier points with the
+    best accuracy reached at each x (step line), and its dense model (star)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    try:
+        for ax, (column, label) in zip(axes, (("latency_ms", "latency (ms)"), ("size_mb", "size (MB)"))):
+            for i, record in enumerate(records):
+                color = colors[i % len(colors)]
+                if len(record.trials):
+                    ax.scatter(record.trials[column], record.trials["accuracy"], s=12, color=color, alpha=0.2, zorder=1)
+                front = record.frontier.sort_values(column, kind="stable")
+                if len(front):
+                    best_so_far = np.maximum.accumulate(front["accuracy"].to_numpy(dtype=float))  # 2-D staircase
+                    ax.step(front[column], best_so_far, where="post", color=color, linewidth=1.2, zorder=2)
+                    ax.scatter(front[column], front["accuracy"], s=28, color=color, zorder=3,
+                               label=f"{record.label}: {len(front)} on frontier")
+                if column in record.dense and "accuracy" in record.dense:
+                    ax.scatter([record.dense[column]], [record.dense["accuracy"]], marker="*", s=180, color=color,
+                               edgecolors="black", zorder=4)
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy")
+            ax.grid(True, alpha=0.3)
+            ax.legend(loc="lower right", fontsize="small")
+        fig.suptitle("frontiers compared (stars: dense models)")
+        fig.tight_layout()
+        fig.savefig(out, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out
+
+
