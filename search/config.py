@@ -77,7 +77,7 @@ class SearchSettings:
     screening: ScreeningSettings | None = None  # multi-fidelity: fine-tune only trials no screened trial dominates (null = off)
     constraints: list[str] = dataclasses.field(default_factory=list)  # e.g. "accuracy_drop <= 0.01", "macs <= 0.5 * dense"
     patience: int | None = None    # stop once this many trials in a row did not grow the hypervolume
-    time_budget_s: float | None = None  # stop the search once its trials have run this many seconds (wall)
+    time_budget_s: float | None = None  # wall seconds for the whole command (earlier sessions of a resumed search included); the end is budgeted too
     remeasure: bool = True         # re-time the dense model and the frontier at the end, together (round-robin)
     max_failures: int = 0          # times Ray retries a failed trial (its worker died, or it raised)
 

@@ -1,50 +1,23 @@
 """The driver-side Ray Tune callback that records trials in MLflow, tracks the frontier's
-hypervolume and prints progress; and the stopper that ends a search whose frontier stopped growing."""
+hypervolume and prints progress; and the stoppers that end a search whose frontier stopped growing
+or whose time budget is spent."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Mapping
 
-import numpy as np
 import pandas as pd
 from ray import tune
 
 from search import frontier
 from search.baselines import Baseline
 from search.constraints import Constraint, violations
-from search.searcher import ORIGIN, REPLAY, sampled_params
+from search.searcher import ORIGIN, sampled_params
 from search.records import TRIAL_METRICS
 from search.tracking import SearchTracker
 from spaces import SearchSpace
 
 REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prune_s", "time_finetune_s", "time_measure_s", "onnx_max_abs_diff", "bn_recalibration_batches", "fidelity", "screening_accuracy"}
-
-# Hypervolume is computed on (accuracy, latency / dense latency, size / dense size) against the
-# dense model's (0, 1, 1): the share of the "better than dense" box that the frontier covers.
-HV_REFERENCE = (0.0, 1.0, 1.0)
-
-
-def feasible_mask(table: pd.DataFrame) -> pd.Series:
-    """True for rows that may be on the frontier: they meet every constraint (rows without a
-    ``feasible`` metric do) and were fine-tuned (not screened out: ``fidelity`` 0)."""
-    mask = pd.Series(True, index=table.index)
-    if "feasible" in table:
-        mask &= table["feasible"].fillna(1.0) > 0
-    if "fidelity" in table:
-        mask &= table["fidelity"].fillna(1.0) > 0
-    return mask
-
-
-def normalised_hypervolume(rows: pd.DataFrame, dense: Mapping[str, float]) -> float:
-    if rows.empty:
-        return 0.0
-    values = np.column_stack([
-        rows["accuracy"].to_numpy(float),
-        rows["latency_ms"].to_numpy(float) / float(dense["latency_ms"]),
-        rows["size_mb"].to_numpy(float) / float(dense["size_mb"]),
-    ])
-    return frontier.hypervolume(values, list(frontier.OBJECTIVES.values()), HV_REFERENCE)
-
 
 class TrialRecorder(tune.Callback):
     """Logs each finished trial to MLflow (the only writer), then the frontier's hypervolume on the
@@ -65,6 +38,7 @@ class TrialRecorder(tune.Callback):
         dense: Mapping[str, float],
         constraints: list[Constraint] = (),
         baselines: list[Baseline] = (),
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.tracker = tracker
         self.space = space
@@ -73,9 +47,9 @@ class TrialRecorder(tune.Callback):
         self.dense = dict(dense)
         self.constraints = list(constraints)
         self.baselines = {b.name: b for b in baselines}
+        self.clock = clock  # wall seconds the search has taken (earlier sessions included), logged as elapsed_s
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
         self.best_hypervolume, self.since_improvement = self._plateau()
-        self.replayed = 0  # trials MLflow held already, replayed by a resumed search
 
     def _plateau(self) -> tuple[float, int]:
         """The best hypervolume of the recorded trials and how many trials in a row since it last
@@ -87,7 +61,7 @@ class TrialRecorder(tune.Callback):
             if index in by_index:
                 seen.append(by_index[index])
                 table = pd.DataFrame(seen)
-                hv = normalised_hypervolume(table[feasible_mask(table)], self.dense)
+                hv = frontier.normalised_hypervolume(table[frontier.feasible_mask(table)], self.dense)
                 if hv > best + 1e-12:
                     best, since = hv, 0
                     continue
@@ -106,19 +80,14 @@ class TrialRecorder(tune.Callback):
         tags[f"secateurs.{first.kind}"] = first.name  # secateurs.baseline or secateurs.seed
         return ("baseline" if first.kind == "baseline" else "trial"), tags
 
-    def _is_recorded(self, trial) -> bool:
-        """Whether MLflow holds this trial already: a resumed search re-runs or replays it."""
-        return trial.trial_id in self.recorded or trial.config.get(REPLAY) in self.recorded
-
     def _feasible(self) -> pd.DataFrame:
         table = pd.DataFrame(self.rows, columns=None if self.rows else ["feasible", *frontier.OBJECTIVES])
-        return table[feasible_mask(table)]
+        return table[frontier.feasible_mask(table)]
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         try:
             result = trial.last_result or {}
-            if self._is_recorded(trial):
-                self.replayed += 1  # a resumed search replayed what MLflow holds
+            if trial.trial_id in self.recorded:
                 return
             if not all(m in result for m in frontier.OBJECTIVES):
                 return  # an error that on_trial_error records
@@ -146,8 +115,7 @@ class TrialRecorder(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         try:
-            if self._is_recorded(trial):
-                self.replayed += 1
+            if trial.trial_id in self.recorded:
                 return
             index = self._index()
             error = ""
@@ -165,18 +133,20 @@ class TrialRecorder(tune.Callback):
             self.recorded.add(trial.trial_id)
             self.num_failed += 1
             self.since_improvement += 1
+            if self.clock:
+                self.tracker.log_search_metrics({"elapsed_s": self.clock()}, step=index)
             reason = error.strip().splitlines()[-1] if error.strip() else "unknown error"
             self._progress(index, f"FAILED: {reason[:120]}")
         except Exception as exc:
             self.out(f"warning: could not record failed trial {trial.trial_id}: {exc!r}")
 
     def _update_hypervolume(self, step: int) -> None:
-        hv = normalised_hypervolume(self._feasible(), self.dense)
+        hv = frontier.normalised_hypervolume(self._feasible(), self.dense)
         if hv > self.best_hypervolume + 1e-12:
             self.best_hypervolume, self.since_improvement = hv, 0
         else:
             self.since_improvement += 1
-        self.tracker.log_search_metrics({"hypervolume": hv}, step=step)
+        self.tracker.log_search_metrics({"hypervolume": hv, **({"elapsed_s": self.clock()} if self.clock else {})}, step=step)
 
     def _progress(self, index: int, what: str) -> None:
         done = len(self.rows) + self.num_failed
@@ -203,3 +173,38 @@ class HypervolumePlateau(tune.Stopper):
 
     def stop_all(self) -> bool:
         return self.recorder.since_improvement >= self.patience
+
+
+class TimeBudget(tune.Stopper):
+    """Stops the whole search when what is left of ``search.time_budget_s`` (``seconds_left()``,
+    counted from the command's start, earlier sessions of a resumed search included) is no more than
+    what the end of the search will take: re-timing the frontier with the dense model and the report
+    (:meth:`estimate_end_s`, from the trials recorded so far)."""
+
+    def __init__(self, recorder: TrialRecorder, seconds_left: Callable[[], float | None], measure) -> None:
+        self.recorder = recorder
+        self.seconds_left = seconds_left
+        self.measure = measure
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        left = self.seconds_left()
+        return left is not None and left <= self.estimate_end_s(self.recorder.rows, self.measure)
+
+    @staticmethod
+    def estimate_end_s(rows: list[dict], measure) -> float:
+        """Seconds the end of a search takes: each frontier model and the dense one rebuilt and timed
+        (``measure.warmup + measure.repeats`` passes), a second pass for half of them, and 4 s for Ray's
+        shut-down and the report."""
+        table = pd.DataFrame(rows)
+        if table.empty or "latency_ms" not in table:
+            return 4.0
+        table = table[frontier.feasible_mask(table)]
+        if table.empty:
+            return 4.0
+        front = table[frontier.frontier_table(table)["pareto"].to_numpy()]
+        rebuild = float(table["time_prune_s"].median()) if "time_prune_s" in table else 0.0
+        per_model = rebuild + (measure.warmup + measure.repeats) * float(front["latency_ms"].max()) / 1000.0
+        return 4.0 + 1.5 * (len(front) + 1) * per_model

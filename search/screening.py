@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from search import frontier
@@ -48,20 +47,6 @@ def fine_tuned_trials(rows: Iterable[Mapping[str, Any]]) -> int:
     2
     """
     return sum(1 for row in rows if row.get("kind") == "trial" and row.get("fidelity", 1) != 0)
-
-
-def dominated(point: Sequence[float], others: Sequence[Sequence[float]]) -> bool:
-    """True if some row of ``others`` is at least as good as ``point`` on every objective of
-    :data:`search.frontier.OBJECTIVES` and better on one.
-
-    >>> dominated((0.8, 2.0, 1.0), [(0.9, 1.5, 1.0)]), dominated((0.8, 2.0, 1.0), [(0.9, 2.5, 1.0)])
-    (True, False)
-    """
-    if not len(others):
-        return False
-    signs = np.array([1.0 if mode == "max" else -1.0 for mode in frontier.OBJECTIVES.values()])
-    p, o = np.asarray(point, float) * signs, np.asarray(others, float) * signs
-    return bool(np.any(np.all(o >= p, axis=1) & np.any(o > p, axis=1)))
 
 
 def recorded_screening(rows: Iterable[Mapping[str, Any]]) -> list[tuple[float, ...]]:
@@ -107,10 +92,10 @@ class ScreeningScheduler(FIFOScheduler):
         return config.get(ORIGIN) in self.references
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if result.get("fidelity") != 0 or result.get("replayed"):
-            return TrialScheduler.CONTINUE  # a replayed result is already in the recorded history
+        if result.get("fidelity") != 0:
+            return TrialScheduler.CONTINUE
         point = tuple(float(result[m]) for m in frontier.OBJECTIVES)
-        verdict = dominated(point, self.screened)
+        verdict = frontier.dominated(point, self.screened, list(frontier.OBJECTIVES.values()))
         self.screened.append(point)
         if verdict and len(self.screened) > self.warmup and not self._is_reference(trial.config):
             self.stopped.add(trial.trial_id)

@@ -6,7 +6,6 @@ the sqlite store.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,16 +16,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from search import records
-from search.records import KIND, PARENT, PARETO, POLICY, SAMPLED
+from search.records import KIND, PARENT, PARETO, POLICY, SAMPLED, resolve_tracking_uri
 from spaces import Policy
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (MLflow's default, made absolute)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def ui_command(uri: str) -> str:
@@ -119,25 +110,29 @@ class SearchTracker:
         """The policies trial runs ran (their ``policy.json``)."""
         return records.read_policies(self.client, run_ids)
 
-    def recorded_trials(self) -> list[tuple[str, dict[str, Any]]]:
-        """What a resumed search replays of the trials MLflow holds, in trial order: each one's Ray
-        trial id and its record, ``{"metrics": ..., "origin": ..., "sampled": ...}`` for a completed
-        trial or ``{"error": ..., ...}`` for a failed one. ``origin`` is the baseline or seed it
-        evaluated (else None); ``sampled`` its sampled parameters (None if not recorded)."""
+    def recorded_trials(self) -> list[dict[str, Any]]:
+        """The trials MLflow holds, in trial order, as a resumed search needs them: each one's
+        ``kind`` (``trial``/``baseline``), ``origin`` (the baseline or seed it evaluated, else None),
+        ``sampled`` (the sampler's parameters, None if not recorded) and ``metrics`` (None: it failed)."""
         recorded = []
         for _, run in self.child_runs("trial", "baseline").iterrows():
             tags = records.row_values(run, "tags.")
-            ray_id = tags.get("secateurs.ray_trial_id")
-            if not ray_id:
-                continue
-            record: dict[str, Any] = {"origin": tags.get("secateurs.baseline") or tags.get("secateurs.seed"),
-                                      "sampled": records.read_sampled(self.client, run["run_id"])}
-            if run["status"] == "FINISHED":
-                record["metrics"] = {k: float(v) for k, v in records.row_values(run, "metrics.").items()}
-            else:
-                record["error"] = tags.get("secateurs.error", "unknown error")
-            recorded.append((ray_id, record))
+            recorded.append({
+                "kind": tags.get(KIND, "trial"),
+                "origin": tags.get("secateurs.baseline") or tags.get("secateurs.seed"),
+                "sampled": records.read_sampled(self.client, run["run_id"]),
+                "metrics": {k: float(v) for k, v in records.row_values(run, "metrics.").items()} if run["status"] == "FINISHED" else None,
+            })
         return recorded
+
+    def remove_cut_off_runs(self) -> int:
+        """Delete the child runs a killed driver left half written (status RUNNING): a trial's or the
+        dense model's record is complete only once its run is terminated. Returns how many."""
+        runs = self.child_runs("trial", "baseline", "dense")
+        cut_off = list(runs.loc[runs["status"] == "RUNNING", "run_id"]) if len(runs) else []
+        for run_id in cut_off:
+            self.client.delete_run(run_id)
+        return len(cut_off)
 
     def _child(self, run_name: str, kind: str, tags: Mapping[str, str] | None = None) -> str:
         if self.parent_run_id is None:

@@ -9,7 +9,6 @@ from ray import tune
 
 from evaluators.tasks import TaskConfig, make_task
 from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate, promote, screen
-from search.searcher import REPLAY
 from spaces import SearchSpace
 
 
@@ -25,28 +24,11 @@ class TrialContext:
     dense_accuracy: float
     dense_params: int
     screening_bn_batches: int | None = None  # search.screening: report a screening result first
-    # a resumed search: Ray trial id -> what MLflow recorded of it ({"metrics": {...}} or {"error": "..."})
-    replay: dict[str, dict[str, Any]] | None = None
-
-
-class ReplayedFailure(RuntimeError):
-    """A resumed search replays a trial MLflow recorded as failed."""
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     """Turn sampled parameters into a policy, evaluate it, report the metrics: once, or with
-    screening twice (``fidelity`` 0, then 1 unless the scheduler stops the trial in between).
-
-    A trial MLflow already recorded (a resumed search: Ray re-runs a trial that finished after its
-    last checkpoint, or the searcher replays one it never knew of, config key ``REPLAY``) reports its
-    recorded result, marked ``replayed``, and does no work."""
-    if context.replay:
-        recorded = context.replay.get(params.get(REPLAY) or tune.get_context().get_trial_id())
-        if recorded is not None:
-            if "error" in recorded:
-                raise ReplayedFailure(f"recorded as failed before the resume: {recorded['error']}")
-            tune.report({**recorded["metrics"], "replayed": 1})
-            return
+    screening twice (``fidelity`` 0, then 1 unless the scheduler stops the trial in between)."""
     policy = context.space.policy(params)
     task = make_task(context.task)
     node = {"node_id": ray.get_runtime_context().get_node_id()}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -76,8 +75,7 @@ def search_runs(uri: str):
 def test_sigkill_then_resume_keeps_every_trial_once(tmp_path, env):
     config = write_config(tmp_path, num_trials=8, screening={"warmup": 2, "bn_batches": 2})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # Ray checkpoints its state only every TUNE_GLOBAL_CHECKPOINT_S (10 s or more by default); with an
-    # hour, every trial MLflow records is one Ray's checkpoint does not know of finishing
+    # Ray's own experiment snapshot would be an hour stale: a resume must not need it (MLflow is the record)
     proc = start_search([str(config), "--tracking-uri", uri], tmp_path, {**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"})
     wait_for(proc, "[3/8]")
     os.killpg(proc.pid, signal.SIGKILL)  # power loss: the driver and the Ray it started die at once
@@ -93,9 +91,8 @@ def test_sigkill_then_resume_keeps_every_trial_once(tmp_path, env):
     assert f"resuming search {parent.info.run_id}: {len(before)} trials completed" in resumed.stderr
     # the screening scheduler goes on from what was recorded, not from scratch
     assert f"screening: {len(before)} recorded screening results restored" in resumed.stderr
-    # what MLflow recorded after Ray's checkpoint is replayed from the record, not run or sampled again
-    replayed = re.search(r"resume: (\d+) trials that MLflow recorded after Ray's last checkpoint were replayed", resumed.stderr)
-    assert replayed and 1 <= int(replayed.group(1)) <= len(before)
+    # every recorded trial is told to the sampler, once, from what MLflow holds
+    assert f"the sampler is told of {len(before)} of them" in resumed.stderr
 
     client, parent_after, after = search_runs(uri)
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
@@ -108,12 +105,11 @@ def test_sigkill_then_resume_keeps_every_trial_once(tmp_path, env):
 
     again = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", parent.info.run_id, "--tracking-uri", uri],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "already finished (8 of 8 trials recorded)" in again.stderr
+    assert again.returncode == 2 and "already finished" in again.stderr and again.stderr.count("\n") == 1
 
 
 def test_sigkill_then_resume_meets_the_fine_tune_budget_exactly(tmp_path, env):
-    # the fine-tune budget's count lives in the searcher, restored from Ray's last checkpoint: trials
-    # that finished after it are run again and must not be counted twice, nor missed
+    # the fine-tune budget's count is rebuilt from MLflow: recorded fine-tunes are neither counted twice nor missed
     config = write_config(tmp_path, num_trials=30, screening={"warmup": 2, "bn_batches": 2, "fine_tunes": 4})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = start_search([str(config), "--tracking-uri", uri], tmp_path, {**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"})

@@ -2,13 +2,11 @@
 again while the new timings change the frontier (a real MLflow store; the timer is scripted)."""
 from __future__ import annotations
 
-import types
-
 import pytest
 
-from search import driver
+from search import outcome
 from search.tracking import SearchTracker
-from spaces import Policy, PrunableGroup, RatioRange, SearchSpace, SpaceConfig
+from spaces import Policy
 
 DENSE = {"accuracy": 0.9, "latency_ms": 10.0, "size_mb": 1.0, "macs": 100.0, "params": 100.0}
 
@@ -31,14 +29,11 @@ def recorded(tmp_path):
         policies[name] = policy
         ids[name] = tracker.log_trial(index, policy, {"accuracy": accuracy, "latency_ms": latency, "size_mb": size,
                                                       "macs": 50.0, "params": 50.0})
-    space = SearchSpace(SpaceConfig(ratio=RatioRange(0.0, 0.6, 0.1)), [PrunableGroup("a", "conv", 8), PrunableGroup("b", "conv", 8)])
-    prepared = types.SimpleNamespace(space=space, task=None, checkpoint="dense.pt")
-    config = types.SimpleNamespace(space=types.SimpleNamespace(criteria=["l1"]), measure=None)
-    return tracker, ids, policies, prepared, config
+    return tracker, ids, policies
 
 
 def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_holds(recorded, monkeypatch):
-    tracker, ids, logged, prepared, config = recorded
+    tracker, ids, logged = recorded
     by_id = {v: k for k, v in ids.items()}
     retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}  # "fast" is slower alone: "slower" joins the frontier
     passes = []
@@ -50,10 +45,10 @@ def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_
         assert all(policy == logged[by_id[key]] for key, policy in policies.items() if key != "dense")  # what each trial ran
         return {key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
 
-    monkeypatch.setattr(driver, "measure_latencies", fake_measure_latencies)
+    monkeypatch.setattr(outcome, "measure_latencies", fake_measure_latencies)
     dense = dict(DENSE)
     lines = []
-    driver._remeasure_frontier(config, tracker, prepared, dense, lines.append)
+    outcome.remeasure_frontier(tracker, None, "dense.pt", None, dense, lines.append)
 
     assert passes == [{"dense", "fast", "best"}, {"dense", "fast", "slower", "best"}]
     assert len(lines) == 2 and "the dense model and 3 frontier policies, together" in lines[1]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -294,11 +295,9 @@ def test_screening_fine_tunes_only_trials_no_screened_trial_dominates(tmp_path, 
         m = run.data.metrics
         return (m.get("screening_accuracy", m["accuracy"]), m["latency_ms"], m["size_mb"])
 
-    from search.screening import dominated
-
     for run in out:  # each was stopped because another trial's screening result dominated its own
         others = [screened(r) for r in runs if r is not run]
-        assert dominated(screened(run), others)
+        assert frontier.dominated(screened(run), others, list(frontier.OBJECTIVES.values()))
     # the frontier holds fine-tuned trials only, and equals a non-dominated sort of them
     table = pd.DataFrame([{"id": r.info.run_id, "pareto": r.data.tags["secateurs.pareto"] == "true",
                            **{k: r.data.metrics[k] for k in frontier.OBJECTIVES}} for r in kept])
@@ -306,17 +305,20 @@ def test_screening_fine_tunes_only_trials_no_screened_trial_dominates(tmp_path, 
     assert any("screened out" in line for line in lines)
 
 
-def test_time_budget_ends_the_search_as_finished(tmp_path, store):
+def test_time_budget_is_wall_time_for_the_whole_command(tmp_path, store):
     raw = tiny_config(tmp_path)
-    # 15 s: room for the first trial (worker start-up included) on a loaded 2-core CI machine, where
-    # 6 s once ended the search before any trial finished
-    raw["search"].update({"num_trials": 200, "time_budget_s": 15, "remeasure": False, "baselines": []})
+    # 30 s: room for Ray's start and a first trial on a loaded 2-core CI machine
+    raw["search"].update({"num_trials": 200, "time_budget_s": 30, "baselines": []})
     lines: list[str] = []
+    started = time.perf_counter()
     result = run_search(validate(raw), config_name="budgeted", tracking_uri=store, out=lines.append)
+    wall = time.perf_counter() - started
     client = MlflowClient(store)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert 0 < parent.data.metrics["trials_completed"] < 200
-    assert parent.data.metrics["fit_wall_s"] >= 15
-    assert any(line.startswith("stopped: the time budget of 15 s was spent") for line in lines)
+    assert any(line.startswith("stopped: the time budget of 30 s was spent") for line in lines)
     assert not any("interrupted" in line for line in lines)
+    # the re-timing and the report are inside the budget (Ray's shut-down may add a moment)
+    assert wall <= 30 + 5, f"the command took {wall:.1f} s on a budget of 30 s"
+    assert any("re-measuring the latency" in line or "not re-timing the frontier" in line for line in lines)

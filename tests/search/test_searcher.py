@@ -123,63 +123,57 @@ def test_without_a_budget_of_fine_tunes_the_searcher_never_waits():
     assert all(isinstance(searcher.suggest(f"t{i}"), dict) for i in range(5))
 
 
-def test_a_restored_searcher_replays_the_recorded_trials_its_checkpoint_never_saw(tmp_path):
-    """Ray checkpoints the searcher every so often; MLflow records every trial. On resume, the
-    recorded trials the checkpoint does not know of are suggested again, with their recorded
-    parameters and a replay mark, before anything new: counted once, never sampled afresh."""
+def test_a_resumed_searcher_is_told_every_recorded_trial_once_and_counts_the_fine_tunes():
+    """MLflow is the record: a resumed search's searcher starts with every recorded trial in its
+    study (parameters, objective values, constraint values; failures as failed), and the recorded
+    fine-tuned sampled trials count towards the budget of fine-tunes."""
     from ray.tune.search import Searcher
 
-    from search.searcher import ORIGIN, REPLAY, RecordedTrial, sampled_params
+    from search.searcher import ORIGIN, RecordedTrial, sampled_params
 
     s = space()
     first = reference_points(s, None, None, ["uniform"], [0.5, 0.2])
+    constraints = parse_all(["latency_ms <= 1.5"])
 
-    def make():
+    def make(history=(), remaining=first):
         return SecateursSearch(
             space=s, metric=["accuracy", "latency_ms", "size_mb"], mode=["max", "min", "min"],
-            sampler=optuna.samplers.RandomSampler(seed=0), points_to_evaluate=[b.point for b in first],
-            origins=[b.name for b in first], constraints=[], dense=DENSE, fine_tunes=3, exempt=2,
+            sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=2), points_to_evaluate=[b.point for b in remaining] or None,
+            origins=[b.name for b in remaining], constraints=constraints, dense=DENSE, fine_tunes=3,
+            exempt=sum(b.kind == "baseline" for b in remaining), history=history,
         )
 
     result = {"accuracy": 0.8, "latency_ms": 1.0, "size_mb": 0.5, "fidelity": 1}
     searcher = make()
-    b1 = searcher.suggest("b1")
-    searcher.save(str(tmp_path / "searcher.pkl"))  # Ray's last checkpoint: it knows of b1 only
-    b2, t1, t2 = (searcher.suggest(t) for t in ("b2", "t1", "t2"))
-    searcher.on_trial_complete("b1", result=result)
-    searcher.on_trial_complete("b2", result=result)
-    searcher.on_trial_complete("t1", result=result)
-    # ... killed; MLflow holds b1, b2 and t1 (t2 was running)
-    recorded = [RecordedTrial("b1", origin=first[0].name), RecordedTrial("b2", origin=first[1].name),
-                RecordedTrial("t1", sampled=sampled_params(t1))]
-
-    resumed = make()
-    resumed.replay_recorded(recorded)
-    resumed.restore(str(tmp_path / "searcher.pkl"))
-    # Ray re-runs b1 (its checkpoint had it running) under its own id; the trainable replays it
+    b1, b2, t1, t2 = (searcher.suggest(t) for t in ("b1", "b2", "t1", "t2"))
+    # ... killed: MLflow holds b1 and t1 (t1 fine-tuned), t2 failed; b2 was still running
+    history = [RecordedTrial(sampled_params(b1), result), RecordedTrial(sampled_params(t1), {**result, "latency_ms": 2.0}, True),
+               RecordedTrial(sampled_params(t2), None)]
+    resumed = make(history, remaining=first[1:])
+    trials = [t for t in resumed._ot_study.trials if t.state != optuna.trial.TrialState.WAITING]  # not the enqueued baseline
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.FAIL]
+    assert trials[1].params == {k: v for k, v in sampled_params(t1).items() if k in trials[1].params} and trials[1].values == [0.8, 2.0, 0.5]
+    assert trials[1].constraints == {"latency_ms <= 1.5": pytest.approx(0.5)}  # latency 2.0 against the bound 1.5
+    assert resumed.told == 3
     again = [resumed.suggest(t) for t in ("n1", "n2", "n3")]
-    assert again[0][ORIGIN] == first[1].name and again[0][REPLAY] == "b2"
-    assert sampled_params(again[1]) == sampled_params(t1) and again[1][REPLAY] == "t1" and ORIGIN not in again[1]
-    assert REPLAY not in again[2] and ORIGIN not in again[2]  # sampled afresh: t2's run was lost
-    assert resumed.replayed == 2
-    for trial_id in ("b1", "n1", "n2", "n3"):
+    assert again[0][ORIGIN] == first[1].name and ORIGIN not in again[1]  # the baseline not recorded comes first
+    assert resumed.suggest("n4") is None  # t1 (recorded) + n2, n3 running could fill the budget of 3: wait
+    for trial_id in ("n1", "n2", "n3"):
         resumed.on_trial_complete(trial_id, result=result)
-    # the fine-tune budget counts t1 (replayed) and n3 once each: one more to go, then finished
-    assert isinstance(resumed.suggest("n4"), dict)
-    resumed.on_trial_complete("n4", result=result)
-    assert resumed.suggest("n5") == Searcher.FINISHED
-    # the sampler was told each trial once: b1, b2 and t1 (the last two as replays), n3, n4
+    assert resumed.suggest("n4") == Searcher.FINISHED  # t1, n2 and n3: each fine-tune counted once
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in resumed._ot_study.trials) == 5
 
 
-def test_a_trial_recorded_as_failed_is_replayed_as_a_failure_without_any_work():
-    from search.searcher import REPLAY
-    from search.trainable import ReplayedFailure, TrialContext, run_trial
+def test_a_recorded_trial_outside_the_space_still_counts_but_is_not_told():
+    from search.searcher import RecordedTrial
 
-    context = TrialContext(space=None, task=None, checkpoint=b"", finetune=None, measure=None, dense_accuracy=0.9,
-                           dense_params=1, replay={"old-id": {"error": "CUDA out of memory"}})
-    with pytest.raises(ReplayedFailure, match="recorded as failed before the resume: CUDA out of memory"):
-        run_trial({REPLAY: "old-id", "ratio.a": 0.5}, context)  # no space, task or checkpoint is touched
+    searcher = SecateursSearch(
+        space=space(), metric=["accuracy", "latency_ms", "size_mb"], mode=["max", "min", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0), constraints=[], dense=DENSE, fine_tunes=2,
+        history=[RecordedTrial({"ratio.a": 0.9, "ratio.b": 0.1, "criterion": "l1"}, {"accuracy": 0.5, "latency_ms": 1.0, "size_mb": 0.5}, True),
+                 RecordedTrial(None, None)],
+    )
+    assert searcher.told == 0 and searcher._fine_tuned == 1  # ratio.a 0.9 is above the range's 0.6; no sampled.json
 
 
 def test_the_hypervolume_plateau_count_goes_on_across_a_resume():

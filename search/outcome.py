@@ -1,0 +1,119 @@
+"""The end of a search: the frontier re-timed together with the dense model, tagged, logged and
+reported. MLflow is the record: everything here is computed from what it holds."""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from evaluators.tasks import Task
+from evaluators.trial import MeasureConfig, measure_latencies
+from search import frontier
+from search.tracking import SearchTracker, ui_command
+from spaces import Policy
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What a finished search left in MLflow, plus its tables for the caller."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trials: pd.DataFrame      # one row per completed trial (run_id, trial, kind, metrics, ratio.<group>, pareto)
+    frontier: pd.DataFrame    # the non-dominated rows of ``trials``, with ``policy`` (the policy.json each ran)
+    dense: dict[str, float]
+    num_failed: int
+    wall_s: float
+    status: str = "FINISHED"  # MLflow status of the parent run: FINISHED, KILLED or FAILED
+
+
+def format_frontier(table: pd.DataFrame) -> str:
+    columns = ["trial", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params", "run_id"]
+    shown = table.sort_values("latency_ms")[columns].copy()
+    shown["run_id"] = shown["run_id"].str[:12]
+    shown[["trial", "macs", "params"]] = shown[["trial", "macs", "params"]].astype(int)
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def _trials(tracker: SearchTracker) -> tuple[pd.DataFrame, int]:
+    rows, failed, _ = tracker.trial_table()
+    table = pd.DataFrame(rows, columns=None if rows else ["run_id", "trial", "kind", "criterion", *frontier.OBJECTIVES])
+    return table.sort_values("trial").reset_index(drop=True), failed
+
+
+def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, measure: MeasureConfig, dense: dict[str, float],
+                       out: Log, passes: int = 3) -> None:
+    """Time the dense model and the frontier's policies again, together (round-robin, with no trial
+    running), and record those latencies; the in-search ones stay as ``latency_ms_in_search``.
+
+    New timings can reshape the frontier. Then the dense model and the new frontier are timed
+    together again (at most ``passes`` times), so that the reported frontier and the dense latency
+    it is compared with come from one measurement. Each policy is the one its trial ran (policy.json).
+    ``dense`` is updated in place."""
+    dense_run_id = tracker.child_runs("dense").iloc[0]["run_id"]
+    dense_in_search = dense["latency_ms"]
+    in_search: dict[str, float] = {}
+    timed: set[str] = set()
+    for _ in range(passes):
+        table, _ = _trials(tracker)
+        front = table[frontier.feasible_frontier(table)] if len(table) else table
+        if front.empty or set(front["run_id"]) <= timed:
+            return
+        out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
+        policies = {"dense": Policy(criterion="l1", ratios={}), **tracker.policies(list(front["run_id"]))}
+        for row in front.itertuples():
+            in_search.setdefault(row.run_id, row.latency_ms)
+        fresh = measure_latencies(policies, task, checkpoint, measure)
+        dense_fresh = fresh.pop("dense")
+        dense.update(dense_fresh)
+        tracker.update_metrics(dense_run_id, {**dense_fresh, "latency_ms_in_search": dense_in_search})
+        for run_id, metrics in fresh.items():
+            tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
+        timed = set(fresh)
+
+
+def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, status: str, started: float, out: Log) -> SearchResult:
+    """Compute the frontier from MLflow, tag it (``secateurs.pareto``), log ``frontier.csv`` and
+    ``frontier.png`` and the search's totals, end the parent run with ``status`` and print the report."""
+    trials, num_failed = _trials(tracker)
+    if len(trials):
+        trials["pareto"] = frontier.feasible_frontier(trials).to_numpy()
+        tracker.tag_pareto(dict(zip(trials["run_id"], trials["pareto"].astype(bool))))
+        front = trials[trials["pareto"]].sort_values("latency_ms").reset_index(drop=True)
+        policies = tracker.policies(list(front["run_id"]))  # the policies the frontier's trials ran (policy.json)
+        front["policy"] = [policies[run_id].to_json() for run_id in front["run_id"]]
+    else:
+        front = trials
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / "frontier.csv"
+        front.drop(columns=["pareto"], errors="ignore").to_csv(csv_path, index=False)
+        tracker.log_artifact(csv_path)
+        png_path = frontier.plot_frontier(trials, Path(tmp) / "frontier.png", dense=dense, title=config_name)
+        tracker.log_artifact(png_path)
+    wall_s = time.perf_counter() - started
+    tracker.log_search_metrics({
+        "trials_completed": len(trials),
+        "trials_failed": num_failed,
+        "frontier_size": len(front),
+        "hypervolume_final": frontier.normalised_hypervolume(front, dense) if len(front) else 0.0,
+        "wall_time_s": wall_s,
+    })
+    tracker.end_search(status)
+    if len(front):
+        out("\nPareto frontier (accuracy max, latency_ms min, size_mb min):\n" + format_frontier(front))
+    else:
+        out("\nno trial completed: the frontier is empty")
+    out(f"\n{len(trials)} trials completed, {num_failed} failed, {len(front)} on the frontier, "
+        f"{wall_s:.1f} s wall time ({status.lower()})")
+    if tracker.tracking_uri.startswith(("http://", "https://")):
+        out(f"MLflow: open {tracker.tracking_uri.rstrip('/')}/{tracker.experiment_url()}")
+    else:
+        out(f"MLflow: {ui_command(tracker.tracking_uri)}\n  then open http://127.0.0.1:5000/{tracker.experiment_url()}")
+    return SearchResult(tracker.tracking_uri, tracker.experiment_id, tracker.parent_run_id, trials, front, dense, num_failed, wall_s, status)
