@@ -97,8 +97,7 @@ def space_point(space: SearchSpace, granularity: str, member_ratio: Mapping[str,
         point["criterion"] = criterion
     if len(space.config.granularity) > 1:
         point["granularity"] = granularity
-    if len(space.config.round_to_choices) > 1:
-        point["round_to"] = space.config.round_to_choices[0]
+    point.update(space.default_params())  # first rounding and quantization, no block removed
     return point
 
 

@@ -5,11 +5,12 @@ read, validated and sampled anywhere (the driver, a Ray worker, a notebook).
 """
 from __future__ import annotations
 
+from spaces.depth import QUANTIZATIONS, Block, DepthRule, DepthSpace
 from spaces.groups import GROUP_KINDS, PrunableGroup
 from spaces.policy import GRANULARITIES, Policy
 from spaces.space import Dimension, RatioRange, Rule, SearchSpace, SpaceConfig, SpaceError
 
 __all__ = [
-    "GRANULARITIES", "GROUP_KINDS", "Dimension", "PrunableGroup", "Policy", "RatioRange", "Rule", "SearchSpace",
+    "GRANULARITIES", "GROUP_KINDS", "QUANTIZATIONS", "Block", "DepthRule", "DepthSpace", "Dimension", "PrunableGroup", "Policy", "RatioRange", "Rule", "SearchSpace",
     "SpaceConfig", "SpaceError",
 ]

@@ -5,6 +5,8 @@ import json
 import math
 from typing import Any
 
+from spaces.depth import QUANTIZATIONS
+
 # What a policy's ratios remove (evaluators.pruning carries out each one):
 FINETUNE_KNOBS = ("lr", "optimizer")
 GRANULARITIES = ("channel", "structured", "unstructured", "nm")
@@ -28,7 +30,8 @@ class Policy:
     per group; attention keeps at least one head unless a group minimum says more).
     ``global_groups`` are pruned together: they lose as many units in total as their ratios ask,
     but which ones is decided by one ranking across all of them. ``seed`` fixes the randomness
-    of criteria such as ``random``.
+    of criteria such as ``random``. ``drop_blocks`` are whole blocks removed after the widths are
+    pruned; ``quantization`` is how the model ships (``int8``: static, calibrated; ``int8_dynamic``).
 
     >>> p = Policy(criterion="l1", ratios={"conv1": 0.25})
     >>> Policy.from_json(p.to_json()) == p
@@ -45,6 +48,8 @@ class Policy:
     global_groups: tuple[str, ...] = ()
     nm_block: int = 4
     finetune: dict[str, Any] = dataclasses.field(default_factory=dict)  # searched fine-tune knobs: lr, optimizer
+    drop_blocks: tuple[str, ...] = ()  # whole blocks removed (after the widths are pruned)
+    quantization: str = "none"  # none, int8 (static, calibrated) or int8_dynamic: how the pruned model ships
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -83,10 +88,16 @@ class Policy:
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
             raise ValueError(f"Policy.finetune lr must be a finite number > 0, but got {lr!r}")
         object.__setattr__(self, "finetune", dict(sorted(self.finetune.items())))
+        if isinstance(self.drop_blocks, str):
+            raise ValueError(f"Policy.drop_blocks must be a list of block names, but got the string {self.drop_blocks!r}")
+        object.__setattr__(self, "drop_blocks", tuple(dict.fromkeys(str(b) for b in self.drop_blocks)))
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"Policy.quantization must be one of {', '.join(QUANTIZATIONS)}, but got {self.quantization!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["global_groups"] = list(self.global_groups)
+        data["drop_blocks"] = list(self.drop_blocks)
         return data
 
     def to_json(self) -> str:

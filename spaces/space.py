@@ -6,6 +6,7 @@ import math
 import re
 from typing import Any, Protocol, Sequence
 
+from spaces.depth import QUANTIZATION_PARAM, QUANTIZATIONS, Block, DepthSpace, ResolvedDepth, resolve
 from spaces.groups import PrunableGroup
 from spaces.policy import GRANULARITIES, Policy
 
@@ -26,6 +27,8 @@ class TrialLike(Protocol):
     def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
 
 
 def _check_ratio(field: str, value: float) -> None:
@@ -165,6 +168,8 @@ class SpaceConfig:
     nm_block: int = 4
     finetune_lr: list[float] | None = None  # [low, high]: search the fine-tune learning rate (log-uniform)
     finetune_optimizers: list[str] = dataclasses.field(default_factory=list)  # search the optimizer among these
+    depth: DepthSpace | None = None  # search which whole blocks to remove (null: none)
+    quantization: list[str] = dataclasses.field(default_factory=lambda: ["none"])  # several: searched (parameter quantization)
 
     @property
     def round_to_choices(self) -> list:
@@ -181,6 +186,9 @@ class SpaceConfig:
             raise ValueError(f"granularity: lists a granularity twice: {self.granularity}")
         if not self.criteria:
             raise ValueError("criteria: must list at least one criterion")
+        if not self.quantization or len(set(self.quantization)) != len(self.quantization) or \
+                any(q not in QUANTIZATIONS for q in self.quantization):
+            raise ValueError(f"quantization: must list distinct choices among {', '.join(QUANTIZATIONS)}, but got {self.quantization!r}")
         if self.finetune_lr is not None and (len(self.finetune_lr) != 2 or not 0 < self.finetune_lr[0] <= self.finetune_lr[1] < math.inf):
             raise ValueError(f"finetune_lr: must be [low, high] with 0 < low <= high, but got {self.finetune_lr!r}")
         choices = self.round_to_choices
@@ -238,9 +246,13 @@ class SearchSpace:
     ['conv1']
     """
 
-    def __init__(self, config: SpaceConfig, groups: Sequence[PrunableGroup], seed: int = 0) -> None:
+    def __init__(self, config: SpaceConfig, groups: Sequence[PrunableGroup], seed: int = 0, *,
+                 blocks: Sequence[Block] = (), block_order: Sequence[str] = ()) -> None:
         self.config = config
         self.seed = seed
+        self.blocks = list(blocks)
+        self.block_order = list(block_order)
+        self.depth: ResolvedDepth | None = resolve(config.depth, self.blocks, self.block_order) if config.depth else None
         wanted = set(config.granularity)
         unique: dict[str, PrunableGroup] = {}
         for g in groups:
@@ -381,23 +393,41 @@ class SearchSpace:
             trial.suggest_categorical(FINETUNE_PREFIX + "optimizer", list(self.config.finetune_optimizers))
         elif self.config.finetune_optimizers:
             constants[FINETUNE_PREFIX + "optimizer"] = self.config.finetune_optimizers[0]
+        if self.depth is not None:
+            self.depth.suggest(trial)
+        if len(self.config.quantization) > 1:
+            trial.suggest_categorical(QUANTIZATION_PARAM, list(self.config.quantization))
         return constants
+
+    def default_params(self) -> dict[str, Any]:
+        """The parameters besides the ratios that a hand-made policy (a baseline) takes: the first
+        channel rounding and quantization, no block removed."""
+        params: dict[str, Any] = {}
+        if len(self.config.round_to_choices) > 1:
+            params["round_to"] = self.config.round_to_choices[0]
+        if self.depth is not None:
+            params.update(self.depth.keep_all())
+        if len(self.config.quantization) > 1:
+            params[QUANTIZATION_PARAM] = self.config.quantization[0]
+        return params
 
     def policy(self, params: dict[str, Any]) -> Policy:
         """The policy that sampled ``params`` (as a trial's config holds them) stand for."""
         granularity = params.get("granularity") or self.config.granularity[0]
         if granularity not in self._dims:
             raise SpaceError(f"granularity {granularity!r} is not in this space; it has {', '.join(self._dims)}")
+        drop = self.depth.dropped(params) if self.depth is not None else ()
         ratios: dict[str, float] = {}
         joint: list[str] = []
         for d in self._dims[granularity]:
             value = d.fixed if d.range is None else params.get(RATIO_PREFIX + d.group)
             if value is None:
                 raise SpaceError(f"parameters have no value for {RATIO_PREFIX + d.group!r}")
-            if value > 0.0:
-                ratios.update({m: float(value) for m in d.members})
+            members = [m for m in d.members if not any(m == b or m.startswith(b + ".") for b in drop)]  # not inside a removed block
+            if value > 0.0 and members:
+                ratios.update({m: float(value) for m in members})
                 if d.joint:
-                    joint.extend(d.members)
+                    joint.extend(members)
         return Policy(
             criterion=params.get("criterion") or self.config.criteria[0],
             granularity=granularity,
@@ -410,4 +440,6 @@ class SearchSpace:
             nm_block=self.config.nm_block,
             finetune={k.removeprefix(FINETUNE_PREFIX): (float(v) if k.endswith(".lr") else v)
                       for k, v in params.items() if k.startswith(FINETUNE_PREFIX) and v is not None},
+            drop_blocks=drop,
+            quantization=params.get(QUANTIZATION_PARAM) or self.config.quantization[0],
         )
