@@ -81,7 +81,8 @@ def global_values(config: PretrainedConfig) -> Iterator[PretrainedConfig]:
 
 def _layer_attrs(config: PretrainedConfig) -> tuple[str, ...]:
     """The config attributes a layer's shape is stated in."""
-    kv = ("num_key_value_heads",) if hasattr(config, "num_key_value_heads") else ()
+    with global_values(config):
+        kv = ("num_key_value_heads",) if hasattr(config, "num_key_value_heads") else ()
     return ("num_attention_heads", *kv, "intermediate_size")
 
 

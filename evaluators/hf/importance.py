@@ -11,8 +11,10 @@ output linear:
   (LLM-Pruner's element-wise Taylor), with the gradient of the task's loss summed over the batches.
 - ``wanda``: ``|W| * ||x_j||_2``, each weight times the L2 norm over calibration tokens of the input
   feature it multiplies (Wanda, Sun et al. 2023).
-- ``activation``: the L2 norm over calibration tokens of the unit's output (a head's slice of the
-  output projection's input, a neuron's activation): Minitron's activation importance.
+- ``activation``: the L2 norm over calibration tokens of what the unit adds to the layer's output (its
+  output-projection columns applied to its activations): Minitron's activation importance, taken
+  after the projection so that a head silenced in its query or output weights scores zero. Computed
+  from per-unit input covariances, ``sqrt(trace(W_u^T W_u C_u))``, without materialising outputs.
 
 Layers: :func:`block_influence` is ShortGPT's ``BI_i = 1 - E_t[cos(x_i,t, x_i+1,t)]``, one minus the
 mean cosine similarity, over (non-padding) tokens, of layer ``i``'s input and output hidden states.
@@ -61,6 +63,32 @@ def _input_norms(model: nn.Module, names: Iterable[str], batches: Sequence[Batch
         return record
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in sorted(set(names))]
+    device = _device(model)
+    try:
+        with _eval(model), torch.no_grad():
+            for batch in batches:
+                forward(model, to_device(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def _input_covariances(model: nn.Module, widths: dict[str, tuple[int, int]], batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+    """Per linear ``name`` with ``(units, width)``: ``sum_t x_u,t^T x_u,t`` over calibration tokens for each
+    block of ``width`` input features (``units`` blocks): a tensor ``(units, width, width)``."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        units, width = widths[name]
+
+        def record(_module, args):
+            x = args[0].detach().float().reshape(-1, units, width)
+            value = torch.einsum("nuw,nuv->uwv", x, x)
+            sums[name] = sums[name] + value if name in sums else value
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in widths]
     device = _device(model)
     try:
         with _eval(model), torch.no_grad():
@@ -132,13 +160,18 @@ def unit_scores(model: nn.Module, units: Sequence[HFUnit], criterion: str,
     if criterion in DATA_CRITERIA and (calibration is None or not calibration.batches):
         raise HFPruningError(f"criterion {criterion!r} needs calibration batches; give a Calibration, or use 'magnitude'")
     members = [m for u in units for m in u.members]
-    norms = _input_norms(model, members, calibration.batches) if criterion in ("wanda", "activation") else {}
+    norms = _input_norms(model, members, calibration.batches) if criterion == "wanda" else {}
+    widths = {u.members[-1]: (u.size, u.head_dim if u.kind == "heads" else 1) for u in units}
+    covariances = _input_covariances(model, widths, calibration.batches) if criterion == "activation" else {}
     grads = _gradients(model, members, calibration) if criterion == "taylor" else {}
     scores: dict[str, torch.Tensor] = {}
     for u in units:
         if criterion == "activation":
             out = u.members[-1]  # the output linear: its inputs are the heads' / neurons' outputs
-            scores[u.name] = norms[out].reshape(u.size, -1).sum(1).sqrt()
+            units, width = widths[out]
+            w = model.get_submodule(out).weight.detach().float().reshape(-1, units, width)
+            gram = torch.einsum("ouw,ouv->uwv", w, w)
+            scores[u.name] = torch.einsum("uwv,uwv->u", gram, covariances[out]).clamp_min(0).sqrt()
             continue
         parts = {n: _element_scores(criterion, model.get_submodule(n).weight, grads.get(n), norms.get(n)) for n in u.members}
         if u.kind == "heads":
