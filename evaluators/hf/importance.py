@@ -150,7 +150,7 @@ def unit_scores(model: nn.Module, units: Sequence[HFUnit], criterion: str,
     >>> from evaluators.hf.models import build_model
     >>> from evaluators.hf.pruning import discover
     >>> m = build_model({"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
-    ...                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50})
+    ...                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50}, "causal_lm")
     >>> {name: s.shape for name, s in unit_scores(m, discover(m)[:2], "magnitude").items()}
     {'model.layers.0.self_attn': torch.Size([4]), 'model.layers.0.mlp': torch.Size([48])}
     """

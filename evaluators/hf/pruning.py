@@ -117,7 +117,7 @@ def discover(model: nn.Module) -> list[HFUnit]:
 
     >>> from evaluators.hf.models import build_model
     >>> m = build_model({"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-    ...                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50})
+    ...                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50}, "causal_lm")
     >>> [(u.name, u.kind, u.size) for u in discover(m)][:3]
     [('model.layers.0.self_attn', 'heads', 4), ('model.layers.0.mlp', 'neurons', 96), ('model.layers.0', 'layer', 1)]
     """
