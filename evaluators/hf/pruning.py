@@ -259,8 +259,7 @@ def prune_heads(model: nn.Module, name: str, keep: Iterable[int]) -> None:
     u, layer = _layer_of(model, name, "heads")
     heads, groups = check_heads(u, keep)
     hd = u.head_dim
-    for path in (family.query,):
-        _replace(layer, path, _sliced(_linear(layer, path), rows=_rows(heads, hd)))
+    _replace(layer, family.query, _sliced(_linear(layer, family.query), rows=_rows(heads, hd)))
     for path in (family.key, family.value):
         _replace(layer, path, _sliced(_linear(layer, path), rows=_rows(groups, hd)))
     _replace(layer, family.attention_output, _sliced(_linear(layer, family.attention_output), cols=_rows(heads, hd)))
@@ -328,8 +327,7 @@ def _per_layer_overrides(config) -> dict[int, dict] | None:
     """The per-layer overrides of a heterogeneous config (``per_layer_config``), else None."""
     if not getattr(config, "is_heterogeneous", False):
         return None
-    spec = config._heterogeneity_spec
-    return {int(k): dict(v) for k, v in spec.per_layer_overrides.items()}
+    return {int(k): dict(v) for k, v in (config.to_dict().get("per_layer_config") or {}).items()}
 
 
 def parameter_count(model: nn.Module) -> int:
