@@ -226,6 +226,29 @@ def valid_head_counts(u: HFUnit, mode: str = "any") -> list[int]:
     return sorted(by_mode[mode])
 
 
+def heads_for_ratio(u: HFUnit, ratio: float, mode: str = "kv_groups") -> int:
+    """How many query heads ``u`` keeps when a ``ratio`` of them is pruned; raises :class:`HFPruningError`
+    listing the ratios that keep grouped-query attention whole when ``ratio`` is not one of them.
+
+    >>> u = HFUnit("model.layers.0.self_attn", "heads", 8, (), 0, kv_heads=4, head_dim=16)
+    >>> heads_for_ratio(u, 0.25), heads_for_ratio(u, 0.5, "query_heads")
+    (6, 4)
+    >>> heads_for_ratio(u, 0.25, "query_heads")
+    Traceback (most recent call last):
+    ...
+    evaluators.hf.pruning.HFPruningError: heads of model.layers.0.self_attn: ratio 0.25 prunes 2 of 8 query heads, which breaks 4 key-value groups of 2 with mode query_heads; valid ratios: 0, 0.5
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise HFPruningError(f"heads of {u.name}: ratio must be in [0, 1), but got {ratio}")
+    pruned = round(u.size * ratio, 6)
+    valid = valid_head_counts(u, mode)
+    if pruned != int(pruned) or u.size - int(pruned) not in valid:
+        ratios = ", ".join(f"{(u.size - c) / u.size:g}" for c in sorted(valid, reverse=True))
+        raise HFPruningError(f"heads of {u.name}: ratio {ratio:g} prunes {pruned:g} of {u.size} query heads, which breaks "
+                             f"{u.kv_heads} key-value groups of {u.group_size} with mode {mode}; valid ratios: {ratios}")
+    return u.size - int(pruned)
+
+
 def heads_to_keep(u: HFUnit, scores: torch.Tensor, count: int, mode: str = "kv_groups") -> list[int]:
     """The ``count`` query heads of ``u`` to keep by ``scores`` (one per query head, higher = more
     important), consistent with grouped-query attention: ``kv_groups`` keeps the best whole groups

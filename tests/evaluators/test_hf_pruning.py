@@ -93,6 +93,16 @@ def test_uneven_heads_per_group_are_refused_with_the_valid_counts(llama):
         pruning.heads_to_keep(u, torch.ones(8), 6, "query_heads")
 
 
+def test_head_ratios_that_break_gqa_grouping_name_the_valid_ones(llama):
+    u = pruning.discover(llama)[0]  # 8 query heads, 4 key-value groups of 2
+    assert [pruning.heads_for_ratio(u, r, "kv_groups") for r in (0.0, 0.25, 0.5, 0.75)] == [8, 6, 4, 2]
+    assert pruning.heads_for_ratio(u, 0.5, "query_heads") == 4
+    with pytest.raises(HFPruningError, match=r"ratio 0\.3 prunes 2\.4 of 8 .*valid ratios: 0, 0\.25, 0\.5, 0\.75"):
+        pruning.heads_for_ratio(u, 0.3, "kv_groups")
+    with pytest.raises(HFPruningError, match="mode query_heads; valid ratios: 0, 0.5"):
+        pruning.heads_for_ratio(u, 0.25, "query_heads")
+
+
 def test_heads_to_keep_by_scores_in_both_modes(llama):
     u = pruning.discover(llama)[0]
     scores = torch.tensor([9.0, 0.0, 1.0, 1.0, 5.0, 5.0, 0.0, 2.0])  # group sums: 9, 2, 10, 2
