@@ -150,13 +150,12 @@ def save_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer: An
     config = pruned_config(model)
     pruned = config.model_type.startswith(PRUNED_PREFIX)
     cls = PRUNED_MODELS[_stock_class(model)] if pruned else _stock_class(model)
-    config.architectures = [cls.__name__]
     saved_config, model.config = model.config, config
     try:
         model.save_pretrained(str(directory))
     finally:
         model.config = saved_config
-    config.architectures = [cls.__name__]
+    config.architectures = [cls.__name__]  # the class from_pretrained builds (save_pretrained wrote the in-memory one)
     config.save_pretrained(str(directory))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
