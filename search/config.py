@@ -16,6 +16,7 @@ from spaces import SpaceConfig
 from search.baselines import BASELINES, check_kinds, default_kinds
 from search.constraints import Constraint
 from search.samplers import SAMPLERS
+from search.refine import RefineSettings
 from search.screening import ScreeningSettings
 
 
@@ -75,6 +76,7 @@ class SearchSettings:
     baselines: list[str] | None = None  # uniform, global_magnitude, lamp, erk (null = those that apply to the first granularity)
     sensitivity: SensitivitySettings | None = None  # per-group sensitivity analysis first (null = off; {} = defaults)
     screening: ScreeningSettings | None = None  # multi-fidelity: fine-tune only trials no screened trial dominates (null = off)
+    refine: RefineSettings | None = None  # fine-tune the best frontier candidates longer at the end (null = off)
     constraints: list[str] = dataclasses.field(default_factory=list)  # e.g. "accuracy_drop <= 0.01", "macs <= 0.5 * dense"
     patience: int | None = None    # stop once this many trials in a row did not grow the hypervolume
     time_budget_s: float | None = None  # wall seconds for the whole command (earlier sessions of a resumed search included); the end is budgeted too

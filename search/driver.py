@@ -18,6 +18,7 @@ from typing import Callable
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import optuna
+import pandas as pd
 import ray
 import yaml
 
@@ -30,7 +31,8 @@ from search.baselines import Baseline, reference_points
 from search.config import Config, ConfigError, validate
 from search.constraints import parse_all
 from search.outcome import SearchResult
-from search.recorder import REPORTED, HypervolumePlateau, TimeBudget, TrialRecorder
+from search.recorder import REPORTED, HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate
+from search.refine import refine_frontier
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import RecordedTrial, SecateursSearch
@@ -81,6 +83,13 @@ class _Session:
     def seconds_left(self) -> float | None:
         budget = self.config.search.time_budget_s
         return None if budget is None else budget - self.elapsed_s()
+
+    def end_s(self, rows: list[dict]) -> float:
+        """Seconds the end of the search will take (refinement, re-timing, report), from ``rows``."""
+        search = self.config.search
+        return end_estimate(rows, self.config.measure, refine_candidates=search.refine.candidates if search.refine else 0,
+                            refine_epochs=search.refine.epochs if search.refine else 0.0,
+                            finetune_epochs=self.config.finetune.epochs, concurrency=search.max_concurrent)
 
 
 def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepared:
@@ -242,7 +251,7 @@ def _run(session: _Session) -> SearchResult:
                                  constraints=parse_all(config.search.constraints), baselines=prepared.first, clock=session.elapsed_s)
         stoppers = [HypervolumePlateau(recorder, config.search.patience)] if config.search.patience else []
         if config.search.time_budget_s is not None:
-            stoppers.append(TimeBudget(recorder, session.seconds_left, config.measure))
+            stoppers.append(TimeBudget(recorder, session.seconds_left, session.end_s))
         fine_tunes = config.search.fine_tune_budget
         searcher = SecateursSearch(
             space=prepared.space,
@@ -286,6 +295,8 @@ def _run(session: _Session) -> SearchResult:
             fit_wall = time.perf_counter() - fit_started
         tracker.log_search_metrics({"fit_wall_s": fit_wall, "elapsed_s": session.elapsed_s()})
         status = _status(session, stoppers, recorder)
+        if status == "FINISHED" and config.search.refine is not None:
+            _refine(session)
     except KeyboardInterrupt:
         status = "KILLED"
         out(f"interrupted: resume with `secateurs search --resume {tracker.parent_run_id}`")
@@ -324,11 +335,24 @@ def _status(session: _Session, stoppers: list, recorder: TrialRecorder) -> str:
     return "FINISHED"
 
 
+def _refine(session: _Session) -> None:
+    """``search.refine``: the frontier's candidates fine-tuned longer (:mod:`search.refine`), on Ray."""
+    config = session.config
+    rows = session.tracker.trial_table()[0]
+    table = pd.DataFrame(rows)
+    front = table[frontier.feasible_frontier(table)] if len(table) else table
+    with open(session.prepared.checkpoint, "rb") as f:
+        checkpoint = f.read()
+    refine_frontier(session.tracker, front, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
+                    measure=config.measure, dense=session.dense,
+                    resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial}, out=session.out)
+
+
 def _remeasure(session: _Session) -> None:
     """Re-time the frontier with the dense model (:func:`search.outcome.remeasure_frontier`), unless
     ``search.time_budget_s`` leaves too little time for it."""
     left = session.seconds_left()
-    needed = TimeBudget.estimate_end_s(session.tracker.trial_table()[0], session.config.measure)
+    needed = end_estimate(session.tracker.trial_table()[0], session.config.measure)
     if left is not None and left < needed:
         session.out(f"not re-timing the frontier: the time budget leaves {max(left, 0):.0f} s, it needs about {needed:.0f} s; "
                     "latencies are the in-search ones")

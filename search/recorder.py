@@ -178,33 +178,40 @@ class HypervolumePlateau(tune.Stopper):
 class TimeBudget(tune.Stopper):
     """Stops the whole search when what is left of ``search.time_budget_s`` (``seconds_left()``,
     counted from the command's start, earlier sessions of a resumed search included) is no more than
-    what the end of the search will take: re-timing the frontier with the dense model and the report
-    (:meth:`estimate_end_s`, from the trials recorded so far)."""
+    what the end of the search will take (``end_s(rows)``, from the trials recorded so far: see
+    :func:`end_estimate`)."""
 
-    def __init__(self, recorder: TrialRecorder, seconds_left: Callable[[], float | None], measure) -> None:
+    def __init__(self, recorder: TrialRecorder, seconds_left: Callable[[], float | None], end_s: Callable[[list[dict]], float]) -> None:
         self.recorder = recorder
         self.seconds_left = seconds_left
-        self.measure = measure
+        self.end_s = end_s
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
 
     def stop_all(self) -> bool:
         left = self.seconds_left()
-        return left is not None and left <= self.estimate_end_s(self.recorder.rows, self.measure)
+        return left is not None and left <= self.end_s(self.recorder.rows)
 
-    @staticmethod
-    def estimate_end_s(rows: list[dict], measure) -> float:
-        """Seconds the end of a search takes: each frontier model and the dense one rebuilt and timed
-        (``measure.warmup + measure.repeats`` passes), a second pass for half of them, and 4 s for Ray's
-        shut-down and the report."""
-        table = pd.DataFrame(rows)
-        if table.empty or "latency_ms" not in table:
-            return 4.0
-        table = table[frontier.feasible_mask(table)]
-        if table.empty:
-            return 4.0
-        front = table[frontier.frontier_table(table)["pareto"].to_numpy()]
-        rebuild = float(table["time_prune_s"].median()) if "time_prune_s" in table else 0.0
-        per_model = rebuild + (measure.warmup + measure.repeats) * float(front["latency_ms"].max()) / 1000.0
-        return 4.0 + 1.5 * (len(front) + 1) * per_model
+
+def end_estimate(rows: list[dict], measure, *, refine_candidates: int = 0, refine_epochs: float = 0.0, finetune_epochs: float = 1.0,
+                 concurrency: int = 1) -> float:
+    """Seconds the end of a search takes, from the trials so far: the refinement (``search.refine``:
+    ``refine_candidates`` fine-tunes of ``refine_epochs``, ``concurrency`` at a time, each as long as a
+    trial's fine-tune scaled by the epochs), then each frontier model and the dense one rebuilt and
+    timed (``measure.warmup + measure.repeats`` passes; a second pass for half of them), and 4 s for
+    Ray's shut-down and the report."""
+    table = pd.DataFrame(rows)
+    if table.empty or "latency_ms" not in table:
+        return 4.0
+    table = table[frontier.feasible_mask(table)]
+    if table.empty:
+        return 4.0
+    front = table[frontier.frontier_table(table)["pareto"].to_numpy()]
+    median = {k: float(table[k].median()) if k in table else 0.0 for k in ("time_prune_s", "time_finetune_s", "time_measure_s")}
+    per_model = median["time_prune_s"] + (measure.warmup + measure.repeats) * float(front["latency_ms"].max()) / 1000.0
+    refine = 0.0
+    if refine_candidates:
+        one = median["time_prune_s"] + median["time_finetune_s"] * refine_epochs / max(finetune_epochs, 1e-9) + median["time_measure_s"]
+        refine = -(-min(refine_candidates, len(front)) // concurrency) * one
+    return 4.0 + refine + 1.5 * (len(front) + 1) * per_model

@@ -144,9 +144,13 @@ class SearchTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    def update_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
-        """Log newer values of a run's metrics (step 1); MLflow shows the latest."""
-        self._log_metrics(run_id, metrics, step=1)
+    def update_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 1) -> None:
+        """Log newer values of a run's metrics (at ``step``, above the trial's 0); MLflow shows the latest."""
+        self._log_metrics(run_id, metrics, step=step)
+
+    def set_tags_on(self, run_ids: list[str], tags: Mapping[str, str]) -> None:
+        for run_id in run_ids:
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_dense(self, metrics: Mapping[str, float], checkpoint: str) -> str:
         run_id = self._child("dense", "dense", {"secateurs.checkpoint": checkpoint})

@@ -1,0 +1,84 @@
+"""``search.refine``: fine-tune the frontier's best candidates longer before the search reports.
+
+A trial's fine-tune is short, so its accuracy is a proxy for what a real fine-tune would give,
+and it can rank policies wrongly. With ``search.refine: {epochs: 5, candidates: 4}`` the driver
+takes up to ``candidates`` frontier policies spread over its latency range, fine-tunes each from
+the dense checkpoint for ``epochs`` (on Ray, with a trial's resources) and records the result on
+the trial's run: ``accuracy`` (and ``accuracy_drop``) become the refined values, the short
+fine-tune's stay as ``accuracy_in_search``, and ``refine_epochs`` / ``time_refine_s`` say what it
+cost. The frontier and ``secateurs pick`` then see the refined accuracies: successive halving's
+last rung, on the policies that matter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import ray
+
+from evaluators.tasks import TaskConfig, make_task
+from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate
+from spaces import Policy
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineSettings:
+    """``search.refine``: a longer fine-tune for the best frontier candidates (null = off)."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    epochs: float = 5.0    # the fine-tune each candidate gets (from the dense checkpoint, as a trial's)
+    candidates: int = 4    # at most this many frontier policies, spread over its latency range
+
+    def __post_init__(self) -> None:
+        if not 0 < self.epochs < float("inf"):
+            raise ValueError(f"epochs: must be a number of epochs > 0, but got {self.epochs!r}")
+        if isinstance(self.candidates, bool) or self.candidates < 1:
+            raise ValueError(f"candidates: must be an integer >= 1, but got {self.candidates!r}")
+
+
+def candidates(front: pd.DataFrame, count: int) -> list[str]:
+    """Up to ``count`` run ids of ``front``, spread evenly over its latency range (both ends included).
+
+    >>> front = pd.DataFrame({"run_id": list("abcdef"), "latency_ms": [6, 1, 5, 2, 4, 3]})
+    >>> candidates(front, 3)
+    ['b', 'f', 'a']
+    """
+    ordered = front.sort_values("latency_ms", kind="stable")["run_id"].tolist()
+    if len(ordered) <= count:
+        return ordered
+    picks = np.unique(np.round(np.linspace(0, len(ordered) - 1, count)).astype(int))
+    return [ordered[i] for i in picks]
+
+
+def _refine_one(policy: Policy, task: TaskConfig, checkpoint: bytes, finetune: FinetuneConfig, measure: MeasureConfig,
+                dense_accuracy: float) -> dict[str, float]:
+    started = time.perf_counter()
+    metrics = evaluate(policy, make_task(task), checkpoint, finetune, measure, dense_accuracy=dense_accuracy)
+    return {"accuracy": metrics.accuracy, "accuracy_drop": metrics.accuracy_drop, "time_refine_s": time.perf_counter() - started}
+
+
+def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings, *, task: TaskConfig, checkpoint: bytes,
+                    finetune: FinetuneConfig, measure: MeasureConfig, dense: dict[str, float], resources: dict[str, float],
+                    out: Callable[[str], None]) -> list[str]:
+    """Refine the candidates of ``front`` (rows with ``run_id``, ``accuracy``, ``latency_ms``) on Ray
+    and record the results on their runs; returns the run ids refined. Ray must be running."""
+    chosen = candidates(front, settings.candidates)
+    if not chosen:
+        return []
+    out(f"refining {len(chosen)} frontier policies: {settings.epochs:g} epochs of fine-tuning each (search.refine)")
+    policies = tracker.policies(chosen)
+    longer = dataclasses.replace(finetune, epochs=settings.epochs, max_steps=None)
+    remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(_refine_one)
+    checkpoint_ref = ray.put(checkpoint)
+    futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, dense["accuracy"]) for run_id in chosen}
+    in_search = dict(zip(front["run_id"], front["accuracy"]))
+    for run_id, future in futures.items():
+        refined = ray.get(future)
+        tracker.update_metrics(run_id, {**refined, "accuracy_in_search": in_search[run_id], "refine_epochs": settings.epochs}, step=2)
+        out(f"  {run_id[:12]}: accuracy {in_search[run_id]:.4f} after the search's fine-tune, {refined['accuracy']:.4f} after {settings.epochs:g} epochs")
+    tracker.set_tags_on(chosen, {"secateurs.refined": "true"})
+    return chosen
