@@ -240,7 +240,7 @@ class SearchSpace:
     group. Instances are callables usable as Optuna define-by-run spaces (``space(trial) -> dict``);
     the ratios sampled are those of the granularity the trial picked.
 
-    >>> groups = [PrunableGroup("conv1", "conv", 16), PrunableGroup("fc", "linear", 32)]
+    >>> groups = [PrunableGroup("conv1", "conv", 16, granularities=("channel",)), PrunableGroup("fc", "linear", 32, granularities=("channel",))]
     >>> space = SearchSpace(SpaceConfig(rules=[Rule(match="fc", exclude=True)]), groups)
     >>> space.searched_groups
     ['conv1']

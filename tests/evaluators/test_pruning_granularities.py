@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from evaluators import measure, pruning, zoo
+from evaluators.batches import Calibration
 from evaluators.models import MLP
 from evaluators.pruning import channels_to_keep
-from evaluators.sparsity import targets
+from evaluators.units.weights import targets
 from spaces import Policy
 
 
@@ -83,6 +84,17 @@ def _numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def test_discovered_groups_say_which_granularities_prune_them():
+    model, x, _ = _dense("transformer")
+    groups = pruning.discover_groups(model, x[:1], ["structured", "unstructured"])
+    assert {g.kind: g.granularities for g in groups if g.kind != "weight"} == {
+        "linear": ("channel", "structured"), "attention-heads": ("structured",)}
+    cnn, images, _ = _dense("resnet20")
+    weights = {g.name: g.granularities for g in pruning.discover_groups(cnn, images[:1], ["unstructured"])}
+    assert weights["stem.0.weight"] == ("unstructured",)  # 3 inputs: no N:M blocks of 4
+    assert weights["layer1.0.conv1.weight"] == ("unstructured", "nm")
+
+
 @pytest.mark.parametrize("name, granularity", CASES)
 def test_every_model_and_granularity(name, granularity):
     dense, x, y = _dense(name)
@@ -139,7 +151,7 @@ def test_rebuild_from_dense_and_policy_and_reload_from_weights(name, granularity
         torch.manual_seed(init)
         m = MODELS[name][0]()
         m.load_state_dict(state)
-        built.append(pruning.apply(policy, m.eval(), x[:1], calibration=(x, y)))
+        built.append(pruning.apply(policy, m.eval(), x[:1], calibration=Calibration.from_tensors(x, y)))
     with torch.no_grad():
         assert torch.equal(built[0](x), built[1](x))
         assert not torch.equal(built[0](x), dense(x))  # pruning did something

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from evaluators import pruning, zoo
-from evaluators.attention_pruning import PrunedMultiheadAttention, head_vectors
-from evaluators.rnn_pruning import rebuild, unit_vectors
+from evaluators.units.mha import PrunedMultiheadAttention, head_vectors
+from evaluators.units.rnn import rebuild, unit_vectors
 from spaces import Policy
 
 

@@ -1,4 +1,5 @@
-"""Hidden-unit pruning of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (multi-layer, bidirectional).
+"""Hidden units of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (multi-layer, bidirectional): the unit kind
+``rnn-hidden``.
 
 torch-pruning's own LSTM pruner refuses ``num_layers > 1`` and mixes up gate rows, so this module
 registers its own pruner for recurrent layers with torch-pruning's dependency graph: the graph
@@ -12,13 +13,16 @@ the next layer's ``weight_ih`` (of the module's output for the last layer).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from evaluators.prune_base import PruningError
+from evaluators.units import graph as tpgraph
+from evaluators.units.base import Context, Keep, Scores, Unit, UnitKind, detached
+from evaluators.units.channels import check_unwrapped, graph_group
 
 RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
@@ -59,10 +63,7 @@ def unit_vectors(rnn: nn.RNNBase, layer: int, direction: int, grad: bool = False
     hidden, count = rnn.hidden_size, gates(rnn)
 
     def value(name: str) -> torch.Tensor:
-        p = getattr(rnn, name)
-        if not grad:
-            return p.detach()
-        return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        return detached(getattr(rnn, name), grad)
 
     w_ih = value("weight_ih" + _suffix(layer, direction))
     w_hh = value("weight_hh" + _suffix(layer, direction))
@@ -169,3 +170,54 @@ def weight_inputs(rnn: nn.RNNBase, inputs: torch.Tensor) -> dict[str, torch.Tens
             seen["weight_hh" + _suffix(layer, d)] = out[..., d * rnn.hidden_size:(d + 1) * rnn.hidden_size]
         x = out
     return seen
+
+
+PRUNER = RNNPruner()
+tpgraph.PRUNERS.update({cls: PRUNER for cls in RNN_TYPES})
+tpgraph.ROOTS.extend(RNN_TYPES)
+
+
+class RNNHidden(UnitKind):
+    """The hidden units of a recurrent module (every layer and direction), with the layers reading them."""
+
+    name = "rnn"
+    kinds = ("rnn-hidden",)
+    granularities = ("structured",)
+    scorer = "unit_scores"
+
+    def find(self, context: Context) -> list[Unit]:
+        graph = tpgraph.graph_of(context)
+        found = []
+        for group in graph.groups(context.protected):
+            rnn = group[0].dep.target.module
+            if not isinstance(rnn, RNN_TYPES) or id(rnn) in context.reserved:
+                continue
+            state, writers = graph_group(context, group)
+            name = context.names[rnn]
+            found.append(Unit(name, "rnn-hidden", rnn.hidden_size, rnn, tuple(context.names[m] for m in writers),
+                              self.granularities, state))
+        return found
+
+    def check(self, unit: Unit, context: Context) -> None:
+        check_unwrapped(unit)
+        check_prunable(unit.module, unit.name)
+
+    def score(self, unit: Unit, criterion: Any, stats: Any) -> Scores:
+        rnn, grads = unit.module, criterion.needs_gradients
+        scores = {(l, d): criterion.unit_scores(unit_vectors(rnn, l, d), unit_vectors(rnn, l, d, True) if grads else None)
+                  for l in range(rnn.num_layers) for d in range(directions(rnn))}
+        return scores
+
+    def prune(self, unit: Unit, keep: Keep, context: Context) -> None:
+        rnn = unit.module
+        hidden, last, dirs = rnn.hidden_size, rnn.num_layers - 1, directions(rnn)
+        plan = {(l, d): [j for j in range(hidden) if j not in set(keep.get((l, d), keep.get(None, ())))]
+                for l in range(rnn.num_layers) for d in range(dirs)}
+        PRUNER.plans[rnn] = plan
+        unit.state.group.prune(idxs=[d * hidden + j for d in range(dirs) for j in plan[(last, d)]])
+
+    def saved(self, unit: Unit, state_dict: Mapping[str, torch.Tensor]) -> int:
+        key = f"{unit.name}.weight_hh_l0"
+        if key not in state_dict:
+            raise PruningError(f"the saved state dict has no {key!r}: it does not belong to this model and policy")
+        return int(state_dict[key].shape[1])
