@@ -33,6 +33,7 @@ class GraphGroup:
     root_name: str
     multiple: int = 1          # coupled nn.MultiheadAttention modules need the width to stay a multiple of their heads
     unwrapped: tuple[str, ...] = ()  # parameters the group reaches that no pruner handles
+    states_read: bool = False  # a recurrent root whose final states (not only its outputs) are read
 
 
 def graph_group(context: Context, group: Any) -> tuple[GraphGroup, list[nn.Module]]:

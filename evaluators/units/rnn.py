@@ -7,6 +7,13 @@ finds the layers that consume the recurrent output (their input columns follow),
 :class:`RNNPruner` rebuilds the recurrent module in place with fewer hidden units. Every layer and
 direction keeps the same number of units (``nn.LSTM`` has one ``hidden_size``) but chooses its own.
 
+A model may read the final hidden (and cell) state instead of the outputs (``_, (h_n, _) =
+self.lstm(x)``, packed or not). While the graph is traced, :func:`trace_states` shows torch-pruning
+those states as outputs of the recurrent layer (they hold the same hidden units), so the layers
+reading them follow. Which layer and direction a slice of ``h_n`` belongs to is not traced, so a
+module read through its states keeps the same units in every layer and direction (scored over all
+of them), which any slice of the states then agrees with.
+
 Unit ``j`` of layer ``l``, direction ``d`` owns: row ``g * H + j`` of every gate ``g`` in
 ``weight_ih``/``weight_hh``/biases, column ``j`` of ``weight_hh``, and column ``d * H + j`` of
 the next layer's ``weight_ih`` (of the module's output for the last layer).
@@ -18,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from evaluators.prune_base import PruningError
 from evaluators.units import graph as tpgraph
@@ -172,9 +180,57 @@ def weight_inputs(rnn: nn.RNNBase, inputs: torch.Tensor) -> dict[str, torch.Tens
     return seen
 
 
+# ------------------------------------------------------------------------------- tracing the final states
+class _Traced(torch.autograd.Function):
+    """Tracing only: the recurrent output as one operation of the layer's input, so that torch-pruning
+    sees the layer as a whole rather than the gate arithmetic inside it."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
+
+
+class _TracedStates(torch.autograd.Function):
+    """Tracing only: the final states as values derived from the layer's (traced) output."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(s.clone() for s in states)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[None, ...]:
+        return (None,) * (1 + len(grads))
+
+
+def trace_states(model: nn.Module, notes: dict) -> list[RemovableHandle]:
+    """Forward hooks (for the tracer) that tie each recurrent layer's final states to its output;
+    ``notes[(layer, "states")]`` records the autograd node its states come from."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        out, states = output
+        packed = isinstance(out, nn.utils.rnn.PackedSequence)
+        data = out.data if packed else out
+        source = args[0].data if isinstance(args[0], nn.utils.rnn.PackedSequence) else args[0]
+        if isinstance(source, torch.Tensor) and source.requires_grad:
+            data = _Traced.apply(source, data.detach())
+        tensors = states if isinstance(states, tuple) else (states,)
+        tied = _TracedStates.apply(data, *(t.detach() for t in tensors))
+        notes[(module, "states")] = tied[0].grad_fn
+        if packed:
+            data = nn.utils.rnn.PackedSequence(data, out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+        return data, (tied if isinstance(states, tuple) else tied[0])
+
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RNN_TYPES)]
+
+
 PRUNER = RNNPruner()
 tpgraph.PRUNERS.update({cls: PRUNER for cls in RNN_TYPES})
 tpgraph.ROOTS.extend(RNN_TYPES)
+tpgraph.TRACERS.append(trace_states)
 
 
 class RNNHidden(UnitKind):
@@ -193,6 +249,7 @@ class RNNHidden(UnitKind):
             if not isinstance(rnn, RNN_TYPES) or id(rnn) in context.reserved:
                 continue
             state, writers = graph_group(context, group)
+            state.states_read = graph.notes.get((rnn, "states")) in graph.reached
             name = context.names[rnn]
             found.append(Unit(name, "rnn-hidden", rnn.hidden_size, rnn, tuple(context.names[m] for m in writers),
                               self.granularities, state))
@@ -206,6 +263,9 @@ class RNNHidden(UnitKind):
         rnn, grads = unit.module, criterion.needs_gradients
         scores = {(l, d): criterion.unit_scores(unit_vectors(rnn, l, d), unit_vectors(rnn, l, d, True) if grads else None)
                   for l in range(rnn.num_layers) for d in range(directions(rnn))}
+        if unit.state.states_read:  # one choice for every layer and direction: each normalised score counts alike
+            return {None: torch.stack([s.float() / s.float().mean() if s.float().mean() > 0 else s.float()
+                                       for s in scores.values()]).sum(0)}
         return scores
 
     def prune(self, unit: Unit, keep: Keep, context: Context) -> None:
