@@ -2,8 +2,11 @@
 dependency graph finds (coupled BatchNorms, next-layer inputs, residual partners, depthwise convs
 and concatenations follow), pruned through the graph.
 
-A group is named after the layer torch-pruning grows it from; its kind is ``conv`` when that layer
-is a conv, else ``linear``.
+A group is named after the layer torch-pruning grows it from, except a residual stream (channels
+that several layers write and a residual add joins): it is named after the layer that writes it
+nearest the model's input (fewest graph steps; module order on ties), i.e. after what starts it (the
+stem, a stage's shortcut projection, a patch or token embedding), not after whichever block adds to
+it. The kind is ``conv`` when the named layer is a conv, else ``linear``.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import math
 from typing import Any, Mapping
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from evaluators.prune_base import PruningError
@@ -55,6 +59,12 @@ def graph_group(context: Context, group: Any) -> tuple[GraphGroup, list[nn.Modul
     return GraphGroup(group, root, context.names[root], multiple, tuple(dict.fromkeys(unwrapped))), ordered
 
 
+def is_residual(group: Any) -> bool:
+    """Whether a residual add joins the group's channels (an elementwise add torch-pruning traced)."""
+    return any(isinstance(dep.target.module, tp.ops._ElementWiseOp) and "add" in str(dep.target.module._grad_fn).lower()
+               for dep, _ in group)
+
+
 def check_unwrapped(unit: Unit) -> None:
     """Refuse a graph group that reaches parameters no pruner handles (they would not follow)."""
     if unit.state.unwrapped:
@@ -87,6 +97,8 @@ class Channels(UnitKind):
                 continue
             state, writers = graph_group(context, group)
             first = root
+            if is_residual(group):
+                first = min(writers, key=lambda m: (graph.hops(m), context.position[context.names[m]]))
             kind = "conv" if isinstance(first, nn.modules.conv._ConvNd) else "linear"
             size = int(graph.dependencies.get_out_channels(root))
             found.append(Unit(context.names[first], kind, size, root, tuple(context.names[m] for m in writers), self.granularities, state))

@@ -225,7 +225,7 @@ def test_transformer_heads_pruned_end_to_end_equal_dense_with_lowest_l2_heads_si
 def test_residual_width_coupled_to_attention_stays_a_multiple_of_the_heads():
     model = zoo.TextTransformer(30, max_len=9, embed_dim=16, num_heads=4, ff_dim=16).eval()
     tokens = torch.randint(1, 30, (2, 9))
-    pruning.apply(Policy("l1", {"encoder.layers.1.linear2": 0.4}, round_to=1), model, tokens[:1])
+    pruning.apply(Policy("l1", {"embedding": 0.4}, round_to=1), model, tokens[:1])  # the residual width
     width = model.embedding.embedding_dim
     # 16 - floor(6.4) = 10 channels would break nn.MultiheadAttention's 4 heads: rounded up to 12
     assert width == 12 and model.encoder.layers[0].self_attn.embed_dim == 12
@@ -341,7 +341,7 @@ def test_heads_and_the_residual_width_prune_together():
     torch.manual_seed(1)
     dense = TinyViT(FusedAttention).eval()
     x = torch.randn(2, 5, 8)
-    policy = Policy("l1", {"blocks.0.attn": 0.5, "blocks.1.mlp.2": 0.25}, granularity="structured")
+    policy = Policy("l1", {"blocks.0.attn": 0.5, "embed": 0.25}, granularity="structured")  # embed: the residual width
     model = pruning.apply(policy, copy.deepcopy(dense), x[:1])
     assert model.embed.out_features == 12 and model.blocks[0]["attn"].qkv.in_features == 12
     assert model.blocks[0]["attn"].num_heads == 2 and model(x).shape == (2, 3)
