@@ -108,12 +108,8 @@ class UnitCounts(Engine):
         for kind in units.UNIT_KINDS.values():  # registry order: channels before the heads they may couple with
             pruned = []
             for u in (u for u in named if u.handler is kind):
-                if shapes is not None:  # which units were kept is in the weights: take any that many
-                    counts[u.name] = int(kind.saved(u, shapes))
-                    scores[u.name] = {None: torch.arange(u.size, dtype=torch.float)}
+                keep = _saved_keep(u, shapes, counts) if shapes is not None else _highest(scores[u.name], counts[u.name])
                 if counts[u.name] < u.size:
-                    keep: Keep = {k: sorted(torch.argsort(s.float(), stable=True)[u.size - counts[u.name]:].tolist())
-                                  for k, s in scores[u.name].items()}
                     kind.prune(u, keep, context)
                     pruned.append(u)
             if pruned:
@@ -133,6 +129,21 @@ class UnitCounts(Engine):
             keep_at_least = max(u.handler.limits(u, floor)[0], 1)
             out[n] = ranked(u.handler.score(u, criterion, None))[: u.size - keep_at_least]
         return out
+
+
+def _highest(scores: Scores, count: int) -> Keep:
+    """Per score tensor, the sorted indices of its ``count`` highest scores (on ties the later ones)."""
+    return {k: sorted(torch.argsort(s.float(), stable=True)[len(s) - count:].tolist()) for k, s in scores.items()}
+
+
+def _saved_keep(unit: Unit, shapes: Mapping[str, torch.Tensor], counts: dict[str, int]) -> Keep:
+    """What a saved state dict kept of ``unit`` (its count goes into ``counts``)."""
+    saved = unit.handler.saved(unit, shapes)
+    if isinstance(saved, dict):  # these very units
+        counts[unit.name] = len(next(iter(saved.values())))
+        return saved
+    counts[unit.name] = int(saved)  # any that many: the saved weights are loaded over them
+    return {None: list(range(unit.size - int(saved), unit.size))}
 
 
 def _kept(unit: Unit, policy: Policy, keep: int) -> int:

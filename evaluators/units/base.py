@@ -133,7 +133,9 @@ class UnitKind:
         raise NotImplementedError
 
     def saved(self, unit: Unit, state_dict: Mapping[str, torch.Tensor]) -> Any:
-        """What a saved pruned ``state_dict`` kept of the unit: a count of units (count engines)."""
+        """What a saved pruned ``state_dict`` kept of the unit, for ``restore``: for count engines, how
+        many units (when which ones does not matter: the weights are loaded over them) or the
+        :data:`Keep` itself (when it does, e.g. blocks whose keys are gone); a bool mask for masks."""
         raise NotImplementedError
 
     def finish(self, units: Sequence[Unit], context: Context) -> None:
