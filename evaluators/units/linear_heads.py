@@ -14,7 +14,7 @@ from torch import nn
 
 from evaluators.batches import call
 from evaluators.prune_base import PruningError
-from evaluators.units.base import Context, Keep, Scores, Unit, UnitKind, detached
+from evaluators.units.base import Context, Keep, Scores, Unit, UnitKind, detached, sliced_linear
 from evaluators.units.mha import ATTENTION_TYPES, heads_limits
 from spaces import Policy
 
@@ -92,18 +92,6 @@ def linear_head_vectors(att: LinearAttention, grad: bool = False) -> torch.Tenso
     return torch.cat(parts, dim=1)
 
 
-def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    weight = linear.weight.detach()
-    weight = weight[rows] if rows is not None else weight
-    weight = weight[:, cols] if cols is not None else weight
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias.detach()[rows] if rows is not None else linear.bias.detach())
-    return new.train(linear.training)
-
-
 def prune_linear_heads(att: LinearAttention, keep: Sequence[int]) -> None:
     """Keep only the heads ``keep`` of ``att`` (in place): its projections shrink, its head count drops."""
     keep = sorted(int(h) for h in keep)
@@ -113,11 +101,11 @@ def prune_linear_heads(att: LinearAttention, keep: Sequence[int]) -> None:
     rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in keep])
     m = att.module
     if len(att.projections) == 1:
-        setattr(m, att.projections[0], _sliced(getattr(m, att.projections[0]), rows=torch.cat([rows + i * inner for i in range(3)])))
+        setattr(m, att.projections[0], sliced_linear(getattr(m, att.projections[0]), rows=torch.cat([rows + i * inner for i in range(3)])))
     else:
         for n in att.projections:
-            setattr(m, n, _sliced(getattr(m, n), rows=rows))
-    setattr(m, att.out, _sliced(getattr(m, att.out), cols=rows))
+            setattr(m, n, sliced_linear(getattr(m, n), rows=rows))
+    setattr(m, att.out, sliced_linear(getattr(m, att.out), cols=rows))
     setattr(m, att.heads_attr, len(keep))
     for a in INNER_ATTRS:
         if getattr(m, a, None) == inner:
