@@ -25,7 +25,7 @@ import torch
 from evaluators import units
 from evaluators.prune_base import PruneReport, PruningError, channels_to_keep
 from evaluators.sparsity import global_masks, nm_keep_mask
-from evaluators.units.base import Context, Keep, Scores, Unit
+from evaluators.units.base import Context, Keep, Scores, Unit, normalised
 from spaces import Policy, register_granularity as register_granularity_name
 from spaces.policy import GRANULARITIES as GRANULARITY_NAMES
 
@@ -33,16 +33,10 @@ if TYPE_CHECKING:
     from evaluators.criteria import Criterion
 
 
-def _normalised(scores: torch.Tensor) -> torch.Tensor:
-    scores = scores.detach().float().flatten()
-    mean = scores.mean()
-    return scores / mean if mean > 0 else scores
-
-
 def ranked(scores: Scores) -> torch.Tensor:
     """One group's unit scores as a global ranking compares them: each score tensor divided by its
     mean and sorted ascending, averaged over the tensors (one per layer and direction of an RNN)."""
-    return torch.stack([_normalised(s).sort().values for s in scores.values()]).mean(0)
+    return torch.stack([normalised(s).sort().values for s in scores.values()]).mean(0)
 
 
 class Engine:

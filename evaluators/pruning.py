@@ -17,7 +17,7 @@ fault and what to do; a policy that cannot apply is refused before the model cha
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch_pruning as tp

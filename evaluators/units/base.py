@@ -142,6 +142,13 @@ class UnitKind:
         """Called once after this kind's ``units`` were pruned (e.g. to check the model still runs)."""
 
 
+def normalised(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` (flattened, float) divided by their mean, so that groups of different scales compare."""
+    scores = scores.detach().float().flatten()
+    mean = scores.mean()
+    return scores / mean if mean > 0 else scores
+
+
 def detached(t: torch.Tensor, grad: bool) -> torch.Tensor:
     """``t``'s values, or its gradient (zeros when it has none), detached."""
     if not grad:

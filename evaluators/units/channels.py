@@ -76,6 +76,7 @@ def check_unwrapped(unit: Unit) -> None:
 
 
 def drop_indices(size: int, kept: list[int]) -> list[int]:
+    """The indices of ``range(size)`` not in ``kept``."""
     kept_set = set(kept)
     return [i for i in range(size) if i not in kept_set]
 
@@ -101,7 +102,8 @@ class Channels(UnitKind):
                 first = min(writers, key=lambda m: (graph.hops(m), context.position[context.names[m]]))
             kind = "conv" if isinstance(first, nn.modules.conv._ConvNd) else "linear"
             size = int(graph.dependencies.get_out_channels(root))
-            found.append(Unit(context.names[first], kind, size, root, tuple(context.names[m] for m in writers), self.granularities, state))
+            members = tuple(context.names[m] for m in writers)
+            found.append(Unit(context.names[first], kind, size, root, members, self.granularities, state))
         return found
 
     def check(self, unit: Unit, context: Context) -> None:

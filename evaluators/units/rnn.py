@@ -29,8 +29,8 @@ from torch.utils.hooks import RemovableHandle
 
 from evaluators.prune_base import PruningError
 from evaluators.units import graph as tpgraph
-from evaluators.units.base import Context, Keep, Scores, Unit, UnitKind, detached
-from evaluators.units.channels import check_unwrapped, graph_group
+from evaluators.units.base import Context, Keep, Scores, Unit, UnitKind, detached, normalised
+from evaluators.units.channels import check_unwrapped, drop_indices, graph_group
 
 RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
@@ -264,14 +264,13 @@ class RNNHidden(UnitKind):
         scores = {(l, d): criterion.unit_scores(unit_vectors(rnn, l, d), unit_vectors(rnn, l, d, True) if grads else None)
                   for l in range(rnn.num_layers) for d in range(directions(rnn))}
         if unit.state.states_read:  # one choice for every layer and direction: each normalised score counts alike
-            return {None: torch.stack([s.float() / s.float().mean() if s.float().mean() > 0 else s.float()
-                                       for s in scores.values()]).sum(0)}
+            return {None: torch.stack([normalised(s) for s in scores.values()]).sum(0)}
         return scores
 
     def prune(self, unit: Unit, keep: Keep, context: Context) -> None:
         rnn = unit.module
         hidden, last, dirs = rnn.hidden_size, rnn.num_layers - 1, directions(rnn)
-        plan = {(l, d): [j for j in range(hidden) if j not in set(keep.get((l, d), keep.get(None, ())))]
+        plan = {(l, d): drop_indices(hidden, keep[(l, d)] if (l, d) in keep else keep[None])
                 for l in range(rnn.num_layers) for d in range(dirs)}
         PRUNER.plans[rnn] = plan
         unit.state.group.prune(idxs=[d * hidden + j for d in range(dirs) for j in plan[(last, d)]])
