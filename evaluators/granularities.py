@@ -58,6 +58,14 @@ class Engine:
         position = context.position
         return sorted(found, key=lambda u: position.get(u.name, position.get(context.names.get(u.module), -1)))
 
+    def named_units(self, context: Context, granularity: str, names: Iterable[str], what: str = "") -> dict[str, Unit]:
+        """The units called ``names`` (refused, listing the available groups, if any is missing)."""
+        found = {u.name: u for u in self.units(context, [granularity])}
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise PruningError(f"no {what}group(s) {missing} in this model; available groups: {', '.join(found)}")
+        return {n: found[n] for n in names}
+
     def prune(self, context: Context, policy: Policy, criterion: Criterion | None,
               stats: Callable[[], object], shapes: Mapping[str, torch.Tensor] | None = None) -> PruneReport:
         raise NotImplementedError
@@ -111,13 +119,8 @@ class UnitCounts(Engine):
         return PruneReport(policy.granularity, {u.name: (u.size, u.size - counts[u.name]) for u in named}, context.model)
 
     def rankings(self, context, granularity, criterion, names, floor):
-        found = {u.name: u for u in self.units(context, [granularity])}
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise PruningError(f"no structured group(s) {missing} in this model; available groups: {', '.join(found)}")
         out = {}
-        for n in names:
-            u = found[n]
+        for n, u in self.named_units(context, granularity, names, "structured ").items():
             u.handler.check(u, context)
             units.check_applies(criterion, u.kind, u.name)
             keep_at_least = max(u.handler.limits(u, floor)[0], 1)
@@ -211,14 +214,10 @@ class WeightMasks(Engine):
         return PruneReport(policy.granularity, {u.name: (u.size, int((~masks[u.name]).sum())) for u in named}, context.model)
 
     def rankings(self, context, granularity, criterion, names, floor):
-        found = {u.name: u for u in self.units(context, [granularity])}
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise PruningError(f"no weight group(s) {missing} in this model; available groups: {', '.join(found)}")
         out = {}
-        for n in names:
-            units.check_applies(criterion, found[n].kind, n)
-            out[n] = found[n].handler.score(found[n], criterion, None)[None].flatten().float().sort().values[:-1]
+        for n, u in self.named_units(context, granularity, names, "weight ").items():
+            units.check_applies(criterion, u.kind, n)
+            out[n] = u.handler.score(u, criterion, None)[None].flatten().float().sort().values[:-1]
         return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch_pruning as tp
@@ -59,6 +59,15 @@ def graph_group(context: Context, group: Any) -> tuple[GraphGroup, list[nn.Modul
     return GraphGroup(group, root, context.names[root], multiple, tuple(dict.fromkeys(unwrapped))), ordered
 
 
+def graph_groups(context: Context, types: tuple[type, ...]) -> Iterator[tuple[nn.Module, GraphGroup, list[nn.Module]]]:
+    """(root, :class:`GraphGroup`, writers) of every torch-pruning group rooted at a layer of ``types``
+    that no kind reserved (output layers are never roots)."""
+    for group in tpgraph.graph_of(context).groups(context.protected):
+        root = group[0].dep.target.module
+        if isinstance(root, types) and id(root) not in context.reserved:  # e.g. q/k/v rows pruned as heads
+            yield (root, *graph_group(context, group))
+
+
 def is_residual(group: Any) -> bool:
     """Whether a residual add joins the group's channels (an elementwise add torch-pruning traced)."""
     return any(isinstance(dep.target.module, tp.ops._ElementWiseOp) and "add" in str(dep.target.module._grad_fn).lower()
@@ -92,13 +101,9 @@ class Channels(UnitKind):
     def find(self, context: Context) -> list[Unit]:
         graph = tpgraph.graph_of(context)
         found = []
-        for group in graph.groups(context.protected):
-            root = group[0].dep.target.module
-            if not isinstance(root, CHANNEL_ROOTS) or id(root) in context.reserved:  # e.g. q/k/v rows pruned as heads
-                continue
-            state, writers = graph_group(context, group)
+        for root, state, writers in graph_groups(context, CHANNEL_ROOTS):
             first = root
-            if is_residual(group):
+            if is_residual(state.group):
                 first = min(writers, key=lambda m: (graph.hops(m), context.position[context.names[m]]))
             kind = "conv" if isinstance(first, nn.modules.conv._ConvNd) else "linear"
             size = int(graph.dependencies.get_out_channels(root))

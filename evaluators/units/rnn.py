@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from evaluators.prune_base import PruningError
 from evaluators.units import graph as tpgraph
 from evaluators.units.base import Context, Keep, Scores, Unit, UnitKind, detached, normalised
-from evaluators.units.channels import check_unwrapped, drop_indices, graph_group
+from evaluators.units.channels import check_unwrapped, drop_indices, graph_groups
 
 RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
@@ -244,11 +244,7 @@ class RNNHidden(UnitKind):
     def find(self, context: Context) -> list[Unit]:
         graph = tpgraph.graph_of(context)
         found = []
-        for group in graph.groups(context.protected):
-            rnn = group[0].dep.target.module
-            if not isinstance(rnn, RNN_TYPES) or id(rnn) in context.reserved:
-                continue
-            state, writers = graph_group(context, group)
+        for rnn, state, writers in graph_groups(context, RNN_TYPES):
             state.states_read = graph.notes.get((rnn, "states")) in graph.reached
             name = context.names[rnn]
             found.append(Unit(name, "rnn-hidden", rnn.hidden_size, rnn, tuple(context.names[m] for m in writers),
