@@ -263,7 +263,7 @@ class SearchSpace:
             found = sorted({x for g in groups for x in g.granularities})
             raise SpaceError(
                 f"the model has no prunable groups for granularity {', '.join(config.granularity)}"
-                + (f" (its groups are for: {', '.join(found)})" if found else " (no Conv/Linear/attention/RNN layer to prune)")
+                + (f" (its groups are for: {', '.join(found)})" if found else " (no unit kind found anything to prune in it)")
             )
         self._dims: dict[str, list[Dimension]] = {}
         self.group_min_channels: dict[str, int] = {}  # from rules' min_channels
