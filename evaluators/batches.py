@@ -177,7 +177,18 @@ class Calibration:
 
     @classmethod
     def from_tensors(cls, x: torch.Tensor, y: torch.Tensor | None = None, *, batch_size: int = 64,
-                     samples: int = CALIBRATION_SAMPLES, loss: Callable[[nn.Module, Batch], torch.Tensor] = cross_entropy_loss) -> Calibration:
+                     samples: int = CALIBRATION_SAMPLES, loss: Callable[[nn.Module, Batch], torch.Tensor] = cross_entropy_loss,
+                     seed: int | None = None) -> Calibration:
+        """Batches of ``(x, y)`` (or of ``x`` alone): the first ``samples`` examples, or with ``seed``
+        a fixed draw of ``samples`` examples (kept in their order) when there are more.
+
+        >>> x = torch.arange(10.0)[:, None]
+        >>> Calibration.from_tensors(x, samples=3, seed=0).batches[0].flatten().tolist()
+        [1.0, 4.0, 7.0]
+        """
+        if seed is not None and len(x) > samples:
+            pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+            x, y = x[pick], None if y is None else y[pick]
         n = min(len(x), samples)
         return cls(tuple((x[i:i + batch_size], y[i:i + batch_size]) if y is not None else x[i:i + batch_size]
                          for i in range(0, n, batch_size)), loss)

@@ -1,9 +1,12 @@
-"""Pruning criteria: one registry, each criterion usable by every granularity where it makes sense.
+"""Pruning criteria: one registry, each criterion usable by every unit kind it can score.
 
-A criterion scores three kinds of things: the coupled channels of a torch-pruning group (through
-torch-pruning's importance classes where one fits), whole units given as weight vectors (attention
-heads, recurrent hidden units), and single weights (unstructured and N:M masks). Criteria that need
-data (``taylor``: gradients, ``wanda``: input activations) get it from :func:`calibrate`.
+A criterion implements up to three optional scorers: ``channel_importance`` (the coupled channels
+of a torch-pruning group, through torch-pruning's importance classes where one fits),
+``unit_scores`` (whole units given as weight vectors: attention heads, recurrent hidden units) and
+``weight_scores`` (single weights, for unstructured and N:M masks). Each unit kind says which scorer
+it calls (``UnitKind.scorer``), so where a criterion applies follows from what it implements
+(:attr:`Criterion.kinds`). Criteria that need data (``taylor``: gradients of the calibration
+loss, ``wanda``: input activations) get it from :func:`calibrate`.
 
 >>> sorted(CRITERIA)
 ['bn_scale', 'fpgm', 'l1', 'l2', 'lamp', 'random', 'taylor', 'wanda']
@@ -11,22 +14,20 @@ data (``taylor``: gradients, ``wanda``: input activations) get it from :func:`ca
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tp_fn
 
-from evaluators import rnn_pruning
-from evaluators.attention_pruning import PrunedMultiheadAttention, replace_module
+from evaluators.batches import Calibration, batch_size_of, cross_entropy_loss, forward, targets_of
 from evaluators.prune_base import PruningError
+from evaluators.units.base import replace_module
+from evaluators.units.mha import PrunedMultiheadAttention
+from evaluators.units.rnn import weight_inputs
 
-CALIBRATION_SAMPLES = 256  # at most this many calibration samples are used (a fixed-seed draw)
-CALIBRATION_BATCH = 64
 _WEIGHTED = [nn.modules.conv._ConvNd, nn.Linear]
-ALL_KINDS = ("conv", "linear", "attention-heads", "rnn-hidden", "weight")
 
 
 @dataclasses.dataclass
@@ -45,38 +46,28 @@ class Stats:
         return self.input_norms[(module, role)]
 
 
-def _split(calibration: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Up to ``CALIBRATION_SAMPLES`` samples, drawn with a fixed seed (so a policy replays the same)."""
-    if isinstance(calibration, torch.Tensor):
-        x, y = calibration, None
-    elif isinstance(calibration, (tuple, list)) and len(calibration) == 2:
-        x, y = calibration
-    else:
-        raise PruningError(f"calibration must be a tensor of inputs or a tuple (inputs, targets), but got {type(calibration).__name__}")
-    if len(x) > CALIBRATION_SAMPLES:
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:CALIBRATION_SAMPLES].sort().values
-        x, y = x[pick], None if y is None else y[pick]
-    return x, y
-
-
 def _sum_squares(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     x = x.detach().float()
     dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
     return x.pow(2).sum(dim=dims)
 
 
-def calibrate(model: nn.Module, calibration: Any, *, gradients: bool, activations: bool) -> Stats:
-    """Run the calibration batches through ``model`` (in eval mode, buffers untouched): leave the
-    gradients of the mean cross-entropy on ``.grad`` and/or measure input norms.
+def calibrate(model: nn.Module, calibration: Calibration, *, gradients: bool, activations: bool) -> Stats:
+    """Run the calibration batches through ``model`` (in eval mode, buffers untouched): leave on
+    ``.grad`` the gradients of ``calibration.loss`` averaged over every calibration example, and/or
+    measure the inputs' norms (seen while running ``batches.forward(model, batch)``).
 
     >>> model = nn.Sequential(nn.Linear(3, 2))
-    >>> stats = calibrate(model, torch.ones(4, 3), gradients=False, activations=True)
+    >>> stats = calibrate(model, Calibration.from_tensors(torch.ones(4, 3)), gradients=False, activations=True)
     >>> stats.input_norms[(model[0], "input")]
     tensor([2., 2., 2.])
     """
-    x, y = _split(calibration)
-    if gradients and y is None:
-        raise PruningError("criterion 'taylor' needs targets: pass calibration=(inputs, targets)")
+    if not isinstance(calibration, Calibration):
+        raise PruningError(f"calibration must be an evaluators.batches.Calibration (Calibration.from_tensors(x, y) for "
+                           f"tensors), but got {type(calibration).__name__}")
+    if not calibration.batches:
+        raise PruningError("calibration has no batches: data-dependent criteria need at least one")
+    total = sum(batch_size_of(b) for b in calibration.batches)
     stats = Stats()
     sums: dict[tuple[nn.Module, str], torch.Tensor] = {}
 
@@ -93,7 +84,7 @@ def calibrate(model: nn.Module, calibration: Any, *, gradients: bool, activation
                         add((owner, role), _sum_squares(v, -1))
             elif isinstance(module, nn.RNNBase):
                 if args and isinstance(args[0], torch.Tensor):
-                    for attr, seen in rnn_pruning.weight_inputs(module, args[0]).items():
+                    for attr, seen in weight_inputs(module, args[0]).items():
                         add((owner, attr), _sum_squares(seen, -1))
             elif args and isinstance(args[0], torch.Tensor):
                 channel_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
@@ -120,11 +111,11 @@ def calibrate(model: nn.Module, calibration: Any, *, gradients: bool, activation
             for p in model.parameters():
                 p.grad = None
         with torch.set_grad_enabled(gradients):
-            for start in range(0, len(x), CALIBRATION_BATCH):
-                out = model(x[start:start + CALIBRATION_BATCH])
+            for batch in calibration.batches:
                 if gradients:
-                    loss = F.cross_entropy(out, y[start:start + CALIBRATION_BATCH], reduction="sum") / len(x)
-                    loss.backward()
+                    (_loss(calibration.loss, model, batch) * (batch_size_of(batch) / total)).backward()
+                else:
+                    forward(model, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -133,6 +124,17 @@ def calibrate(model: nn.Module, calibration: Any, *, gradients: bool, activation
         model.train(was_training)
     stats.input_norms = {k: v.sqrt() for k, v in sums.items()}
     return stats
+
+
+def _loss(loss: Callable[[nn.Module, object], torch.Tensor], model: nn.Module, batch: object) -> torch.Tensor:
+    if loss is cross_entropy_loss and targets_of(batch) is None:
+        raise PruningError("criterion 'taylor' needs targets: calibration batches as (inputs, targets) or dicts with "
+                           "'labels' (Calibration.from_tensors(x, y)), or a Calibration whose loss needs none")
+    try:
+        return loss(model, batch)
+    except Exception as exc:  # a user's loss or model
+        raise PruningError(f"criterion 'taylor' needs the gradients of calibration.loss(model, batch), which failed on a "
+                           f"calibration batch: {type(exc).__name__}: {exc}") from exc
 
 
 class WandaImportance(tp.importance.GroupMagnitudeImportance):
@@ -181,27 +183,44 @@ def _lamp(scores: torch.Tensor) -> torch.Tensor:
 
 
 class Criterion:
-    """One way to score what pruning may remove. ``kinds`` are the group kinds it applies to.
+    """One way to score what pruning may remove. A subclass implements the scorers that make sense
+    for it, as methods of these names (the base class leaves them ``None``):
 
-    Subclasses implement the scorers that make sense for them; the base ones raise.
+    - ``channel_importance(stats) -> torch_pruning.importance.Importance``: scores of the coupled
+      channels of a torch-pruning group;
+    - ``unit_scores(vectors, grads) -> Tensor``: one score per unit, given each unit's weights (and,
+      with ``needs_gradients``, their gradients) as one row of ``vectors`` (units, d);
+    - ``weight_scores(weight, grad, input_scale) -> Tensor``: one score per weight (same shape);
+      ``input_scale`` broadcasts each input's norm over ``weight`` (``needs_activations``).
+
+    :attr:`kinds`, the group kinds it applies to, follows from them. Higher scores are kept.
+
+    >>> class Peak(Criterion):
+    ...     name, summary = "peak", "largest absolute weight of each unit"
+    ...     def unit_scores(self, vectors, grads):
+    ...         return vectors.abs().amax(1)
+    >>> Peak().kinds
+    ('rnn-hidden', 'attention-heads')
     """
 
     name = ""
     summary = ""
-    kinds: tuple[str, ...] = ALL_KINDS
     needs_gradients = False
     needs_activations = False
+    channel_importance: Callable[..., tp.importance.Importance] | None = None
+    unit_scores: Callable[..., torch.Tensor] | None = None
+    weight_scores: Callable[..., torch.Tensor] | None = None
 
-    def channel_importance(self, stats: Stats) -> tp.importance.Importance:
-        raise NotImplementedError
+    def implements(self, scorer: str) -> bool:
+        """Whether this criterion has the scorer method ``scorer``."""
+        return callable(getattr(self, scorer, None))
 
-    def unit_scores(self, vectors: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
-        """Scores of ``units`` given each unit's weights as one row of ``vectors`` (units, d)."""
-        raise NotImplementedError
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The group kinds this criterion can score (of the unit kinds registered now)."""
+        from evaluators.units import kinds_scored_by
 
-    def weight_scores(self, weight: torch.Tensor, grad: torch.Tensor | None, input_scale: torch.Tensor | None) -> torch.Tensor:
-        """One score per weight (same shape); ``input_scale`` broadcasts each input's norm over ``weight``."""
-        raise NotImplementedError
+        return kinds_scored_by(self)
 
 
 class L1(Criterion):
@@ -259,7 +278,6 @@ class Taylor(Criterion):
 
 class BNScale(Criterion):
     name, summary = "bn_scale", "|gamma| of the BatchNorm that follows the channel (network slimming)"
-    kinds = ("conv", "linear")
 
     def channel_importance(self, stats):
         return tp.importance.BNScaleImportance()
@@ -280,7 +298,6 @@ class LAMP(Criterion):
 
 class FPGM(Criterion):
     name, summary = "fpgm", "summed distance to the other units' |w|^2 (units near the geometric median go first)"
-    kinds = ("conv", "linear", "attention-heads", "rnn-hidden")
 
     def channel_importance(self, stats):
         return tp.importance.FPGMImportance(p=2)
@@ -292,7 +309,6 @@ class FPGM(Criterion):
 
 class Wanda(Criterion):
     name, summary = "wanda", "activation-aware |W| * ||X|| of linear/conv weights (Wanda)"
-    kinds = ("conv", "linear", "weight")
     needs_activations = True
 
     def channel_importance(self, stats):
@@ -307,8 +323,11 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in (L1(), L2(), Random(), Tayl
 
 def register_criterion(criterion: Criterion) -> None:
     """Add a criterion to the registry (its ``name`` becomes valid in configs and policies)."""
-    if not criterion.name:
-        raise ValueError("a criterion needs a non-empty name")
+    if not isinstance(criterion, Criterion) or not criterion.name:
+        raise ValueError(f"register_criterion needs a Criterion with a non-empty name, but got {criterion!r}")
+    if not criterion.kinds:
+        raise ValueError(f"criterion {criterion.name!r} implements no scorer a registered unit kind uses "
+                         "(channel_importance, unit_scores, weight_scores), so it would apply to nothing")
     CRITERIA[criterion.name] = criterion
 
 
@@ -316,16 +335,3 @@ def get_criterion(name: str) -> Criterion:
     if name not in CRITERIA:
         raise PruningError(f"unknown criterion {name!r}; valid: {', '.join(sorted(CRITERIA))}")
     return CRITERIA[name]
-
-
-def check_applies(criterion: Criterion, kind: str, group: str) -> None:
-    """Raise unless ``criterion`` can score a group of ``kind``, naming the criteria that can."""
-    if kind not in criterion.kinds:
-        valid = sorted(c.name for c in CRITERIA.values() if kind in c.kinds)
-        raise PruningError(f"criterion {criterion.name!r} does not apply to {kind} group {group!r}; "
-                           f"criteria for {kind} groups: {', '.join(valid)}")
-
-
-def applicable(kind: str) -> list[str]:
-    """The criteria that can score a group of ``kind``."""
-    return sorted(c.name for c in CRITERIA.values() if kind in c.kinds)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from evaluators.batches import Inputs, call
+
 # Layers whose outputs a structured group removes (and so must not feed the model's output).
 STRUCTURED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.RNNBase)
 
@@ -28,7 +30,7 @@ def flat_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+def output_layers(model: nn.Module, example_inputs: Inputs) -> list[nn.Module]:
     """Layers whose output is the model's output: removing their channels would change what it predicts.
 
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -45,7 +47,7 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Mod
     model.eval()
     try:
         with torch.no_grad():
-            outputs = flat_tensors(model(example_inputs))
+            outputs = flat_tensors(call(model, example_inputs))
     finally:
         for h in hooks:
             h.remove()
@@ -92,7 +94,7 @@ class PruneReport:
         return size - removed
 
 
-def check_runs(model: nn.Module, example_inputs: torch.Tensor, what: str) -> None:
+def check_runs(model: nn.Module, example_inputs: Inputs, what: str) -> None:
     """Run ``model`` once; if a module fails, raise a :class:`PruningError` naming it."""
     names = {m: n for n, m in model.named_modules()}
     stack: list[nn.Module] = []
@@ -111,7 +113,7 @@ def check_runs(model: nn.Module, example_inputs: torch.Tensor, what: str) -> Non
     model.eval()
     try:
         with torch.no_grad():
-            model(example_inputs)
+            call(model, example_inputs)
     except Exception as exc:  # any failure inside a user's model
         failed = [m for m in stack if m is not model]
         where = failed[-1] if failed else model

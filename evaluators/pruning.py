@@ -6,36 +6,39 @@
 - ``unstructured``: per-layer or global masks on single weights, baked into the weights;
 - ``nm``: N:M semi-structured masks (2:4 = ratio 0.5 with ``nm_block`` 4).
 
-The pruned model is a plain ``nn.Module``. Criteria live in :mod:`evaluators.criteria`; ``taylor``
-and ``wanda`` need ``calibration`` batches. Errors are :class:`PruningError`s that name the group or
-module at fault and what to do; a policy that cannot apply is refused before the model changes.
+Three registries make it extensible, each one file plus one entry: criteria
+(:mod:`evaluators.criteria`, :func:`register_criterion`), unit kinds (:mod:`evaluators.units`,
+:func:`register_unit_kind`: what can be removed and how) and granularities
+(:mod:`evaluators.granularities`, :func:`register_granularity`: how a policy's ratios become what
+each unit keeps). The pruned model is a plain ``nn.Module``. ``taylor`` and ``wanda`` need a
+:class:`~evaluators.batches.Calibration`. Example inputs are a tensor, a tuple of positional inputs
+or a dict of keyword inputs. Errors are :class:`PruningError`s that name the group or module at
+fault and what to do; a policy that cannot apply is refused before the model changes.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from evaluators import sparsity, structured
-from evaluators.criteria import CRITERIA, Criterion, Stats, applicable, calibrate, get_criterion, register_criterion
+from evaluators import units
+from evaluators.batches import Calibration, Inputs
+from evaluators.criteria import CRITERIA, Criterion, Stats, calibrate, get_criterion, register_criterion
+from evaluators.granularities import GRANULARITIES, Granularity, get_granularity, register_granularity
 from evaluators.prune_base import PruneReport, PruningError, channels_to_keep, check_runs, output_layers
 from evaluators.sparsity import effective_macs_and_params, load_sparse_state_dict, sparse_state_dict_bytes
-from spaces import GRANULARITIES, Policy, PrunableGroup
+from evaluators.units import UNIT_KINDS, Context, UnitKind, register_unit_kind
+from evaluators.units import graph as tpgraph
+from spaces import Policy, PrunableGroup
 
 __all__ = [
-    "CRITERIA", "GRANULARITY_KINDS", "Criterion", "PruneReport", "PruningError", "apply", "channels_to_keep", "check_space",
-    "discover_groups", "effective_macs_and_params", "load_sparse_state_dict", "output_layers", "prune", "register_criterion",
-    "rankings", "register_pruner", "restore", "sparse_state_dict_bytes",
+    "CRITERIA", "GRANULARITIES", "UNIT_KINDS", "Calibration", "Criterion", "Granularity", "PruneReport", "PruningError",
+    "UnitKind", "apply", "channels_to_keep", "check_space", "discover_groups", "effective_macs_and_params",
+    "load_sparse_state_dict", "output_layers", "prune", "rankings", "register_criterion", "register_granularity",
+    "register_pruner", "register_unit_kind", "restore", "sparse_state_dict_bytes",
 ]
-
-GRANULARITY_KINDS: dict[str, tuple[str, ...]] = {
-    "channel": ("conv", "linear"),
-    "structured": ("conv", "linear", "attention-heads", "rnn-hidden"),
-    "unstructured": ("weight",),
-    "nm": ("weight",),
-}
 
 
 def register_pruner(module_type: type, pruner: tp.pruner.function.BasePruningFunc) -> None:
@@ -43,10 +46,14 @@ def register_pruner(module_type: type, pruner: tp.pruner.function.BasePruningFun
     ``prune_in_channels``, ``get_out_channels``, ``get_in_channels``) for ``module_type``."""
     if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
         raise TypeError(f"register_pruner needs an nn.Module subclass, but got {module_type!r}")
-    structured.CUSTOM_PRUNERS[module_type] = pruner
+    tpgraph.PRUNERS[module_type] = pruner
 
 
-def discover_groups(model: nn.Module, example_inputs: torch.Tensor, granularities: Iterable[str] = ("channel",),
+def _context(model: nn.Module, example_inputs: Inputs, nm_block: int = 4) -> Context:
+    return Context(model, example_inputs, nm_block=nm_block, kinds=UNIT_KINDS.values())
+
+
+def discover_groups(model: nn.Module, example_inputs: Inputs, granularities: Iterable[str] = ("channel",),
                     nm_block: int = 4) -> list[PrunableGroup]:
     """The model's prunable groups for ``granularities``, in module order (each group once; its
     ``granularities`` say which can prune it). Output layers are never structured groups.
@@ -56,28 +63,31 @@ def discover_groups(model: nn.Module, example_inputs: torch.Tensor, granularitie
     ['features.0', 'features.3', 'features.7', 'classifier.1']
     """
     granularities = tuple(granularities)
-    unknown = [g for g in granularities if g not in GRANULARITIES]
-    if unknown:
-        raise PruningError(f"unknown granularity {unknown[0]!r}; valid: {', '.join(GRANULARITIES)}")
-    found: list[PrunableGroup] = []
-    kinds = tuple(k for g in granularities for k in GRANULARITY_KINDS[g] if k != "weight")
-    if kinds:
-        for unit in structured.StructuredGraph(model, example_inputs).units(kinds):
-            grans = tuple(g for g in ("channel", "structured") if unit.kind in GRANULARITY_KINDS[g])
-            found.append(PrunableGroup(unit.name, unit.kind, unit.size, unit.members or (unit.name,), grans))
-    if {"unstructured", "nm"} & set(granularities):
-        found += sparsity.discover(model, granularities, nm_block)
-    return found
+    for g in granularities:
+        get_granularity(g)
+    context = _context(model, example_inputs, nm_block)
+    engines = list({id(GRANULARITIES[g].engine): GRANULARITIES[g].engine for g in GRANULARITIES if g in granularities}.values())
+    found: dict[str, PrunableGroup] = {}
+    for engine in engines:
+        for unit in engine.units(context, granularities):
+            found.setdefault(unit.name, unit.to_group())
+    return list(found.values())
 
 
 def check_space(granularities: Iterable[str], criteria: Iterable[str], groups: Iterable[PrunableGroup]) -> None:
-    """Raise unless every criterion can score the groups of every granularity it may be paired with.
+    """Raise unless every group's kind is registered and every criterion can score the groups of
+    every granularity it may be paired with.
 
-    >>> check_space(["unstructured"], ["fpgm"], [PrunableGroup("fc.weight", "weight", 8)])
+    >>> check_space(["unstructured"], ["fpgm"], [PrunableGroup("fc.weight", "weight", 8, granularities=("unstructured",))])
     Traceback (most recent call last):
     evaluators.prune_base.PruningError: criterion 'fpgm' does not apply to granularity 'unstructured' (weight groups such as 'fc.weight'); criteria for it: l1, l2, lamp, random, taylor, wanda
     """
     groups = list(groups)
+    known = units.group_kinds()
+    for g in groups:
+        if g.kind not in known:
+            raise PruningError(f"group {g.name!r} has kind {g.kind!r}, which no registered unit kind prunes; "
+                               f"valid kinds: {', '.join(sorted(known))}")
     for gran in granularities:
         kinds = {g.kind: g.name for g in groups if gran in g.granularities}
         for name in criteria:
@@ -85,24 +95,25 @@ def check_space(granularities: Iterable[str], criteria: Iterable[str], groups: I
             for kind, example in kinds.items():
                 if kind not in criterion.kinds:
                     raise PruningError(f"criterion {name!r} does not apply to granularity {gran!r} ({kind} groups such as "
-                                       f"{example!r}); criteria for it: {', '.join(applicable(kind))}")
+                                       f"{example!r}); criteria for it: {', '.join(units.applicable(kind))}")
 
 
-def prune(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, calibration: Any = None) -> PruneReport:
+def prune(policy: Policy, model: nn.Module, example_inputs: Inputs, calibration: Calibration | None = None) -> PruneReport:
     """Prune ``model`` in place as ``policy`` says; return what was removed (and the model).
 
-    ``calibration`` is a tensor of inputs or ``(inputs, targets)`` (at most the first
-    ``criteria.CALIBRATION_SAMPLES`` are used); ``taylor`` needs targets, ``wanda`` inputs. Every
-    group named in ``policy.ratios`` must exist in the model; groups it does not name are kept.
-    Gradients left by calibration are cleared.
+    ``calibration`` (a :class:`~evaluators.batches.Calibration`) is what data-dependent criteria
+    run: ``taylor`` takes the gradients of ``calibration.loss``, ``wanda`` the norms of the inputs
+    each layer sees. Every group named in ``policy.ratios`` must exist in the model; groups it does
+    not name are kept. Gradients left by calibration are cleared.
     """
     criterion = get_criterion(policy.criterion)
+    granularity = get_granularity(policy.granularity)
     if not policy.ratios:
         return PruneReport(policy.granularity, {}, model)
     needs = criterion.needs_gradients or criterion.needs_activations
     if needs and calibration is None:
-        raise PruningError(f"criterion {policy.criterion!r} needs calibration data: pass calibration=(inputs, targets) "
-                           "to apply(); or choose a data-free criterion (l1, l2, lamp, fpgm, bn_scale, random)")
+        raise PruningError(f"criterion {policy.criterion!r} needs calibration data: pass calibration=Calibration(...) "
+                           "(evaluators.batches) to apply(); or choose a data-free criterion (l1, l2, lamp, fpgm, bn_scale, random)")
 
     def stats() -> Stats | None:
         if not needs:
@@ -112,21 +123,17 @@ def prune(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, calibr
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(policy.seed)
-            if policy.granularity in ("unstructured", "nm"):
-                report = sparsity.prune(model, policy, criterion, stats)
-            else:
-                report = structured.prune(model, example_inputs, policy, criterion, stats,
-                                          kinds=GRANULARITY_KINDS[policy.granularity])
+            report = granularity.engine.prune(_context(model, example_inputs, policy.nm_block), policy, criterion, stats)
     finally:
         if criterion.needs_gradients:
             for p in model.parameters():
                 p.grad = None
-    if policy.granularity in ("channel", "structured"):
+    if granularity.engine.reshapes:
         check_runs(model, example_inputs, f"{policy.granularity} pruning")
     return report
 
 
-def rankings(model: nn.Module, example_inputs: torch.Tensor, granularity: str, criterion: str, names: list[str],
+def rankings(model: nn.Module, example_inputs: Inputs, granularity: str, criterion: str, names: list[str],
              min_channels: int = 1, group_min_channels: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Per group, the ascending scores of the units a global ranking could remove, comparable across
     groups as ``Policy.global_groups`` compares them (structured groups: mean-normalised; weights:
@@ -140,30 +147,28 @@ def rankings(model: nn.Module, example_inputs: torch.Tensor, granularity: str, c
     crit = get_criterion(criterion)
     if crit.needs_gradients or crit.needs_activations:
         raise PruningError(f"rankings() needs a data-free criterion, but {criterion!r} needs calibration data")
-    if granularity == "unstructured":
-        return sparsity.rankings(model, crit, names)
-    if granularity not in ("channel", "structured"):
-        raise PruningError(f"granularity {granularity!r} has no global ranking; valid: channel, structured, unstructured")
-    return structured.rankings(model, example_inputs, crit, GRANULARITY_KINDS[granularity], names, min_channels, group_min_channels)
+    engine = get_granularity(granularity).engine
+    if not engine.ranks:
+        valid = [g for g, entry in GRANULARITIES.items() if entry.engine.ranks]
+        raise PruningError(f"granularity {granularity!r} has no global ranking; valid: {', '.join(valid)}")
+    floor = Policy(criterion=crit.name, ratios={}, min_channels=min_channels, group_min_channels=dict(group_min_channels or {}))
+    return engine.rankings(_context(model, example_inputs), granularity, crit, names, floor)
 
 
-def apply(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, calibration: Any = None) -> nn.Module:
+def apply(policy: Policy, model: nn.Module, example_inputs: Inputs, calibration: Calibration | None = None) -> nn.Module:
     """Prune ``model`` in place as ``policy`` says and return it (a plain ``nn.Module``); see :func:`prune`."""
     return prune(policy, model, example_inputs, calibration).model
 
 
-def restore(policy: Policy, model: nn.Module, example_inputs: torch.Tensor, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+def restore(policy: Policy, model: nn.Module, example_inputs: Inputs, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Rebuild a saved pruned model: give the dense ``model`` the shapes ``state_dict`` has (as
     ``policy`` pruned them), load the weights, return it. Needs no calibration data: which units
     were kept is in the weights (and for masks, the zeros in ``state_dict`` become the masks again).
     """
     get_criterion(policy.criterion)
     if policy.ratios:
-        if policy.granularity in ("unstructured", "nm"):
-            sparsity.prune(model, policy, None, lambda: None, shapes=state_dict)
-        else:
-            structured.prune(model, example_inputs, policy, None, lambda: None, kinds=GRANULARITY_KINDS[policy.granularity],
-                             shapes=state_dict)
+        get_granularity(policy.granularity).engine.prune(_context(model, example_inputs, policy.nm_block), policy, None,
+                                                         lambda: None, shapes=state_dict)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:

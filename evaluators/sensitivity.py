@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from evaluators import pruning
+from evaluators.batches import Calibration
 from evaluators.checkpoint import load_dense
 from evaluators.tasks import Task
 from evaluators.train import accuracy, recalibrate_batchnorm
@@ -95,8 +96,9 @@ def analyse(
     _check_groups(task, template, list(ratios), example)
 
     device = torch.device(device)
-    calibration = task.train_data()
-    x_bn = calibration[0][: bn_batches * batch_size].to(device)
+    x_train, y_train = task.train_data()
+    calibration = Calibration.from_tensors(x_train, y_train, seed=0)
+    x_bn = x_train[: bn_batches * batch_size].to(device)
     scored = (x_test[:samples].to(device), y_test[:samples].to(device))
     dense_acc = accuracy(load_dense(task, checkpoint).to(device), scored)
 

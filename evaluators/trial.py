@@ -16,6 +16,7 @@ from typing import Hashable, Mapping, TypeVar
 import torch
 
 from evaluators import measure, pruning
+from evaluators.batches import Calibration
 from evaluators.checkpoint import load_dense
 from evaluators.tasks import Task
 from evaluators.train import OPTIMIZERS, accuracy, recalibrate_batchnorm, train
@@ -148,7 +149,7 @@ def prune_model(policy: Policy, task: Task, checkpoint: str | Path | bytes) -> t
     start = time.perf_counter()
     model = load_dense(task, checkpoint)
     if policy.ratios:
-        pruning.apply(policy, model, task.test_data()[0][:1], calibration=task.train_data())
+        pruning.apply(policy, model, task.test_data()[0][:1], calibration=Calibration.from_tensors(*task.train_data(), seed=0))
     return model, time.perf_counter() - start
 
 
@@ -347,7 +348,7 @@ def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str 
         for key, policy in policies.items():
             model = load_dense(task, checkpoint)
             if policy.ratios:
-                pruning.apply(policy, model, example, calibration=task.train_data())
+                pruning.apply(policy, model, example, calibration=Calibration.from_tensors(*task.train_data(), seed=0))
             model = model.to(device).eval()
             if measure_config.backend == "onnxruntime":
                 from evaluators.onnx_backend import onnxruntime_call

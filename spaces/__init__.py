@@ -6,11 +6,11 @@ read, validated and sampled anywhere (the driver, a Ray worker, a notebook).
 from __future__ import annotations
 
 from spaces.depth import QUANTIZATIONS, Block, DepthRule, DepthSpace
-from spaces.groups import GROUP_KINDS, PrunableGroup
-from spaces.policy import GRANULARITIES, Policy
+from spaces.groups import PrunableGroup
+from spaces.policy import GRANULARITIES, Policy, register_granularity
 from spaces.space import Dimension, RatioRange, Rule, SearchSpace, SpaceConfig, SpaceError
 
 __all__ = [
-    "GRANULARITIES", "GROUP_KINDS", "QUANTIZATIONS", "Block", "DepthRule", "DepthSpace", "Dimension", "PrunableGroup", "Policy", "RatioRange", "Rule", "SearchSpace",
-    "SpaceConfig", "SpaceError",
+    "GRANULARITIES", "QUANTIZATIONS", "Block", "DepthRule", "DepthSpace", "Dimension", "PrunableGroup", "Policy", "RatioRange",
+    "Rule", "SearchSpace", "SpaceConfig", "SpaceError", "register_granularity",
 ]

@@ -7,15 +7,27 @@ from typing import Any
 
 from spaces.depth import QUANTIZATIONS
 
-# What a policy's ratios remove (evaluators.pruning carries out each one):
+# What a policy's ratios remove, by granularity name (evaluators carries out each one). A registry:
+# evaluators.pruning.register_granularity adds a new one here with its engine.
 FINETUNE_KNOBS = ("lr", "optimizer")
-GRANULARITIES = ("channel", "structured", "unstructured", "nm")
-GRANULARITY_HELP = {
+GRANULARITIES: dict[str, str] = {
     "channel": "whole conv filters and linear neurons (coupled layers follow); a smaller, faster model",
     "structured": "channel, plus attention heads and recurrent (LSTM/GRU/RNN) hidden units",
     "unstructured": "single weights with the lowest scores, zeroed in place (masks baked into the weights)",
     "nm": "N:M semi-structured: in every block of nm_block weights along the input, floor(ratio * nm_block) are zeroed",
 }
+
+
+def register_granularity(name: str, help: str) -> None:
+    """Make ``name`` a valid granularity of policies, spaces and groups (``help``: what its ratios remove).
+
+    >>> register_granularity("channel", GRANULARITIES["channel"])  # registering a name again with the same help is a no-op
+    """
+    if not isinstance(name, str) or not name.strip() or not isinstance(help, str) or not help.strip():
+        raise ValueError(f"a granularity needs a non-empty name and help text, but got (name={name!r}, help={help!r})")
+    if GRANULARITIES.get(name, help) != help:
+        raise ValueError(f"granularity {name!r} is already registered with another meaning: {GRANULARITIES[name]!r}")
+    GRANULARITIES[name] = help
 
 
 @dataclasses.dataclass(frozen=True)

@@ -240,7 +240,7 @@ class SearchSpace:
     group. Instances are callables usable as Optuna define-by-run spaces (``space(trial) -> dict``);
     the ratios sampled are those of the granularity the trial picked.
 
-    >>> groups = [PrunableGroup("conv1", "conv", 16), PrunableGroup("fc", "linear", 32)]
+    >>> groups = [PrunableGroup("conv1", "conv", 16, granularities=("channel",)), PrunableGroup("fc", "linear", 32, granularities=("channel",))]
     >>> space = SearchSpace(SpaceConfig(rules=[Rule(match="fc", exclude=True)]), groups)
     >>> space.searched_groups
     ['conv1']
@@ -263,7 +263,7 @@ class SearchSpace:
             found = sorted({x for g in groups for x in g.granularities})
             raise SpaceError(
                 f"the model has no prunable groups for granularity {', '.join(config.granularity)}"
-                + (f" (its groups are for: {', '.join(found)})" if found else " (no Conv/Linear/attention/RNN layer to prune)")
+                + (f" (its groups are for: {', '.join(found)})" if found else " (no unit kind found anything to prune in it)")
             )
         self._dims: dict[str, list[Dimension]] = {}
         self.group_min_channels: dict[str, int] = {}  # from rules' min_channels

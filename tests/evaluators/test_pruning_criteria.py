@@ -10,10 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluators import pruning, zoo
+from evaluators.batches import Calibration
 from evaluators.criteria import CRITERIA, _lamp, calibrate
 from evaluators.models import MLP, DigitsCNN
 from evaluators.pruning import PruningError
 from spaces import Policy, PrunableGroup
+
+CHANNELS = ("channel", "structured")  # granularities of conv/linear groups, as discover_groups gives them
+WEIGHTS_ONLY = ("unstructured",)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,7 +47,7 @@ def test_taylor_masks_the_weights_with_smallest_weight_times_gradient():
     reference = copy.deepcopy(model)
     F.cross_entropy(reference(x), y).backward()  # the definition: mean cross-entropy on the calibration data
     expected = (reference[0].weight * reference[0].weight.grad).abs()
-    pruning.apply(Policy("taylor", {"0.weight": 0.5}, granularity="unstructured"), model, x[:1], calibration=(x, y))
+    pruning.apply(Policy("taylor", {"0.weight": 0.5}, granularity="unstructured"), model, x[:1], calibration=Calibration.from_tensors(x, y))
     assert _zeroed(model[0].weight) == _lowest(expected, 24)
     assert _lowest(expected, 24) != _lowest(reference[0].weight.abs(), 24)  # differs from magnitude here
     assert all(p.grad is None for p in model.parameters())  # calibration gradients are cleared
@@ -53,7 +57,7 @@ def test_wanda_masks_by_weight_magnitude_times_input_norm():
     model, (x, _) = _two_layer(), _data()
     dense_weight = model[0].weight.detach().clone()
     expected = dense_weight.abs() * x.norm(dim=0)[None]  # |W_ij| * ||X_j||
-    pruning.apply(Policy("wanda", {"0.weight": 0.5}, granularity="unstructured"), model, x[:1], calibration=x)
+    pruning.apply(Policy("wanda", {"0.weight": 0.5}, granularity="unstructured"), model, x[:1], calibration=Calibration.from_tensors(x))
     assert _zeroed(model[0].weight) == _lowest(expected, 24)
     assert _lowest(expected, 24) != _lowest(dense_weight.abs(), 24)
 
@@ -61,7 +65,7 @@ def test_wanda_masks_by_weight_magnitude_times_input_norm():
 def test_wanda_channel_scores_neurons_by_activation_weighted_rows():
     model, (x, _) = _two_layer(), _data()
     dense = copy.deepcopy(model)
-    pruning.apply(Policy("wanda", {"0": 0.5}), model, x[:1], calibration=x)
+    pruning.apply(Policy("wanda", {"0": 0.5}), model, x[:1], calibration=Calibration.from_tensors(x))
     hidden = torch.relu(dense[0](x))
     w0, w2 = dense[0].weight.detach().abs(), dense[2].weight.detach().abs()
     # the group: neuron o's row in layer 0 (inputs x) and column o of layer 2 (inputs hidden_o), each mean-normalised
@@ -154,23 +158,26 @@ def test_criterion_that_does_not_apply_names_those_that_do(criterion, granularit
     x = torch.ones(2, 5, dtype=torch.long) if kind == "rnn-hidden" else _data()[0]
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(PruningError, match=f"criterion '{criterion}' does not apply to {kind} group '{group}'") as info:
-        pruning.apply(Policy(criterion, {group: 0.5}, granularity=granularity), model, x[:1], calibration=x)
+        pruning.apply(Policy(criterion, {group: 0.5}, granularity=granularity), model, x[:1], calibration=Calibration.from_tensors(x))
     assert "l1" in str(info.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_check_space_rejects_criterion_granularity_pairs_that_cannot_apply():
-    groups = [PrunableGroup("a", "conv", 8), PrunableGroup("a.weight", "weight", 8)]
+    groups = [PrunableGroup("a", "conv", 8, granularities=CHANNELS), PrunableGroup("a.weight", "weight", 8, granularities=WEIGHTS_ONLY)]
     pruning.check_space(["channel", "unstructured"], ["l1", "taylor", "lamp"], groups)
     with pytest.raises(PruningError, match="'bn_scale' does not apply to granularity 'unstructured'"):
         pruning.check_space(["channel", "unstructured"], ["bn_scale"], groups)
     with pytest.raises(PruningError, match="unknown criterion 'l3'"):
         pruning.check_space(["channel"], ["l3"], groups)
+    # a group kind no registered unit kind prunes is refused, naming the valid ones
+    with pytest.raises(PruningError, match="'x' has kind 'attention'.*valid kinds: attention-heads, conv, linear"):
+        pruning.check_space(["structured"], ["l1"], [PrunableGroup("x", "attention", 4, granularities=("structured",))])
 
 
 def test_data_criteria_without_calibration_say_what_to_pass():
     for name, calibration, message in [("taylor", None, "needs calibration"), ("wanda", None, "needs calibration"),
-                                       ("taylor", torch.randn(4, 6), "needs targets")]:
+                                       ("taylor", Calibration.from_tensors(torch.randn(4, 6)), "needs targets")]:
         with pytest.raises(PruningError, match=message):
             pruning.apply(Policy(name, {"0": 0.5}), _two_layer(), torch.zeros(1, 6), calibration=calibration)
 
@@ -179,7 +186,7 @@ def test_calibration_leaves_buffers_and_mode_alone():
     torch.manual_seed(0)
     model = DigitsCNN(width=4).train()
     before = copy.deepcopy(model.state_dict())
-    calibrate(model, (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), gradients=True, activations=True)
+    calibrate(model, Calibration.from_tensors(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), gradients=True, activations=True)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -203,10 +210,45 @@ def test_wanda_sees_the_attention_output_that_multihead_attention_feeds_out_proj
             return self.attn(t, t, t, need_weights=False)[0]
 
     model = SelfAttention()
-    stats = calibrate(model, x, gradients=False, activations=True)
+    stats = calibrate(model, Calibration.from_tensors(x), gradients=False, activations=True)
     assert isinstance(model.attn, nn.MultiheadAttention)  # put back after calibration
     with torch.no_grad():  # out = Z W^T + b, with W square and invertible: Z = (out - b) W^-T
         out = mha(x, x, x, need_weights=False)[0]
         z = torch.linalg.solve(mha.out_proj.weight, (out - mha.out_proj.bias).reshape(-1, 8).T).T
     assert torch.allclose(stats.input_norms[(mha.out_proj, "input")], z.norm(dim=0), rtol=1e-4)
     assert torch.allclose(stats.input_norms[(mha, "query")], x.reshape(-1, 8).norm(dim=0))
+
+
+class _TwoInputs(nn.Module):
+    """Token ids and an attention mask, as Hugging Face models take them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.fc1, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask[..., None].float()
+        pooled = (self.embedding(input_ids) * mask).sum(1) / mask.sum(1)
+        return self.fc2(torch.relu(self.fc1(pooled)))
+
+
+@pytest.mark.parametrize("criterion, granularity, group", [("taylor", "channel", "fc1"), ("wanda", "channel", "fc1"),
+                                                            ("taylor", "unstructured", "fc1.weight")])
+def test_tuple_and_dict_inputs_and_batches_prune_alike(criterion, granularity, group):
+    torch.manual_seed(0)
+    dense = _TwoInputs().eval()
+    g = torch.Generator().manual_seed(2)
+    ids, mask, y = torch.randint(0, 20, (12, 5), generator=g), torch.ones(12, 5, dtype=torch.long), torch.randint(0, 3, (12,), generator=g)
+    mask[3, 2:] = 0
+    as_tuple = Calibration(((ids[:6], mask[:6], y[:6]), (ids[6:], mask[6:], y[6:])))  # (inputs..., targets)
+    as_dict = Calibration(({"input_ids": ids, "attention_mask": mask, "labels": y},))
+    policy = Policy(criterion, {group: 0.5}, granularity=granularity)
+    pruned = []
+    for example, calibration in (((ids[:1], mask[:1]), as_tuple), ({"input_ids": ids[:1], "attention_mask": mask[:1]}, as_dict)):
+        assert group in [g.name for g in pruning.discover_groups(dense, example, [granularity])]
+        pruned.append(pruning.apply(policy, copy.deepcopy(dense), example, calibration=calibration))
+    assert pruned[0].fc1.weight.shape == pruned[1].fc1.weight.shape
+    assert torch.allclose(pruned[0].fc1.weight, pruned[1].fc1.weight)  # the same units, whichever form the data took
+    assert pruned[0](ids, mask).shape == (12, 3)
+    if granularity == "channel":
+        assert pruned[0].fc1.out_features == 8

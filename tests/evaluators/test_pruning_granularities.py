@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from evaluators import measure, pruning, zoo
+from evaluators.batches import Calibration
 from evaluators.models import MLP
 from evaluators.pruning import channels_to_keep
-from evaluators.sparsity import targets
+from evaluators.units.weights import targets
 from spaces import Policy
 
 
@@ -76,11 +77,44 @@ def _unit_count(model: nn.Module, kind: str, name: str) -> int:
         return m.num_heads
     if kind == "rnn-hidden":
         return m.hidden_size
+    if isinstance(m, nn.Embedding):
+        return m.embedding_dim
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
 def _numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def test_discovered_groups_say_which_granularities_prune_them():
+    model, x, _ = _dense("transformer")
+    groups = pruning.discover_groups(model, x[:1], ["structured", "unstructured"])
+    assert {g.kind: g.granularities for g in groups if g.kind != "weight"} == {
+        "linear": ("channel", "structured"), "attention-heads": ("structured",)}
+    cnn, images, _ = _dense("resnet20")
+    weights = {g.name: g.granularities for g in pruning.discover_groups(cnn, images[:1], ["unstructured"])}
+    assert weights["stem.0.weight"] == ("unstructured",)  # 3 inputs: no N:M blocks of 4
+    assert weights["layer1.0.conv1.weight"] == ("unstructured", "nm")
+
+
+def test_a_residual_stream_is_named_after_what_starts_it():
+    def groups(name):
+        model, x, _ = _dense(name)
+        return {g.name: g for g in pruning.discover_groups(model, x[:1], ["structured"])}
+
+    vit, text = groups("vit"), groups("transformer")
+    # the residual width: written by the embedding and every block, named after the embedding
+    assert vit["patch_embed"].size == 16 and set(vit["patch_embed"].modules) >= {"patch_embed", "encoder.layers.1.linear2"}
+    assert text["embedding"].kind == "linear" and "encoder.layers.0.linear2" in text["embedding"].modules
+    assert not any(n.endswith("linear2") for n in [*vit, *text])
+    resnet = groups("resnet20")  # stage streams start at the stem and at each stage's shortcut projection
+    assert {"stem.0", "layer2.0.shortcut.0", "layer3.0.shortcut.0"} <= set(resnet)
+    assert set(resnet["layer2.0.shortcut.0"].modules) >= {"layer2.0.conv2", "layer2.2.conv2"}
+    mobilenet = groups("mobilenetv2")  # at this width the stem's 8 channels run through stage 2's stream
+    assert {"features.2.block.6", "features.3.block.6"} <= set(mobilenet["features.0.0"].modules)
+    assert {"features.5.block.6", "features.6.block.6"} <= set(mobilenet["features.4.block.6"].modules)  # stage 3's stream
+    assert "features.2.block.3" in mobilenet  # a chain without a residual add keeps its name (the depthwise conv)
+    assert list(groups("mobilenetv2")) == list(mobilenet)  # deterministic
 
 
 @pytest.mark.parametrize("name, granularity", CASES)
@@ -107,8 +141,8 @@ def test_every_model_and_granularity(name, granularity):
             size, removed = report.groups[group]
             assert size == g.size
             if g.kind != "attention-heads":
-                # the residual width of a transformer (root linear2) stays a multiple of its 4 heads
-                multiple = 4 if group.endswith("linear2") else 1
+                # the residual width of a transformer (named after its embedding) stays a multiple of its 4 heads
+                multiple = 4 if group in ("embedding", "patch_embed") else 1
                 assert size - removed == channels_to_keep(g.size, ratio, multiple)
             else:
                 assert size - removed == g.size - math.floor(g.size * ratio)
@@ -139,7 +173,7 @@ def test_rebuild_from_dense_and_policy_and_reload_from_weights(name, granularity
         torch.manual_seed(init)
         m = MODELS[name][0]()
         m.load_state_dict(state)
-        built.append(pruning.apply(policy, m.eval(), x[:1], calibration=(x, y)))
+        built.append(pruning.apply(policy, m.eval(), x[:1], calibration=Calibration.from_tensors(x, y)))
     with torch.no_grad():
         assert torch.equal(built[0](x), built[1](x))
         assert not torch.equal(built[0](x), dense(x))  # pruning did something

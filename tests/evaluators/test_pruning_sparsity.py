@@ -179,8 +179,8 @@ def test_registering_a_pruner_makes_the_custom_layer_prunable():
         assert model.a.out_features == 4 and model.s.weight.shape == (8, 4)
         assert model(torch.zeros(2, 4)).shape == (2, 3)
     finally:
-        from evaluators import structured
-        structured.CUSTOM_PRUNERS.pop(_Scale)
+        from evaluators.units import graph
+        graph.PRUNERS.pop(_Scale)
 
 
 def test_a_model_that_cannot_be_traced_is_refused():

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from evaluators import pruning, zoo
-from evaluators.attention_pruning import PrunedMultiheadAttention, head_vectors
-from evaluators.rnn_pruning import rebuild, unit_vectors
+from evaluators.units.mha import PrunedMultiheadAttention, head_vectors
+from evaluators.units.rnn import rebuild, unit_vectors
 from spaces import Policy
 
 
@@ -80,6 +80,63 @@ def test_text_lstm_pruned_end_to_end_equals_dense_with_lowest_l1_units_silenced(
     assert model.lstm.hidden_size == 6 and model.classifier[1].in_features == 6 * dirs
     with torch.no_grad():
         assert torch.allclose(model(tokens), silenced(tokens), atol=1e-6)
+
+
+class FinalStateClassifier(nn.Module):
+    """The most common recurrent classifier: reads the final hidden state (``_, (h_n, _) = lstm(x)``),
+    over padded or packed sequences; bidirectional models read the last layer's two directions."""
+
+    def __init__(self, cell: type = nn.LSTM, packed: bool = False, bidirectional: bool = False, num_layers: int = 1) -> None:
+        super().__init__()
+        self.packed, self.bidirectional = packed, bidirectional
+        self.embedding = nn.Embedding(30, 6, padding_idx=0)
+        self.rnn = cell(6, 8, num_layers=num_layers, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(16 if bidirectional else 8, 3)
+
+    def forward(self, tokens):
+        x = self.embedding(tokens)
+        if self.packed:
+            lengths = (tokens != 0).sum(1).clamp_min(1).cpu()
+            x = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, state = self.rnn(x)
+        h_n = state[0] if isinstance(state, tuple) else state
+        return self.fc(torch.cat([h_n[-2], h_n[-1]], -1) if self.bidirectional else h_n[-1])
+
+
+def _kept_units(dense: nn.RNNBase, pruned: nn.RNNBase, layer: int, direction: int) -> list[int]:
+    """Which hidden units of the dense module the pruned one kept, found by their (unique) biases."""
+    sfx = f"_l{layer}" + ("_reverse" if direction else "")
+    dense_bias, pruned_bias = getattr(dense, "bias_ih" + sfx)[: dense.hidden_size], getattr(pruned, "bias_ih" + sfx)[: pruned.hidden_size]
+    return [int(torch.nonzero(dense_bias == b).flatten()[0]) for b in pruned_bias]
+
+
+@pytest.mark.parametrize("cell, packed, bidirectional, num_layers", [
+    (nn.LSTM, False, False, 1), (nn.LSTM, True, False, 1), (nn.LSTM, True, True, 1), (nn.LSTM, False, False, 2),
+    (nn.GRU, True, False, 2),
+])
+def test_a_classifier_reading_the_final_hidden_state_is_pruned(cell, packed, bidirectional, num_layers):
+    torch.manual_seed(0)
+    dense = FinalStateClassifier(cell, packed, bidirectional, num_layers).eval()
+    tokens = torch.randint(1, 30, (4, 9))
+    tokens[1, 4:] = 0  # padding: packed sequences of different lengths
+    groups = {g.name: g for g in pruning.discover_groups(dense, tokens[:1], ["structured"])}
+    assert groups["rnn"].kind == "rnn-hidden" and groups["rnn"].size == 8
+    model = pruning.apply(Policy("l1", {"rnn": 0.25}, granularity="structured"), copy.deepcopy(dense), tokens[:1])
+    dirs = 2 if bidirectional else 1
+    assert model.rnn.hidden_size == 6 and model.fc.in_features == 6 * dirs  # the hidden size really shrank
+    out = model(tokens)
+    assert out.shape == (4, 3)
+    out.sum().backward()
+    # the pruned model computes what the dense one computes with the removed units silenced
+    kept = {(l, d): _kept_units(dense.rnn, model.rnn, l, d) for l in range(num_layers) for d in range(dirs)}
+    silenced = copy.deepcopy(dense)
+    silenced.rnn = _silence(dense.rnn, {k: [j for j in range(8) if j not in v] for k, v in kept.items()})
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), silenced(tokens), atol=1e-6)
+    rebuilt = pruning.restore(Policy("l1", {"rnn": 0.25}, granularity="structured"), copy.deepcopy(dense), tokens[:1],
+                              model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(tokens), model(tokens))
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections")
@@ -168,7 +225,7 @@ def test_transformer_heads_pruned_end_to_end_equal_dense_with_lowest_l2_heads_si
 def test_residual_width_coupled_to_attention_stays_a_multiple_of_the_heads():
     model = zoo.TextTransformer(30, max_len=9, embed_dim=16, num_heads=4, ff_dim=16).eval()
     tokens = torch.randint(1, 30, (2, 9))
-    pruning.apply(Policy("l1", {"encoder.layers.1.linear2": 0.4}, round_to=1), model, tokens[:1])
+    pruning.apply(Policy("l1", {"embedding": 0.4}, round_to=1), model, tokens[:1])  # the residual width
     width = model.embedding.embedding_dim
     # 16 - floor(6.4) = 10 channels would break nn.MultiheadAttention's 4 heads: rounded up to 12
     assert width == 12 and model.encoder.layers[0].self_attn.embed_dim == 12
@@ -284,7 +341,7 @@ def test_heads_and_the_residual_width_prune_together():
     torch.manual_seed(1)
     dense = TinyViT(FusedAttention).eval()
     x = torch.randn(2, 5, 8)
-    policy = Policy("l1", {"blocks.0.attn": 0.5, "blocks.1.mlp.2": 0.25}, granularity="structured")
+    policy = Policy("l1", {"blocks.0.attn": 0.5, "embed": 0.25}, granularity="structured")  # embed: the residual width
     model = pruning.apply(policy, copy.deepcopy(dense), x[:1])
     assert model.embed.out_features == 12 and model.blocks[0]["attn"].qkv.in_features == 12
     assert model.blocks[0]["attn"].num_heads == 2 and model(x).shape == (2, 3)

@@ -12,6 +12,8 @@ from search.baselines import erk_allocation, global_allocation, reference_points
 from search.config import ConfigError, validate
 from spaces import PrunableGroup, RatioRange, Rule, SearchSpace, SpaceConfig
 
+CHANNELS = ("channel", "structured")  # granularities of conv/linear groups, as discover_groups gives them
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EXAMPLE = torch.zeros(1, 1, 8, 8)
 
@@ -32,7 +34,7 @@ def space_of(m: torch.nn.Module, granularity: str, **config) -> SearchSpace:
 
 
 def test_uniform_points_are_clipped_to_each_range_and_use_the_first_criterion():
-    groups = [PrunableGroup("a", "conv", 16), PrunableGroup("b", "conv", 16), PrunableGroup("c", "linear", 8)]
+    groups = [PrunableGroup("a", "conv", 16, granularities=CHANNELS), PrunableGroup("b", "conv", 16, granularities=CHANNELS), PrunableGroup("c", "linear", 8, granularities=CHANNELS)]
     space = SearchSpace(SpaceConfig(criteria=["l2", "l1"], ratio=RatioRange(0.0, 0.6, 0.1),
                                     rules=[Rule(match="b", high=0.3), Rule(match="c", exclude=True)]), groups)
     points = reference_points(space, None, EXAMPLE, ["uniform"], [0.25, 0.5])
@@ -98,7 +100,7 @@ def test_erk_respects_bounds_and_total():
 
 
 def test_points_that_repeat_an_earlier_one_are_dropped():
-    groups = [PrunableGroup("a", "conv", 16)]
+    groups = [PrunableGroup("a", "conv", 16, granularities=CHANNELS)]
     space = SearchSpace(SpaceConfig(criteria=["l1"], ratio=RatioRange(0.0, 0.5, 0.1)), groups)
     points = reference_points(space, None, EXAMPLE, ["uniform"], [0.5, 0.7, 0.9])  # 0.7 and 0.9 clip to 0.5
     assert [b.name for b in points] == ["uniform 0.5"]
@@ -125,7 +127,7 @@ def test_default_baselines_follow_the_first_granularity():
 def test_sensitivity_seeds_and_narrowing_follow_each_groups_drop_curve():
     from search.sensitivity import narrowed, seed_points
 
-    groups = [PrunableGroup("a", "conv", 16), PrunableGroup("b", "conv", 16), PrunableGroup("c", "conv", 32), PrunableGroup("d", "conv", 32)]
+    groups = [PrunableGroup("a", "conv", 16, granularities=CHANNELS), PrunableGroup("b", "conv", 16, granularities=CHANNELS), PrunableGroup("c", "conv", 32, granularities=CHANNELS), PrunableGroup("d", "conv", 32, granularities=CHANNELS)]
     space = SearchSpace(SpaceConfig(criteria=["l1", "l2"], ratio=RatioRange(0.0, 0.8, 0.05), rules=[Rule(match="[cd]", tie="cd")]), groups)
     rows = [{"group": g, "ratio": r, "accuracy_drop": d} for g, r, d in [
         ("a", 0.4, 0.01), ("a", 0.8, 0.03),   # robust: 0.02 is reached at 0.6

@@ -9,6 +9,8 @@ from search.baselines import reference_points
 from search.searcher import SecateursSearch
 from spaces import PrunableGroup, RatioRange, Rule, SearchSpace, SpaceConfig
 
+CHANNELS = ("channel", "structured")  # granularities of conv/linear groups, as discover_groups gives them
+
 DENSE = {"accuracy": 0.9, "accuracy_drop": 0.0, "latency_ms": 2.0, "size_mb": 1.0, "macs": 1000.0, "params": 500.0}
 
 
@@ -37,7 +39,7 @@ def test_bad_constraints_are_named(text, message):
 
 
 def space() -> SearchSpace:
-    groups = [PrunableGroup("a", "conv", 16), PrunableGroup("b", "conv", 16), PrunableGroup("c", "linear", 8)]
+    groups = [PrunableGroup("a", "conv", 16, granularities=CHANNELS), PrunableGroup("b", "conv", 16, granularities=CHANNELS), PrunableGroup("c", "linear", 8, granularities=CHANNELS)]
     config = SpaceConfig(criteria=["l2", "l1"], ratio=RatioRange(0.0, 0.6, 0.1),
                          rules=[Rule(match="b", high=0.3), Rule(match="c", exclude=True)])
     return SearchSpace(config, groups)

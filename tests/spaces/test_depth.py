@@ -7,8 +7,9 @@ import pytest
 
 from spaces import Block, DepthRule, DepthSpace, Policy, PrunableGroup, SearchSpace, SpaceConfig, SpaceError
 
-GROUPS = [PrunableGroup("stem", "conv", 16), PrunableGroup("layer1.0.conv1", "conv", 16), PrunableGroup("layer1.1.conv1", "conv", 16),
-          PrunableGroup("layer2.1.conv1", "conv", 32)]
+CHANNELS = ("channel", "structured")  # granularities of conv groups, as discover_groups gives them
+GROUPS = [PrunableGroup("stem", "conv", 16, granularities=CHANNELS), PrunableGroup("layer1.0.conv1", "conv", 16, granularities=CHANNELS),
+          PrunableGroup("layer1.1.conv1", "conv", 16, granularities=CHANNELS), PrunableGroup("layer2.1.conv1", "conv", 32, granularities=CHANNELS)]
 BLOCKS = [Block("layer1.0", 4640), Block("layer1.1", 4640), Block("layer2.1", 18496)]
 ORDER = ["layer1.1", "layer2.1", "layer1.0"]  # least important first
 

@@ -12,15 +12,18 @@ from hypothesis import strategies as st
 from spaces import Policy, PrunableGroup, RatioRange, Rule, SearchSpace, SpaceConfig, SpaceError
 from spaces.space import RATIO_PREFIX
 
+CHANNELS = ("channel", "structured")  # granularities of conv/linear groups, as discover_groups gives them
+HEADS = ("structured",)  # granularities of attention-head and recurrent groups
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 GROUPS = [
-    PrunableGroup("features.0", "conv", 32),
-    PrunableGroup("features.3", "conv", 64),
-    PrunableGroup("features.7", "conv", 64),
-    PrunableGroup("classifier.1", "linear", 128),
+    PrunableGroup("features.0", "conv", 32, granularities=CHANNELS),
+    PrunableGroup("features.3", "conv", 64, granularities=CHANNELS),
+    PrunableGroup("features.7", "conv", 64, granularities=CHANNELS),
+    PrunableGroup("classifier.1", "linear", 128, granularities=CHANNELS),
 ]
 
 
@@ -142,15 +145,19 @@ def test_policy_from_json_validates_ratios():
 
 
 def test_prunable_group_defaults_modules_and_validates():
-    g = PrunableGroup("conv1", "conv", 16)
+    g = PrunableGroup("conv1", "conv", 16, granularities=CHANNELS)
     assert g.modules == ("conv1",)
     assert PrunableGroup.from_dict(g.to_dict()) == g
-    with pytest.raises(ValueError, match="'attention'"):
-        PrunableGroup("x", "attention", 4)
+    # which kinds exist is evaluators' business (tests/evaluators: check_space refuses unknown kinds)
+    assert PrunableGroup("x", "a-kind-registered-later", 4, granularities=HEADS).kind == "a-kind-registered-later"
+    with pytest.raises(ValueError, match="granularities"):  # no kind implies them here: a group says what prunes it
+        PrunableGroup("x", "conv", 4)
+    with pytest.raises(ValueError, match="kind"):
+        PrunableGroup("x", "", 4, granularities=CHANNELS)
     with pytest.raises(ValueError, match="0"):
-        PrunableGroup("x", "conv", 0)
+        PrunableGroup("x", "conv", 0, granularities=CHANNELS)
     with pytest.raises(ValueError):
-        PrunableGroup("", "conv", 4)
+        PrunableGroup("", "conv", 4, granularities=CHANNELS)
 
 
 # --------------------------------------------------------------------------- RatioRange / Rule / SpaceConfig
@@ -397,12 +404,12 @@ def test_same_seed_same_params_different_seed_different_params():
 # --------------------------------------------------------------------------- granularities, regex, ties, global scope
 
 STRUCTURED = [
-    PrunableGroup("stem", "conv", 16),
-    PrunableGroup("layer1.0.conv1", "conv", 16),
-    PrunableGroup("layer1.1.conv1", "conv", 16),
-    PrunableGroup("layer2.0.conv1", "conv", 32),
-    PrunableGroup("attn", "attention-heads", 4),
-    PrunableGroup("lstm", "rnn-hidden", 24),
+    PrunableGroup("stem", "conv", 16, granularities=CHANNELS),
+    PrunableGroup("layer1.0.conv1", "conv", 16, granularities=CHANNELS),
+    PrunableGroup("layer1.1.conv1", "conv", 16, granularities=CHANNELS),
+    PrunableGroup("layer2.0.conv1", "conv", 32, granularities=CHANNELS),
+    PrunableGroup("attn", "attention-heads", 4, granularities=HEADS),
+    PrunableGroup("lstm", "rnn-hidden", 24, granularities=HEADS),
 ]
 WEIGHTS = [
     PrunableGroup("stem.weight", "weight", 432, ("stem",), ("unstructured",)),  # first conv: 3 inputs, not N:M
@@ -411,10 +418,7 @@ WEIGHTS = [
 ]
 
 
-def test_prunable_group_granularities_default_from_kind_and_validate():
-    assert PrunableGroup("c", "conv", 4).granularities == ("channel", "structured")
-    assert PrunableGroup("a", "attention-heads", 4).granularities == ("structured",)
-    assert PrunableGroup("w", "weight", 4).granularities == ("unstructured",)
+def test_prunable_group_granularities_validate():
     with pytest.raises(ValueError, match="'blocks'"):
         PrunableGroup("w", "weight", 4, granularities=("blocks",))
     g = PrunableGroup("w", "weight", 8, ("fc",), ("unstructured", "nm"))
@@ -557,7 +561,7 @@ def test_fine_tune_knobs_are_searched_and_travel_in_the_policy():
     from spaces.space import SearchSpace as _Space, SpaceConfig as _Config
 
     space = _Space(_Config(finetune_lr=[1e-3, 1e-1], finetune_optimizers=["sgd", "adamw"]),
-                   [PrunableGroup("conv1", "conv", 16)])
+                   [PrunableGroup("conv1", "conv", 16, granularities=CHANNELS)])
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     seen = set()
     for _ in range(12):
@@ -569,7 +573,7 @@ def test_fine_tune_knobs_are_searched_and_travel_in_the_policy():
         seen.add(policy.finetune["optimizer"])
         assert Policy.from_json(policy.to_json()) == policy
     assert seen == {"sgd", "adamw"}
-    one = _Space(_Config(finetune_optimizers=["adamw"]), [PrunableGroup("conv1", "conv", 16)])
+    one = _Space(_Config(finetune_optimizers=["adamw"]), [PrunableGroup("conv1", "conv", 16, granularities=CHANNELS)])
     trial = study.ask()
     constants = one(trial)
     assert "finetune.optimizer" not in trial.params and constants["finetune.optimizer"] == "adamw"

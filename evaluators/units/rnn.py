@@ -1,4 +1,5 @@
-"""Hidden-unit pruning of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (multi-layer, bidirectional).
+"""Hidden units of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (multi-layer, bidirectional): the unit kind
+``rnn-hidden``.
 
 torch-pruning's own LSTM pruner refuses ``num_layers > 1`` and mixes up gate rows, so this module
 registers its own pruner for recurrent layers with torch-pruning's dependency graph: the graph
@@ -6,19 +7,30 @@ finds the layers that consume the recurrent output (their input columns follow),
 :class:`RNNPruner` rebuilds the recurrent module in place with fewer hidden units. Every layer and
 direction keeps the same number of units (``nn.LSTM`` has one ``hidden_size``) but chooses its own.
 
+A model may read the final hidden (and cell) state instead of the outputs (``_, (h_n, _) =
+self.lstm(x)``, packed or not). While the graph is traced, :func:`trace_states` shows torch-pruning
+those states as outputs of the recurrent layer (they hold the same hidden units), so the layers
+reading them follow. Which layer and direction a slice of ``h_n`` belongs to is not traced, so a
+module read through its states keeps the same units in every layer and direction (scored over all
+of them), which any slice of the states then agrees with.
+
 Unit ``j`` of layer ``l``, direction ``d`` owns: row ``g * H + j`` of every gate ``g`` in
 ``weight_ih``/``weight_hh``/biases, column ``j`` of ``weight_hh``, and column ``d * H + j`` of
 the next layer's ``weight_ih`` (of the module's output for the last layer).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from evaluators.prune_base import PruningError
+from evaluators.units import graph as tpgraph
+from evaluators.units.base import Context, Keep, Scores, Unit, UnitKind, detached, normalised
+from evaluators.units.channels import check_unwrapped, drop_indices, graph_groups
 
 RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
@@ -59,10 +71,7 @@ def unit_vectors(rnn: nn.RNNBase, layer: int, direction: int, grad: bool = False
     hidden, count = rnn.hidden_size, gates(rnn)
 
     def value(name: str) -> torch.Tensor:
-        p = getattr(rnn, name)
-        if not grad:
-            return p.detach()
-        return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        return detached(getattr(rnn, name), grad)
 
     w_ih = value("weight_ih" + _suffix(layer, direction))
     w_hh = value("weight_hh" + _suffix(layer, direction))
@@ -169,3 +178,101 @@ def weight_inputs(rnn: nn.RNNBase, inputs: torch.Tensor) -> dict[str, torch.Tens
             seen["weight_hh" + _suffix(layer, d)] = out[..., d * rnn.hidden_size:(d + 1) * rnn.hidden_size]
         x = out
     return seen
+
+
+# ------------------------------------------------------------------------------- tracing the final states
+class _Traced(torch.autograd.Function):
+    """Tracing only: the recurrent output as one operation of the layer's input, so that torch-pruning
+    sees the layer as a whole rather than the gate arithmetic inside it."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
+
+
+class _TracedStates(torch.autograd.Function):
+    """Tracing only: the final states as values derived from the layer's (traced) output."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(s.clone() for s in states)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[None, ...]:
+        return (None,) * (1 + len(grads))
+
+
+def trace_states(model: nn.Module, notes: dict) -> list[RemovableHandle]:
+    """Forward hooks (for the tracer) that tie each recurrent layer's final states to its output;
+    ``notes[(layer, "states")]`` records the autograd node its states come from."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        out, states = output
+        packed = isinstance(out, nn.utils.rnn.PackedSequence)
+        data = out.data if packed else out
+        source = args[0].data if isinstance(args[0], nn.utils.rnn.PackedSequence) else args[0]
+        if isinstance(source, torch.Tensor) and source.requires_grad:
+            data = _Traced.apply(source, data.detach())
+        tensors = states if isinstance(states, tuple) else (states,)
+        tied = _TracedStates.apply(data, *(t.detach() for t in tensors))
+        notes[(module, "states")] = tied[0].grad_fn
+        if packed:
+            data = nn.utils.rnn.PackedSequence(data, out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+        return data, (tied if isinstance(states, tuple) else tied[0])
+
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, RNN_TYPES)]
+
+
+PRUNER = RNNPruner()
+tpgraph.PRUNERS.update({cls: PRUNER for cls in RNN_TYPES})
+tpgraph.ROOTS.extend(RNN_TYPES)
+tpgraph.TRACERS.append(trace_states)
+
+
+class RNNHidden(UnitKind):
+    """The hidden units of a recurrent module (every layer and direction), with the layers reading them."""
+
+    name = "rnn"
+    kinds = ("rnn-hidden",)
+    granularities = ("structured",)
+    scorer = "unit_scores"
+
+    def find(self, context: Context) -> list[Unit]:
+        graph = tpgraph.graph_of(context)
+        found = []
+        for rnn, state, writers in graph_groups(context, RNN_TYPES):
+            state.states_read = graph.notes.get((rnn, "states")) in graph.reached
+            name = context.names[rnn]
+            found.append(Unit(name, "rnn-hidden", rnn.hidden_size, rnn, tuple(context.names[m] for m in writers),
+                              self.granularities, state))
+        return found
+
+    def check(self, unit: Unit, context: Context) -> None:
+        check_unwrapped(unit)
+        check_prunable(unit.module, unit.name)
+
+    def score(self, unit: Unit, criterion: Any, stats: Any) -> Scores:
+        rnn, grads = unit.module, criterion.needs_gradients
+        scores = {(l, d): criterion.unit_scores(unit_vectors(rnn, l, d), unit_vectors(rnn, l, d, True) if grads else None)
+                  for l in range(rnn.num_layers) for d in range(directions(rnn))}
+        if unit.state.states_read:  # one choice for every layer and direction: each normalised score counts alike
+            return {None: torch.stack([normalised(s) for s in scores.values()]).sum(0)}
+        return scores
+
+    def prune(self, unit: Unit, keep: Keep, context: Context) -> None:
+        rnn = unit.module
+        hidden, last, dirs = rnn.hidden_size, rnn.num_layers - 1, directions(rnn)
+        plan = {(l, d): drop_indices(hidden, keep[(l, d)] if (l, d) in keep else keep[None])
+                for l in range(rnn.num_layers) for d in range(dirs)}
+        PRUNER.plans[rnn] = plan
+        unit.state.group.prune(idxs=[d * hidden + j for d in range(dirs) for j in plan[(last, d)]])
+
+    def saved(self, unit: Unit, state_dict: Mapping[str, torch.Tensor]) -> int:
+        key = f"{unit.name}.weight_hh_l0"
+        if key not in state_dict:
+            raise PruningError(f"the saved state dict has no {key!r}: it does not belong to this model and policy")
+        return int(state_dict[key].shape[1])

@@ -1,6 +1,6 @@
-"""Head pruning of ``nn.MultiheadAttention`` (torch-pruning skips it silently), and of attention
-written with ``nn.Linear`` projections (:class:`LinearAttention`: fused or separate q/k/v), which is
-pruned in place: its linears shrink and its head-count attribute drops, so it stays the user's module.
+"""Heads of ``nn.MultiheadAttention`` (torch-pruning skips them silently): the unit kind
+``attention-heads`` for that module type (:mod:`evaluators.units.linear_heads` has attention written
+with ``nn.Linear`` projections).
 
 ``nn.MultiheadAttention`` ties its inner width to its input width (``embed_dim == num_heads *
 head_dim`` for the query), so a module with fewer heads but the same ``embed_dim`` cannot be an
@@ -14,15 +14,16 @@ positions everywhere), or zeroed heads (no speed-up): both worse trade-offs.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from evaluators.prune_base import PruningError
+from evaluators.units.base import Context, Keep, Scores, Unit, UnitKind, detached, replace_module
+from spaces import Policy
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -191,9 +192,7 @@ def head_vectors(mha: nn.Module, grad: bool = False) -> torch.Tensor:
     hd, heads = mha.head_dim, mha.num_heads
 
     def value(t: torch.Tensor) -> torch.Tensor:
-        if not grad:
-            return t.detach()
-        return t.grad.detach() if t.grad is not None else torch.zeros_like(t)
+        return detached(t, grad)
 
     if isinstance(mha, PrunedMultiheadAttention):
         if hasattr(mha, "in_proj"):
@@ -210,124 +209,42 @@ def head_vectors(mha: nn.Module, grad: bool = False) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+ATTENTION_TYPES = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
 
-# --------------------------------------------------------------------- attention written with nn.Linear
-HEAD_ATTRS = ("num_heads", "n_heads", "n_head")
-FUSED_NAMES = ("qkv", "in_proj", "qkv_proj", "c_attn", "Wqkv")
-SEPARATE_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"), ("wq", "wk", "wv"), ("to_q", "to_k", "to_v"))
-OUT_NAMES = ("proj", "out_proj", "o_proj", "c_proj", "wo", "out", "dense")
-INNER_ATTRS = ("inner_dim", "all_head_size", "attn_dim")  # ints some modules keep equal to heads * head_dim
+def heads_limits(unit: Unit, policy: Policy) -> tuple[int, int]:
+    """Attention keeps at least one head (or its group minimum); head counts are not rounded."""
+    return min(policy.group_min_channels.get(unit.name, 1), unit.size), 1
 
 
-@dataclasses.dataclass
-class LinearAttention:
-    """Multi-head attention written with ``nn.Linear`` projections: a fused ``qkv`` (q, k, v stacked
-    along the outputs) or separate ``q``/``k``/``v`` linears, an output linear, and an integer head
-    count attribute (``num_heads``, ``n_heads`` or ``n_head``) that its forward reshapes with."""
+class MultiheadAttentionHeads(UnitKind):
+    """The heads of an ``nn.MultiheadAttention``, replaced by a :class:`PrunedMultiheadAttention` with fewer."""
 
-    module: nn.Module
-    heads_attr: str
-    projections: tuple[str, ...]  # one fused name, or the q, k, v names
-    out: str
+    name = "mha"
+    kinds = ("attention-heads",)
+    granularities = ("structured",)
+    scorer = "unit_scores"
 
-    @property
-    def num_heads(self) -> int:
-        return int(getattr(self.module, self.heads_attr))
+    def find(self, context: Context) -> list[Unit]:
+        return [Unit(n, "attention-heads", m.num_heads, m, (n,), self.granularities) for n, m in context.model.named_modules()
+                if isinstance(m, ATTENTION_TYPES) and m.num_heads > 1]
 
-    @property
-    def inner(self) -> int:
-        first = getattr(self.module, self.projections[0])
-        return first.out_features // (3 if len(self.projections) == 1 else 1)
+    def check(self, unit: Unit, context: Context) -> None:
+        check_prunable(unit.module, unit.name)
 
-    @property
-    def head_dim(self) -> int:
-        return self.inner // self.num_heads
+    def limits(self, unit: Unit, policy: Policy) -> tuple[int, int]:
+        return heads_limits(unit, policy)
 
-    def linears(self) -> list[nn.Linear]:
-        return [getattr(self.module, n) for n in (*self.projections, self.out)]
+    def score(self, unit: Unit, criterion: Any, stats: Any) -> Scores:
+        m = unit.module
+        return {None: criterion.unit_scores(head_vectors(m), head_vectors(m, True) if criterion.needs_gradients else None)}
 
+    def prune(self, unit: Unit, keep: Keep, context: Context) -> None:
+        replace_module(context.model, unit.name, PrunedMultiheadAttention.from_attention(unit.module, keep[None]))
 
-def find_linear_attention(model: nn.Module) -> dict[str, LinearAttention]:
-    """Every module of ``model`` that looks like :class:`LinearAttention` (by its children's names and
-    shapes), by module name."""
-    found = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)):
-            continue
-        attr = next((a for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int) and not isinstance(getattr(m, a), bool)), None)
-        out = next((n for n in OUT_NAMES if isinstance(getattr(m, n, None), nn.Linear)), None)
-        if attr is None or out is None or getattr(m, attr) < 2:
-            continue
-        heads, width = getattr(m, attr), getattr(m, out).in_features
-        if width % heads:
-            continue
-        fused = next((n for n in FUSED_NAMES if isinstance(getattr(m, n, None), nn.Linear) and getattr(m, n).out_features == 3 * width), None)
-        separate = next((names for names in SEPARATE_NAMES
-                         if all(isinstance(getattr(m, n, None), nn.Linear) and getattr(m, n).out_features == width for n in names)), None)
-        if fused or separate:
-            found[name] = LinearAttention(m, attr, (fused,) if fused else separate, out)
-    return found
-
-
-def linear_head_vectors(att: LinearAttention, grad: bool = False) -> torch.Tensor:
-    """One row per head of a :class:`LinearAttention`: its q/k/v rows and output columns (or their gradients)."""
-    heads, hd = att.num_heads, att.head_dim
-
-    def value(t: torch.Tensor) -> torch.Tensor:
-        if not grad:
-            return t.detach()
-        return t.grad.detach() if t.grad is not None else torch.zeros_like(t)
-
-    if len(att.projections) == 1:
-        weights = list(value(getattr(att.module, att.projections[0]).weight).chunk(3))
-    else:
-        weights = [value(getattr(att.module, n).weight) for n in att.projections]
-    parts = [w.reshape(heads, hd * w.shape[1]) for w in weights]
-    out = value(getattr(att.module, att.out).weight)
-    parts.append(out.reshape(out.shape[0], heads, hd).transpose(0, 1).reshape(heads, -1))
-    return torch.cat(parts, dim=1)
-
-
-def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    weight = linear.weight.detach()
-    weight = weight[rows] if rows is not None else weight
-    weight = weight[:, cols] if cols is not None else weight
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias.detach()[rows] if rows is not None else linear.bias.detach())
-    return new.train(linear.training)
-
-
-def prune_linear_heads(att: LinearAttention, keep: Sequence[int]) -> None:
-    """Keep only the heads ``keep`` of ``att`` (in place): its projections shrink, its head count drops."""
-    keep = sorted(int(h) for h in keep)
-    heads, hd, inner = att.num_heads, att.head_dim, att.inner
-    if not keep or keep[0] < 0 or keep[-1] >= heads:
-        raise PruningError(f"heads to keep must be a non-empty subset of 0..{heads - 1}, but got {keep}")
-    rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in keep])
-    m = att.module
-    if len(att.projections) == 1:
-        setattr(m, att.projections[0], _sliced(getattr(m, att.projections[0]), rows=torch.cat([rows + i * inner for i in range(3)])))
-    else:
-        for n in att.projections:
-            setattr(m, n, _sliced(getattr(m, n), rows=rows))
-    setattr(m, att.out, _sliced(getattr(m, att.out), cols=rows))
-    setattr(m, att.heads_attr, len(keep))
-    for a in INNER_ATTRS:
-        if getattr(m, a, None) == inner:
-            setattr(m, a, len(keep) * hd)
-
-
-def saved_linear_heads(att: LinearAttention, name: str, shapes: Mapping[str, torch.Tensor]) -> int:
-    """How many heads a saved state dict gives the attention module ``name``."""
-    key = f"{name}.{att.projections[0]}.weight"
-    if key not in shapes:
-        raise PruningError(f"the saved state dict has no {key!r}: it does not belong to this model and policy")
-    return int(shapes[key].shape[0] // ((3 if len(att.projections) == 1 else 1) * att.head_dim))
+    def saved(self, unit: Unit, state_dict: Mapping[str, torch.Tensor]) -> int:
+        hd = unit.module.head_dim
+        for key, parts in ((f"{unit.name}.in_proj.weight", 3), (f"{unit.name}.q_proj.weight", 1)):
+            if key in state_dict:
+                return int(state_dict[key].shape[0] // (parts * hd))
+        return unit.size
