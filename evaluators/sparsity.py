@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -54,14 +55,12 @@ def global_masks(scores: list[torch.Tensor], budget: int) -> list[torch.Tensor]:
 
 
 def _pack(bits: torch.Tensor) -> torch.Tensor:
-    flat = bits.flatten().to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).view(-1, 8)
-    return (flat * torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)).sum(1).to(torch.uint8)
+    """A boolean mask as bytes, eight to a byte, the first bit the highest (``numpy.packbits``)."""
+    return torch.from_numpy(np.packbits(bits.flatten().cpu().numpy().astype(bool)))
 
 
 def _unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
-    shifts = torch.arange(7, -1, -1, dtype=torch.int16)
-    return ((packed.to(torch.int16)[:, None] >> shifts) & 1).flatten()[:count].bool()
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool))
 
 
 def sparse_state_dict(state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, Any]:
