@@ -57,6 +57,7 @@ _TAILS = {  # elementwise ops allowed after the residual add: name -> (functions
 _TAIL_DOMAIN = {"relu": (0.0, None), "relu6": (0.0, 6.0)}  # inputs on which the tail is the identity
 _TAIL_MODULES: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "relu6": nn.ReLU6}
 _SAME = {torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default}
+_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default}  # identity when nothing changes
 
 
 class BlockError(ValueError):
@@ -206,20 +207,39 @@ def _describe(node: Any, owner: nn.Module) -> str:
     return f"`{name.removesuffix('.default').removesuffix('.Tensor')}`"
 
 
+def _same_meta(node: fx.Node) -> bool:
+    """Whether an exported cast returns a tensor of its input's dtype, shape and device (a no-op:
+    ``x.to(torch.float32)`` on a float32 ``x``, as in the RMSNorm of Hugging Face models)."""
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    before, after = (source.meta.get("val") if source is not None else None), node.meta.get("val")
+    return (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype
+            and before.shape == after.shape and before.device == after.device)
+
+
 class _Reader:
     """Reads, from a module's graph, whether its output is ``[tail](source + branch + ...)``."""
 
-    def __init__(self, owner: nn.Module, source: fx.Node) -> None:
-        self.owner, self.source = owner, source
+    def __init__(self, owner: nn.Module, source: fx.Node, dtype: torch.dtype) -> None:
+        self.owner, self.source, self.dtype = owner, source, dtype  # dtype: the block input's
+
+    def no_op_cast(self, node: fx.Node) -> bool:
+        """``x.to(dtype)`` / ``x.float()`` / ``x.contiguous()`` in an fx graph, to the input's own dtype: every
+        step walked back from the output to the input is one, so each leaves its value as it is."""
+        if node.op != "call_method":
+            return False
+        if node.target == "contiguous" or (node.target == "float" and self.dtype == torch.float32):
+            return len(node.args) == 1 and not node.kwargs
+        return node.target in ("to", "type") and len(node.args) == 2 and node.args[1] == self.dtype and not node.kwargs
 
     def unchanged(self, node: Any) -> Any:
-        """``node`` with identity steps (``nn.Identity``, empty ``Sequential``, clone) walked back."""
+        """``node`` with identity steps (``nn.Identity``, empty ``Sequential``, clone, no-op casts) walked back."""
         while isinstance(node, fx.Node):
             if node.op == "call_module":
                 module = self.owner.get_submodule(node.target)
                 if not (isinstance(module, nn.Identity) or (isinstance(module, nn.Sequential) and len(module) == 0)):
                     break
-            elif not (node.op == "call_function" and node.target in _SAME):
+            elif not (self.no_op_cast(node) or
+                      (node.op == "call_function" and (node.target in _SAME or (node.target in _CASTS and _same_meta(node))))):
                 break
             node = node.args[0]
         return node
@@ -272,7 +292,7 @@ def _read_forward(module: nn.Module, record: _Call) -> tuple[str | None, str | N
             if len(output) != 1:
                 return None, f"it returns {len(output)} values; only a block that returns one tensor can become the identity"
             output = output[0]
-        return _Reader(module, source).read(output)
+        return _Reader(module, source, record.args[0].dtype).read(output)
     return None, "its forward cannot be traced (" + "; ".join(errors) + ")"
 
 

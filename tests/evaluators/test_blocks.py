@@ -150,6 +150,28 @@ def test_relu_after_the_add_is_kept_when_the_block_input_can_be_negative():
     assert discover_blocks(ResidualMLP(relu_after=True).eval(), torch.zeros(4, 8))[0].replacement == "relu"
 
 
+class Cast(nn.Module):
+    """A residual block whose skip path casts its input (Hugging Face RMSNorm style): a no-op to
+    the input's own dtype, a real change through bfloat16."""
+
+    def __init__(self, width: int, lossy: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+        self.lossy = lossy
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        h = x.to(torch.bfloat16).to(torch.float32) if self.lossy else x.to(torch.float32)
+        return h + self.fc(self.norm(h))
+
+
+def test_a_cast_to_the_inputs_own_dtype_on_the_skip_path_is_no_change():
+    model = nn.Sequential(nn.Linear(4, 8), Cast(8, lossy=False), Cast(8, lossy=True), nn.Linear(8, 2)).eval()
+    blocks, rejected = analyse_blocks(model, torch.randn(2, 4))
+    assert names(blocks) == ["1"]
+    assert "does not take its input unchanged" in rejected["2"]
+
+
 def test_prenorm_transformer_layer_is_found_through_torch_export_and_postnorm_is_not():
     width = 16
     pre = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
