@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import operator
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -163,8 +164,6 @@ class _ChildrenAsLeaves(fx.Tracer):
 
 
 def _fx_graph(module: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.Graph, fx.Node]:
-    import inspect
-
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     bound.apply_defaults()
     params = list(bound.arguments)
@@ -339,11 +338,18 @@ def _why(tail: str | None, replacement: str) -> str:
 def analyse_blocks(model: nn.Module, example_inputs: Any) -> tuple[list[Block], dict[str, str]]:
     """The removable blocks of ``model`` (in forward order) and, for every other module that could
     have been one (not the root, with parameters, not a plain torch layer), why it is not."""
+    was_training = model.training
+    model.eval()  # traced and exported as it runs when deployed (and no BatchNorm statistics move)
+    try:
+        return _analyse(model, example_inputs)
+    finally:
+        model.train(was_training)
+
+
+def _analyse(model: nn.Module, example_inputs: Any) -> tuple[list[Block], dict[str, str]]:
     calls = _capture_calls(model, example_inputs)
     order = {module: i for i, module in enumerate(calls)}
-    was_training = model.training
     total, _, layer_macs, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
-    model.train(was_training)
     per_example = total / layer_macs[model] if layer_macs.get(model) else 1.0  # torch-pruning averages its total over the batch
     found: list[tuple[nn.Module, str, str | None]] = []
     rejected: dict[str, str] = {}

@@ -115,6 +115,14 @@ def test_resnet56_has_every_basic_block_but_the_two_that_change_shape():
     assert names(blocks) == expected
 
 
+def test_discovery_leaves_a_training_model_as_it_was():
+    model = resnet20(width=4).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert len(discover_blocks(model, SMALL)) == 7
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics did not move
+
+
 def test_mobilenetv2_blocks_are_the_inverted_residuals_with_a_skip():
     model = mobilenetv2_cifar(width_mult=0.25).eval()
     expected = [n for n, m in model.named_modules() if isinstance(m, InvertedResidual) and m.use_residual]
