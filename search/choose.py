@@ -17,10 +17,12 @@ import pandas as pd
 
 from search import frontier
 from search.constraints import Constraint
+from search.objectives import DEFAULT, Objectives, ordered
 from search.records import ProductionError, SearchRecord
 
 PREFERENCES = ("knee", "accuracy", "latency_ms", "size_mb")
-"""How :func:`choose` breaks the tie among feasible frontier policies."""
+"""How :func:`choose` breaks the tie among feasible frontier policies by default: the knee, or the
+best of one objective (any objective of the search: ``--prefer rmse``)."""
 
 class NoFeasiblePolicyError(ProductionError):
     """No frontier policy satisfies the constraints; the message names the binding one."""
@@ -64,7 +66,7 @@ class Constraints:
         object.__setattr__(self, "where", tuple(self.where))
         for text in self.where:
             try:
-                Constraint.parse(text)
+                Constraint.parse(text, metrics=None)  # the names: checked against the search's records by choose()
             except ValueError as exc:
                 raise ProductionError(f"--where: {exc}") from None
 
@@ -73,7 +75,7 @@ class Constraints:
         """Every bound as a :class:`~search.constraints.Constraint` (flags labelled as typed)."""
         flags = [Constraint(metric, op, getattr(self, name), label=f"{flag} {getattr(self, name):g}")
                  for name, (metric, op, flag) in FLAGS.items() if getattr(self, name) is not None]
-        return flags + [Constraint.parse(text) for text in self.where]
+        return flags + [Constraint.parse(text, metrics=None) for text in self.where]
 
     def active(self) -> list[Constraint]:
         return self.bounds
@@ -85,6 +87,9 @@ class Constraints:
         """Boolean mask of rows meeting every bound (``dense``: the reference of ``* dense`` bounds)."""
         mask = pd.Series(True, index=table.index)
         for bound in self.bounds:
+            if bound.metric not in table:
+                raise ProductionError(f"{bound}: the search recorded no metric {bound.metric!r}; it has "
+                                      f"{', '.join(c for c in table.columns if table[c].dtype.kind in 'fi')}")
             mask &= bound.holds(table, dense or {})
         return mask
 
@@ -127,7 +132,7 @@ def _infeasible_message(table: pd.DataFrame, constraints: Constraints, what: str
 
 
 def choose(table: pd.DataFrame, constraints: Constraints = Constraints(), prefer: str = "knee", *, what: str = "frontier policy",
-           dense: Mapping[str, float] | None = None) -> pd.Series:
+           dense: Mapping[str, float] | None = None, objectives: Objectives | None = None) -> pd.Series:
     """The row of ``table`` (frontier trials) that meets ``constraints`` and is best by ``prefer``.
 
     ``knee`` takes :func:`search.frontier.knee_point` of the feasible rows; ``accuracy`` the most
@@ -137,22 +142,19 @@ def choose(table: pd.DataFrame, constraints: Constraints = Constraints(), prefer
     ``dense``: the dense model's metrics, for bounds relative to it (``macs <= 0.5 * dense``).
     Raises :class:`NoFeasiblePolicyError` naming the binding constraint.
     """
-    if prefer not in PREFERENCES:
-        raise ProductionError(f"--prefer: unknown preference {prefer!r}; valid: {', '.join(PREFERENCES)}")
+    objectives = objectives or DEFAULT
+    if prefer != "knee" and prefer not in objectives.names:
+        raise ProductionError(f"--prefer: unknown preference {prefer!r}; valid: knee, {', '.join(objectives.names)}")
     if not len(table):
         raise NoFeasiblePolicyError("the frontier is empty: the search completed no trial")
     feasible = table[constraints.satisfied_by(table, dense)]
     if not len(feasible):
         raise NoFeasiblePolicyError(_infeasible_message(table, constraints, what, dense))
     if prefer == "knee":
-        values = feasible[list(frontier.OBJECTIVES)].to_numpy(dtype=float)
-        return feasible.iloc[frontier.knee_point(values, list(frontier.OBJECTIVES.values()))]
-    order = {
-        "accuracy": (["accuracy", "latency_ms", "size_mb"], [False, True, True]),
-        "latency_ms": (["latency_ms", "accuracy", "size_mb"], [True, False, True]),
-        "size_mb": (["size_mb", "accuracy", "latency_ms"], [True, False, True]),
-    }[prefer]
-    return feasible.sort_values(order[0], ascending=order[1], kind="stable").iloc[0]
+        values = feasible[objectives.names].to_numpy(dtype=float)
+        return feasible.iloc[frontier.knee_point(values, objectives.senses)]
+    columns, ascending = ordered(objectives, prefer)
+    return feasible.sort_values(columns, ascending=ascending, kind="stable").iloc[0]
 
 
 def find_trial(record: SearchRecord, trial: str) -> pd.Series:

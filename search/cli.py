@@ -50,8 +50,9 @@ def _production_parsers(commands) -> None:
     pick.add_argument("--where", action="append", default=[], metavar="EXPR",
                       help="keep policies meeting a constraint written as search.constraints writes it, e.g. 'macs <= 0.5 * dense' "
                            "(repeatable; the flags above are shorthands for the same)")
-    pick.add_argument("--prefer", default="knee", choices=("knee", "accuracy", "latency_ms", "size_mb"),
-                      help="among the policies left: the knee of the frontier (default) or the best of one metric")
+    pick.add_argument("--prefer", default="knee", metavar="knee|OBJECTIVE",
+                      help="among the policies left: the knee of the frontier (default) or the best of one objective "
+                           "(accuracy, latency_ms, size_mb, or the search's own, e.g. rmse)")
     pick.add_argument("--trial", metavar="N|RUN_ID", help="take this trial of the search (number or run id) instead of choosing")
     pick.add_argument("--finetune-epochs", type=float, metavar="N",
                       help="rebuild and fine-tune for N epochs (default: as the search did), then measure as the search did")
@@ -129,7 +130,8 @@ def _frontier(args: argparse.Namespace, uri: str) -> int:
     table = record.trials if args.all else record.frontier
     print(describe_search(record))
     if len(table):
-        columns = ["trial", "kind", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params"]
+        scores = [c for q in record.objectives.quality for c in (q, "accuracy_drop" if q == "accuracy" else f"{q}_change")]
+        columns = ["trial", "kind", "criterion", *scores, "latency_ms", "size_mb", "macs", "params"]
         extra = (["pareto"] + ([] if table["feasible"].all() else ["feasible"])) if args.all else []
         print(format_table(table, columns + extra + ["run_id"]))
     for path in write_frontier(record, table, csv=args.csv, json_path=args.json):
@@ -146,10 +148,10 @@ def _compare(args: argparse.Namespace, uri: str) -> int:
     print(summary.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("(hypervolume: each objective scaled to [0, 1] over all the frontiers shown, reference 1.1; larger is better)")
     if len({r.config.task.name for r in records}) > 1:
-        print("note: these searches are on different tasks; their accuracies are not comparable")
+        print("note: these searches are on different tasks; their scores are not comparable")
     if len(combined):
         print("\nunion of the frontiers, fastest first (overall = non-dominated among all of them):")
-        print(format_table(combined, ["search", "trial", "kind", "criterion", "accuracy", "latency_ms", "size_mb", "overall", "run_id"]))
+        print(format_table(combined, ["search", "trial", "kind", "criterion", *records[0].objectives.names, "overall", "run_id"]))
     if args.csv:
         path = Path(args.csv).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,30 +10,33 @@ import pandas as pd
 
 from search import frontier
 from search.export import write_json
-from search.records import TABLE_COLUMNS, SearchRecord
+from search.objectives import DEFAULT, Objectives
+from search.records import TABLE_COLUMNS, ProductionError, SearchRecord
 
 
 def describe_search(record: SearchRecord) -> str:
     d = record.dense
     front = record.frontier
     note = "" if record.pareto_from_tags else " (computed now: the search has not tagged its frontier)"
+    scores = "  ".join(f"{'acc' if q == 'accuracy' else q} {d.get(q, float('nan')):.4f}" for q in record.objectives.quality)
     return (f"search {record.run_name} ({record.run_id}), {record.status}, task {record.config.task.name}, "
-            f"sampler {record.config.search.sampler}\n"
-            f"dense: acc {d.get('accuracy', float('nan')):.4f}  {d.get('latency_ms', float('nan')):.3f} ms  "
+            f"sampler {record.config.search.sampler}, objectives {record.objectives.describe()}\n"
+            f"dense: {scores}  {d.get('latency_ms', float('nan')):.3f} ms  "
             f"{d.get('size_mb', float('nan')):.3f} MB  {int(d.get('macs', 0)):,} MACs\n"
             f"{len(record.trials)} trials completed, {len(front)} on the frontier{note}")
 
 
-def export_columns(table: pd.DataFrame) -> list[str]:
+def export_columns(table: pd.DataFrame, objectives: Objectives | None = None) -> list[str]:
     extra = ["latency_p10_ms", "latency_p90_ms", "param_sparsity", "feasible"]
     ratios = sorted(c for c in table.columns if c.startswith("ratio."))
-    return [c for c in TABLE_COLUMNS + extra + ["pareto"] + ratios if c in table.columns]
+    scores = [c for q in (objectives or DEFAULT).quality for c in (q, f"{q}_change") if c not in TABLE_COLUMNS]
+    return list(dict.fromkeys(c for c in TABLE_COLUMNS[:3] + scores + TABLE_COLUMNS[3:] + extra + ["pareto"] + ratios if c in table.columns))
 
 
 def write_frontier(record: SearchRecord, table: pd.DataFrame, *, csv: str | None = None, json_path: str | None = None) -> list[Path]:
     """Write ``table`` (frontier or all trials) as CSV (full run ids) and/or JSON (with the dense reference)."""
     written = []
-    columns = export_columns(table)
+    columns = export_columns(table, record.objectives)
     if csv:
         path = Path(csv).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +47,7 @@ def write_frontier(record: SearchRecord, table: pd.DataFrame, *, csv: str | None
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {
             "search_run_id": record.run_id, "run_name": record.run_name, "tracking_uri": record.tracking_uri,
-            "task": record.config.task.name, "objectives": frontier.OBJECTIVES, "dense": record.dense,
+            "task": record.config.task.name, "objectives": record.objectives.mapping, "dense": record.dense,
             "rows": json.loads(table[columns].to_json(orient="records", double_precision=15)),
         })
         written.append(path)
@@ -54,13 +57,16 @@ def write_frontier(record: SearchRecord, table: pd.DataFrame, *, csv: str | None
 # --- compare --------------------------------------------------------------------------------
 
 def compare_tables(records: list[SearchRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A summary row per search and the union of their frontiers (``overall`` = non-dominated in the union)."""
+    """A summary row per search and the union of their frontiers (``overall`` = non-dominated in the
+    union). The searches must share their objectives."""
+    objectives = common_objectives(records)
+    score = objectives.primary
     fronts = [r.frontier for r in records]
-    volumes = frontier.common_box_hypervolumes(fronts)
+    volumes = frontier.common_box_hypervolumes(fronts, objectives.mapping)
     summary = pd.DataFrame([{
         "search": r.label, "task": r.config.task.name, "sampler": r.config.search.sampler,
         "trials": len(r.trials), "frontier": len(f),
-        "best_accuracy": f["accuracy"].max() if len(f) else float("nan"),
+        f"best_{score}": (f[score].max() if objectives.sense(score) == "max" else f[score].min()) if len(f) else float("nan"),
         "min_latency_ms": f["latency_ms"].min() if len(f) else float("nan"),
         "min_size_mb": f["size_mb"].min() if len(f) else float("nan"),
         "hypervolume": hv, "run_id": r.run_id,
@@ -68,14 +74,27 @@ def compare_tables(records: list[SearchRecord]) -> tuple[pd.DataFrame, pd.DataFr
     parts = [f.assign(search=r.label, search_run_id=r.run_id) for r, f in zip(records, fronts) if len(f)]
     combined = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["search", *TABLE_COLUMNS])
     if len(combined):
-        combined = frontier.frontier_table(combined.drop(columns=["pareto"])).rename(columns={"pareto": "overall"})
+        combined = frontier.frontier_table(combined.drop(columns=["pareto"]), objectives.mapping).rename(columns={"pareto": "overall"})
         combined = combined.sort_values("latency_ms", kind="stable").reset_index(drop=True)
     return summary, combined
 
 
+def common_objectives(records: list[SearchRecord]) -> Objectives:
+    """The objectives every search of ``records`` shares; searches of different objectives are not compared."""
+    objectives = records[0].objectives if records else DEFAULT
+    other = next((r for r in records if r.objectives != objectives), None)
+    if other is not None:
+        raise ProductionError(f"search {other.label} optimised {other.objectives.describe()}, search {records[0].label} "
+                              f"{objectives.describe()}: compare searches of the same objectives")
+    return objectives
+
+
 def plot_compare(records: list[SearchRecord], path: str | Path) -> Path:
-    """accuracy vs latency_ms and vs size_mb: each search's trials (faint), frontier points with the
-    best accuracy reached at each x (step line), and its dense model (star)."""
+    """The first score (e.g. accuracy) vs latency_ms and vs size_mb: each search's trials (faint),
+    frontier points with the best score reached at each x (step line), and its dense model (star)."""
+    objectives = common_objectives(records)
+    score = objectives.primary
+    best = np.maximum.accumulate if objectives.sense(score) == "max" else np.minimum.accumulate
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,20 +109,20 @@ def plot_compare(records: list[SearchRecord], path: str | Path) -> Path:
             for i, record in enumerate(records):
                 color = colors[i % len(colors)]
                 if len(record.trials):
-                    ax.scatter(record.trials[column], record.trials["accuracy"], s=12, color=color, alpha=0.2, zorder=1)
+                    ax.scatter(record.trials[column], record.trials[score], s=12, color=color, alpha=0.2, zorder=1)
                 front = record.frontier.sort_values(column, kind="stable")
                 if len(front):
-                    best_so_far = np.maximum.accumulate(front["accuracy"].to_numpy(dtype=float))  # 2-D staircase
+                    best_so_far = best(front[score].to_numpy(dtype=float))  # 2-D staircase
                     ax.step(front[column], best_so_far, where="post", color=color, linewidth=1.2, zorder=2)
-                    ax.scatter(front[column], front["accuracy"], s=28, color=color, zorder=3,
+                    ax.scatter(front[column], front[score], s=28, color=color, zorder=3,
                                label=f"{record.label}: {len(front)} on frontier")
-                if column in record.dense and "accuracy" in record.dense:
-                    ax.scatter([record.dense[column]], [record.dense["accuracy"]], marker="*", s=180, color=color,
+                if column in record.dense and score in record.dense:
+                    ax.scatter([record.dense[column]], [record.dense[score]], marker="*", s=180, color=color,
                                edgecolors="black", zorder=4)
             ax.set_xlabel(label)
-            ax.set_ylabel("accuracy")
+            ax.set_ylabel(score)
             ax.grid(True, alpha=0.3)
-            ax.legend(loc="lower right", fontsize="small")
+            ax.legend(loc="lower right" if objectives.sense(score) == "max" else "upper right", fontsize="small")
         fig.suptitle("frontiers compared (stars: dense models)")
         fig.tight_layout()
         fig.savefig(out, format="png", dpi=100)

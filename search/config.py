@@ -15,6 +15,7 @@ from evaluators.trial import FinetuneConfig, MeasureConfig
 from spaces import SpaceConfig
 from search.baselines import BASELINES, check_kinds, default_kinds
 from search.constraints import Constraint
+from search.objectives import check_declared
 from search.samplers import SAMPLERS
 from search.refine import RefineSettings
 from search.screening import ScreeningSettings
@@ -77,6 +78,7 @@ class SearchSettings:
     sensitivity: SensitivitySettings | None = None  # per-group sensitivity analysis first (null = off; {} = defaults)
     screening: ScreeningSettings | None = None  # multi-fidelity: fine-tune only trials no screened trial dominates (null = off)
     refine: RefineSettings | None = None  # fine-tune the best frontier candidates longer at the end (null = off)
+    objectives: dict[str, str] | None = None  # e.g. {rmse: min, latency_ms: min, size_mb: min}; null = the task's scores + latency_ms, size_mb
     constraints: list[str] = dataclasses.field(default_factory=list)  # e.g. "accuracy_drop <= 0.01", "macs <= 0.5 * dense"
     patience: int | None = None    # stop once this many trials in a row did not grow the hypervolume
     time_budget_s: float | None = None  # wall seconds for the whole command (earlier sessions of a resumed search included); the end is budgeted too
@@ -103,9 +105,10 @@ class SearchSettings:
         for ratio in self.baseline_ratios:
             if not 0 < ratio < 1:
                 raise ValueError(f"baseline_ratios: each must satisfy 0 < ratio < 1, but got {ratio!r}")
+        check_declared(self.objectives)
         for text in self.constraints:
             try:
-                Constraint.parse(text)
+                Constraint.parse(text, metrics=None)  # the metric names are checked against the task's scores before any trial
             except ValueError as exc:
                 raise ValueError(f"constraints: {exc}") from None
         if self.time_budget_s is not None and not 0 < self.time_budget_s < float("inf"):

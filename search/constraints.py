@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import pandas as pd
 
 METRICS = ("accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params")
 _PATTERN = re.compile(
-    r"^\s*(?P<metric>[a-z_]+)\s*(?P<op><=|>=)\s*(?P<value>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*(?P<dense>\*\s*dense)?\s*$"
+    r"^\s*(?P<metric>[A-Za-z_][A-Za-z0-9_.\-]*)\s*(?P<op><=|>=)\s*(?P<value>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*(?P<dense>\*\s*dense)?\s*$"
 )
 
 
@@ -34,15 +34,17 @@ class Constraint:
     label: str | None = dataclasses.field(default=None, compare=False)  # how it was typed, if not as an expression (``--max-latency-ms 4``)
 
     @classmethod
-    def parse(cls, text: str) -> Constraint:
+    def parse(cls, text: str, metrics: Sequence[str] | None = METRICS) -> Constraint:
+        """``text`` as a constraint on one of ``metrics`` (None: any metric name; the search checks it
+        against what the task records before any trial)."""
         match = _PATTERN.match(text)
         if not match:
             raise ValueError(
                 f"constraint {text!r} is not of the form 'METRIC <= VALUE', 'METRIC >= VALUE' or "
-                f"'METRIC <= VALUE * dense'; METRIC is one of {', '.join(METRICS)}"
+                f"'METRIC <= VALUE * dense'; METRIC is one of {', '.join(metrics or METRICS)}"
             )
-        if match["metric"] not in METRICS:
-            raise ValueError(f"constraint {text!r}: unknown metric {match['metric']!r}; valid: {', '.join(METRICS)}")
+        if metrics is not None and match["metric"] not in metrics:
+            raise ValueError(f"constraint {text!r}: unknown metric {match['metric']!r}; valid: {', '.join(metrics)}")
         return cls(match["metric"], match["op"], float(match["value"]), bool(match["dense"]))
 
     def bound(self, dense: Mapping[str, float]) -> float:
@@ -65,8 +67,8 @@ class Constraint:
         return self.label or f"{self.metric} {self.op} {self.value:g}" + (" * dense" if self.relative else "")
 
 
-def parse_all(texts: list[str]) -> list[Constraint]:
-    return [Constraint.parse(t) for t in texts]
+def parse_all(texts: list[str], metrics: Sequence[str] | None = METRICS) -> list[Constraint]:
+    return [Constraint.parse(t, metrics) for t in texts]
 
 
 def violations(constraints: list[Constraint], metrics: Mapping[str, float], dense: Mapping[str, float]) -> dict[str, float]:

@@ -30,8 +30,9 @@ from search import frontier, outcome, ray_runtime, records, sensitivity
 from search.baselines import Baseline, reference_points
 from search.config import Config, ConfigError, validate
 from search.constraints import parse_all
+from search.objectives import COSTS, DEFAULT, Objectives
 from search.outcome import SearchResult
-from search.recorder import REPORTED, HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate
+from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
 from search.refine import refine_frontier
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
@@ -70,6 +71,7 @@ class _Session:
     started: float                # time.perf_counter() when the command started
     spent_before_s: float = 0.0   # wall seconds earlier sessions of this search spent (a resume)
     ray_name: str = "search"      # Tune's experiment name for this session
+    objectives: Objectives = DEFAULT  # what the search optimises (search.objectives, else the task's + costs)
 
     @property
     def budget(self) -> int:
@@ -89,7 +91,7 @@ class _Session:
         search = self.config.search
         return end_estimate(rows, self.config.measure, refine_candidates=search.refine.candidates if search.refine else 0,
                             refine_epochs=search.refine.epochs if search.refine else 0.0,
-                            finetune_epochs=self.config.finetune.epochs, concurrency=search.max_concurrent)
+                            finetune_epochs=self.config.finetune.epochs, concurrency=search.max_concurrent, objectives=self.objectives)
 
 
 def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepared:
@@ -111,6 +113,24 @@ def _measure_dense(config: Config, prepared: _Prepared, out: Log) -> dict[str, f
     dense = {k: v for k, v in measured.to_dict().items() if v is not None}
     out(f"dense: acc {dense['accuracy']:.4f}  {dense['latency_ms']:.3f} ms  {dense['size_mb']:.3f} MB  {dense['macs']:,} MACs")
     return dense
+
+
+def _objectives(config: Config, prepared: _Prepared, dense: dict[str, float]) -> Objectives:
+    """The search's objectives (``search.objectives``, else the task's scores + latency_ms and size_mb),
+    checked against what the dense model's evaluation returned, with the constraints' metric names."""
+    try:
+        objectives = Objectives.resolve(config.search.objectives, getattr(prepared.task, "objectives", None))
+    except ValueError as exc:
+        raise ConfigError(f"search.{exc}") from None
+    try:
+        objectives.check_scores([k for k in dense if k not in COSTS])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        parse_all(config.search.constraints, metrics=sorted(trial_metrics(dense)))
+    except ValueError as exc:
+        raise ConfigError(f"search.constraints: {exc}") from None
+    return objectives
 
 
 def _first_points(session: _Session) -> None:
@@ -150,6 +170,7 @@ def run_search(config: Config, *, config_name: str = "search", tracking_uri: str
     _quiet()
     prepared = _prepare(config, out)
     dense = _measure_dense(config, prepared, out)
+    objectives = _objectives(config, prepared, dense)
     tracker = SearchTracker(tracking_uri)
     tracker.group_names = [g.name for g in prepared.space.groups]
     tracker.start_search(
@@ -167,10 +188,11 @@ def run_search(config: Config, *, config_name: str = "search", tracking_uri: str
         },
         space=prepared.space.describe(),
     )
-    tracker.log_dense({k: v for k, v in dense.items() if k in REPORTED}, prepared.checkpoint)
+    tracker.log_dense(trial_metrics(dense), prepared.checkpoint)
     tracker.set_tags({"secateurs.config_name": config_name})
+    tracker.set_tags({records.OBJECTIVES_TAG: json.dumps(objectives.mapping)})
     session = _Session(config, config_name, tracker, prepared, dense, out, address, started,
-                       ray_name=f"{config_name}-{tracker.parent_run_id[:8]}")
+                       ray_name=f"{config_name}-{tracker.parent_run_id[:8]}", objectives=objectives)
     return _run(session)
 
 
@@ -208,7 +230,7 @@ def resume_search(run_id: str, *, tracking_uri: str | None = None, out: Log | No
         dense = {k: float(v) for k, v in records.row_values(finished_dense.iloc[0], "metrics.").items()}
     else:  # the driver stopped before the dense reference was recorded
         dense = _measure_dense(config, prepared, out)
-        tracker.log_dense({k: v for k, v in dense.items() if k in REPORTED}, prepared.checkpoint)
+        tracker.log_dense(trial_metrics(dense), prepared.checkpoint)
     try:
         prepared.first = [Baseline.from_dict(b) for b in json.loads(records.read_artifact(tracker.client, run_id, "baselines.json"))]
     except LookupError:
@@ -218,7 +240,8 @@ def resume_search(run_id: str, *, tracking_uri: str | None = None, out: Log | No
     config_name = parent.data.tags.get("secateurs.config_name", "search")
     session = _Session(config, config_name, tracker, prepared, dense, out, address, started,
                        spent_before_s=float(parent.data.metrics.get("elapsed_s", 0.0)),
-                       ray_name=f"{config_name}-{run_id[:8]}-resume{resumes}")
+                       ray_name=f"{config_name}-{run_id[:8]}-resume{resumes}",
+                       objectives=records.search_objectives(parent.data.tags, config))
     tracker.set_running()
     return _run(session)
 
@@ -235,7 +258,7 @@ def _history(tracker: SearchTracker) -> tuple[list[dict], int, list[RecordedTria
 
 def _run(session: _Session) -> SearchResult:
     config, tracker, prepared, out = session.config, session.tracker, session.prepared, session.out
-    tracker.set_tags({"secateurs.hypervolume_reference": "accuracy=0, latency_ms=dense, size_mb=dense (objectives divided by dense)",
+    tracker.set_tags({"secateurs.hypervolume_reference": session.objectives.reference_description(),
                       "secateurs.ray_experiment": f"{ray_runtime.storage_path(config.search.storage_path).rstrip('/')}/{session.ray_name}"})
     status = "FAILED"
     started_ray = False
@@ -247,20 +270,21 @@ def _run(session: _Session) -> SearchResult:
         recorded = len(rows) + failed
 
         remaining_first = [b for b in prepared.first if b.name not in evaluated]
-        recorder = TrialRecorder(tracker, prepared.space, session.budget, out, dense=session.dense,
-                                 constraints=parse_all(config.search.constraints), baselines=prepared.first, clock=session.elapsed_s)
+        constraints = parse_all(config.search.constraints, metrics=None)  # names checked against the dense record before any record
+        recorder = TrialRecorder(tracker, prepared.space, session.budget, out, dense=session.dense, constraints=constraints,
+                                 baselines=prepared.first, clock=session.elapsed_s, objectives=session.objectives)
         stoppers = [HypervolumePlateau(recorder, config.search.patience)] if config.search.patience else []
         if config.search.time_budget_s is not None:
             stoppers.append(TimeBudget(recorder, session.seconds_left, session.end_s))
         fine_tunes = config.search.fine_tune_budget
         searcher = SecateursSearch(
             space=prepared.space,
-            metric=list(frontier.OBJECTIVES),
-            mode=list(frontier.OBJECTIVES.values()),
+            metric=session.objectives.names,
+            mode=session.objectives.senses,
             sampler=make_sampler(config.search.sampler, config.search.seed + recorded, config.search.population_size),
             points_to_evaluate=[b.point for b in remaining_first] or None,
             origins=[b.name for b in remaining_first],
-            constraints=parse_all(config.search.constraints),
+            constraints=constraints,
             dense=session.dense,
             fine_tunes=fine_tunes,
             exempt=sum(b.kind == "baseline" for b in remaining_first),
@@ -271,7 +295,8 @@ def _run(session: _Session) -> SearchResult:
                 f"the sampler is told of {searcher.told} of them")
         scheduler = None
         if config.search.screening:
-            scheduler = ScreeningScheduler(config.search.screening.warmup, [b.name for b in prepared.baselines], recorded_screening(rows))
+            scheduler = ScreeningScheduler(config.search.screening.warmup, [b.name for b in prepared.baselines],
+                                           recorded_screening(rows, session.objectives), session.objectives)
             if recorded:
                 out(f"screening: {len(scheduler.screened)} recorded screening results restored")
         kinds = ", ".join(dict.fromkeys(b.name.split()[0] for b in prepared.baselines)) or "none"
@@ -305,7 +330,7 @@ def _run(session: _Session) -> SearchResult:
             ray.shutdown()
         if status == "FINISHED" and config.search.remeasure:
             _remeasure(session)
-        result = outcome.finish(tracker, session.dense, session.config_name, status, session.started, out)
+        result = outcome.finish(tracker, session.dense, session.config_name, status, session.started, out, session.objectives)
     return result
 
 
@@ -340,7 +365,7 @@ def _refine(session: _Session) -> None:
     config = session.config
     rows = session.tracker.trial_table()[0]
     table = pd.DataFrame(rows)
-    front = table[frontier.feasible_frontier(table)] if len(table) else table
+    front = table[frontier.feasible_frontier(table, session.objectives.mapping)] if len(table) else table
     with open(session.prepared.checkpoint, "rb") as f:
         checkpoint = f.read()
     refine_frontier(session.tracker, front, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
@@ -352,13 +377,13 @@ def _remeasure(session: _Session) -> None:
     """Re-time the frontier with the dense model (:func:`search.outcome.remeasure_frontier`), unless
     ``search.time_budget_s`` leaves too little time for it."""
     left = session.seconds_left()
-    needed = end_estimate(session.tracker.trial_table()[0], session.config.measure)
+    needed = end_estimate(session.tracker.trial_table()[0], session.config.measure, objectives=session.objectives)
     if left is not None and left < needed:
         session.out(f"not re-timing the frontier: the time budget leaves {max(left, 0):.0f} s, it needs about {needed:.0f} s; "
                     "latencies are the in-search ones")
         return
     outcome.remeasure_frontier(session.tracker, session.prepared.task, session.prepared.checkpoint, session.config.measure,
-                               session.dense, session.out)
+                               session.dense, session.out, objectives=session.objectives)
 
 
 def _trial_context(session: _Session) -> TrialContext:

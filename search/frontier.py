@@ -11,12 +11,14 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-OBJECTIVES: dict[str, str] = {"accuracy": "max", "latency_ms": "min", "size_mb": "min"}
-"""Default objectives (DataFrame columns) and their senses."""
+from search.objectives import DEFAULT, Objectives
+
+OBJECTIVES: dict[str, str] = DEFAULT.mapping
+"""Default objectives (DataFrame columns) and their senses (a search's own: :mod:`search.objectives`)."""
 
 SENSES: tuple[str, ...] = ("min", "max")
 
-_PLOT_COLUMNS: tuple[str, ...] = ("accuracy", "latency_ms", "size_mb")
+_PANELS: dict[str, str] = {"latency_ms": "latency (ms)", "size_mb": "size (MB)"}  # the x axes of the frontier plot
 
 
 def _check_senses(senses: Sequence[str]) -> list[str]:
@@ -237,16 +239,15 @@ def feasible_frontier(table: pd.DataFrame, objectives: dict[str, str] = OBJECTIV
     return on_front
 
 
-def normalised_hypervolume(rows: pd.DataFrame, dense: Mapping[str, float]) -> float:
-    """Hypervolume of ``rows`` in (accuracy, latency / dense, size / dense) against :data:`HV_REFERENCE`."""
+def normalised_hypervolume(rows: pd.DataFrame, dense: Mapping[str, float], objectives: Objectives | None = None) -> float:
+    """Hypervolume of ``rows`` over ``objectives`` (default accuracy, latency_ms, size_mb), each
+    normalised as :meth:`search.objectives.Objectives.normalised` says: for the default, (accuracy,
+    latency / dense, size / dense) against :data:`HV_REFERENCE`."""
     if rows.empty:
         return 0.0
-    values = np.column_stack([
-        rows["accuracy"].to_numpy(float),
-        rows["latency_ms"].to_numpy(float) / float(dense["latency_ms"]),
-        rows["size_mb"].to_numpy(float) / float(dense["size_mb"]),
-    ])
-    return hypervolume(values, list(OBJECTIVES.values()), HV_REFERENCE)
+    objectives = objectives or DEFAULT
+    values, reference = objectives.normalised(rows, dense)
+    return hypervolume(values, objectives.senses, reference)
 
 
 def common_box_hypervolumes(tables: list[pd.DataFrame], objectives: dict[str, str] = OBJECTIVES) -> list[float]:
@@ -263,13 +264,15 @@ def common_box_hypervolumes(tables: list[pd.DataFrame], objectives: dict[str, st
             if len(t) else 0.0 for t in tables]
 
 
-def plot_frontier(df: pd.DataFrame, path: str | Path, *, dense: dict | None = None, title: str = "") -> Path:
-    """Write a PNG: accuracy vs latency_ms and accuracy vs size_mb, frontier highlighted.
+def plot_frontier(df: pd.DataFrame, path: str | Path, *, dense: dict | None = None, title: str = "",
+                  objectives: Objectives | None = None) -> Path:
+    """Write a PNG: the first score of ``objectives`` (default accuracy) against latency_ms and
+    against size_mb, frontier highlighted.
 
     All rows are drawn in light grey; rows with ``pareto == True`` are coloured
     and joined by a step line sorted by x. If ``df`` has no ``pareto`` column it
-    is computed with :func:`frontier_table` over :data:`OBJECTIVES`. ``dense``
-    (with accuracy, latency_ms, size_mb) is marked with a star labelled "dense".
+    is computed with :func:`frontier_table` over the objectives. ``dense``
+    (with the same columns) is marked with a star labelled "dense".
     Parent folders are created. Returns the path.
 
     >>> import tempfile
@@ -279,17 +282,20 @@ def plot_frontier(df: pd.DataFrame, path: str | Path, *, dense: dict | None = No
     ...     out.read_bytes()[:4] == b"\\x89PNG"
     True
     """
-    missing = [c for c in _PLOT_COLUMNS if c not in df.columns]
+    objectives = objectives or DEFAULT
+    score = objectives.primary
+    columns = [score, *_PANELS]
+    missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"plot_frontier needs column(s) {missing!r}; columns present: {list(df.columns)!r}")
     if dense is not None:
         if not isinstance(dense, dict):
-            raise ValueError(f"dense must be a dict with keys {list(_PLOT_COLUMNS)!r}, but got {dense!r}")
-        dmissing = [c for c in _PLOT_COLUMNS if c not in dense]
+            raise ValueError(f"dense must be a dict with keys {columns!r}, but got {dense!r}")
+        dmissing = [c for c in columns if c not in dense]
         if dmissing:
             raise ValueError(f"dense is missing key(s) {dmissing!r}; it has {sorted(dense)!r}")
     if "pareto" not in df.columns:
-        df = frontier_table(df, OBJECTIVES)
+        df = frontier_table(df, objectives.mapping)
 
     import matplotlib
 
@@ -298,28 +304,27 @@ def plot_frontier(df: pd.DataFrame, path: str | Path, *, dense: dict | None = No
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    acc = pd.to_numeric(df["accuracy"], errors="coerce").to_numpy(dtype=float)
+    y = pd.to_numeric(df[score], errors="coerce").to_numpy(dtype=float)
     on_front = df["pareto"].eq(True).to_numpy(dtype=bool)
-    panels = (("latency_ms", "latency (ms)"), ("size_mb", "size (MB)"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     try:
-        for ax, (col, label) in zip(axes, panels):
+        for ax, (col, label) in zip(axes, _PANELS.items()):
             x = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
-            ax.scatter(x, acc, s=18, color="lightgrey", label=f"trials ({len(df)})", zorder=1)
+            ax.scatter(x, y, s=18, color="lightgrey", label=f"trials ({len(df)})", zorder=1)
             if on_front.any():
-                fx, fy = x[on_front], acc[on_front]
+                fx, fy = x[on_front], y[on_front]
                 order = np.argsort(fx, kind="stable")
                 ax.step(fx[order], fy[order], where="post", color="tab:blue", linewidth=1.2, zorder=2)
                 ax.scatter(fx, fy, s=28, color="tab:blue", label=f"pareto ({int(on_front.sum())})", zorder=3)
             if dense is not None:
-                dx, dy = float(dense[col]), float(dense["accuracy"])
+                dx, dy = float(dense[col]), float(dense[score])
                 ax.scatter([dx], [dy], marker="*", s=220, color="tab:red", edgecolors="black", label="dense", zorder=4)
                 ax.annotate("dense", (dx, dy), textcoords="offset points", xytext=(6, 6))
             ax.set_xlabel(label)
-            ax.set_ylabel("accuracy")
+            ax.set_ylabel(f"{score} ({'higher' if objectives.sense(score) == 'max' else 'lower'} is better)")
             ax.grid(True, alpha=0.3)
-            ax.legend(loc="lower right", fontsize="small")
+            ax.legend(loc="lower right" if objectives.sense(score) == "max" else "upper right", fontsize="small")
         if title:
             fig.suptitle(title)
         fig.tight_layout()

@@ -13,6 +13,7 @@ import pandas as pd
 from evaluators.tasks import Task
 from evaluators.trial import MeasureConfig, measure_latencies
 from search import frontier
+from search.objectives import DEFAULT, Objectives
 from search.tracking import SearchTracker, ui_command
 from spaces import Policy
 
@@ -34,22 +35,29 @@ class SearchResult:
     status: str = "FINISHED"  # MLflow status of the parent run: FINISHED, KILLED or FAILED
 
 
-def format_frontier(table: pd.DataFrame) -> str:
-    columns = ["trial", "criterion", "accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params", "run_id"]
+def format_frontier(table: pd.DataFrame, objectives: Objectives | None = None) -> str:
+    objectives = objectives or DEFAULT
+    scores = [c for q in objectives.quality for c in (q, _change(q)) if c in table]
+    columns = ["trial", "criterion", *scores, "latency_ms", "size_mb", "macs", "params", "run_id"]
     shown = table.sort_values("latency_ms")[columns].copy()
     shown["run_id"] = shown["run_id"].str[:12]
     shown[["trial", "macs", "params"]] = shown[["trial", "macs", "params"]].astype(int)
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
-def _trials(tracker: SearchTracker) -> tuple[pd.DataFrame, int]:
+def _change(score: str) -> str:
+    """The column of a score's change against the dense model (``accuracy_drop`` for accuracy)."""
+    return "accuracy_drop" if score == "accuracy" else f"{score}_change"
+
+
+def _trials(tracker: SearchTracker, objectives: Objectives) -> tuple[pd.DataFrame, int]:
     rows, failed, _ = tracker.trial_table()
-    table = pd.DataFrame(rows, columns=None if rows else ["run_id", "trial", "kind", "criterion", *frontier.OBJECTIVES])
+    table = pd.DataFrame(rows, columns=None if rows else ["run_id", "trial", "kind", "criterion", *objectives.names])
     return table.sort_values("trial").reset_index(drop=True), failed
 
 
 def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, measure: MeasureConfig, dense: dict[str, float],
-                       out: Log, passes: int = 3) -> None:
+                       out: Log, passes: int = 3, objectives: Objectives | None = None) -> None:
     """Time the dense model and the frontier's policies again, together (round-robin, with no trial
     running), and record those latencies; the in-search ones stay as ``latency_ms_in_search``.
 
@@ -62,8 +70,8 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
     in_search: dict[str, float] = {}
     timed: set[str] = set()
     for _ in range(passes):
-        table, _ = _trials(tracker)
-        front = table[frontier.feasible_frontier(table)] if len(table) else table
+        table, _ = _trials(tracker, objectives or DEFAULT)
+        front = table[frontier.feasible_frontier(table, (objectives or DEFAULT).mapping)] if len(table) else table
         if front.empty or set(front["run_id"]) <= timed:
             return
         out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
@@ -79,12 +87,14 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
         timed = set(fresh)
 
 
-def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, status: str, started: float, out: Log) -> SearchResult:
+def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, status: str, started: float, out: Log,
+           objectives: Objectives | None = None) -> SearchResult:
     """Compute the frontier from MLflow, tag it (``secateurs.pareto``), log ``frontier.csv`` and
     ``frontier.png`` and the search's totals, end the parent run with ``status`` and print the report."""
-    trials, num_failed = _trials(tracker)
+    objectives = objectives or DEFAULT
+    trials, num_failed = _trials(tracker, objectives)
     if len(trials):
-        trials["pareto"] = frontier.feasible_frontier(trials).to_numpy()
+        trials["pareto"] = frontier.feasible_frontier(trials, objectives.mapping).to_numpy()
         tracker.tag_pareto(dict(zip(trials["run_id"], trials["pareto"].astype(bool))))
         front = trials[trials["pareto"]].sort_values("latency_ms").reset_index(drop=True)
         policies = tracker.policies(list(front["run_id"]))  # the policies the frontier's trials ran (policy.json)
@@ -95,19 +105,19 @@ def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, st
         csv_path = Path(tmp) / "frontier.csv"
         front.drop(columns=["pareto"], errors="ignore").to_csv(csv_path, index=False)
         tracker.log_artifact(csv_path)
-        png_path = frontier.plot_frontier(trials, Path(tmp) / "frontier.png", dense=dense, title=config_name)
+        png_path = frontier.plot_frontier(trials, Path(tmp) / "frontier.png", dense=dense, title=config_name, objectives=objectives)
         tracker.log_artifact(png_path)
     wall_s = time.perf_counter() - started
     tracker.log_search_metrics({
         "trials_completed": len(trials),
         "trials_failed": num_failed,
         "frontier_size": len(front),
-        "hypervolume_final": frontier.normalised_hypervolume(front, dense) if len(front) else 0.0,
+        "hypervolume_final": frontier.normalised_hypervolume(front, dense, objectives) if len(front) else 0.0,
         "wall_time_s": wall_s,
     })
     tracker.end_search(status)
     if len(front):
-        out("\nPareto frontier (accuracy max, latency_ms min, size_mb min):\n" + format_frontier(front))
+        out(f"\nPareto frontier ({objectives.describe()}):\n" + format_frontier(front, objectives))
     else:
         out("\nno trial completed: the frontier is empty")
     out(f"\n{len(trials)} trials completed, {num_failed} failed, {len(front)} on the frontier, "

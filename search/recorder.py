@@ -11,13 +11,28 @@ from ray import tune
 
 from search import frontier
 from search.baselines import Baseline
+from search.objectives import DEFAULT, Objectives
 from search.constraints import Constraint, violations
 from search.searcher import ORIGIN, sampled_params
-from search.records import TRIAL_METRICS
 from search.tracking import SearchTracker
 from spaces import SearchSpace
 
-REPORTED = set(TRIAL_METRICS) | {"param_sparsity", "finetune_steps", "time_prune_s", "time_finetune_s", "time_measure_s", "onnx_max_abs_diff", "bn_recalibration_batches", "fidelity", "screening_accuracy"}
+# what Ray Tune adds to every result: not the trial's metrics
+RAY_RESULT_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s", "pid",
+                   "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name",
+                   "should_checkpoint", "experiment_tag", "node_id", "config"}
+
+
+def trial_metrics(result: Mapping) -> dict[str, float]:
+    """The metrics of a trial's result as MLflow records them: every finite-or-NaN number it reported
+    (the task's scores and their changes, the measurements, the phase timings), not Ray's bookkeeping."""
+    return {k: float(v) for k, v in result.items()
+            if k not in RAY_RESULT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _short(score: str) -> str:
+    return "acc" if score == "accuracy" else score
+
 
 class TrialRecorder(tune.Callback):
     """Logs each finished trial to MLflow (the only writer), then the frontier's hypervolume on the
@@ -39,6 +54,7 @@ class TrialRecorder(tune.Callback):
         constraints: list[Constraint] = (),
         baselines: list[Baseline] = (),
         clock: Callable[[], float] | None = None,
+        objectives: Objectives | None = None,
     ) -> None:
         self.tracker = tracker
         self.space = space
@@ -48,6 +64,7 @@ class TrialRecorder(tune.Callback):
         self.constraints = list(constraints)
         self.baselines = {b.name: b for b in baselines}
         self.clock = clock  # wall seconds the search has taken (earlier sessions included), logged as elapsed_s
+        self.objectives = objectives or DEFAULT
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
         self.best_hypervolume, self.since_improvement = self._plateau()
 
@@ -61,7 +78,7 @@ class TrialRecorder(tune.Callback):
             if index in by_index:
                 seen.append(by_index[index])
                 table = pd.DataFrame(seen)
-                hv = frontier.normalised_hypervolume(table[frontier.feasible_mask(table)], self.dense)
+                hv = frontier.normalised_hypervolume(table[frontier.feasible_mask(table)], self.dense, self.objectives)
                 if hv > best + 1e-12:
                     best, since = hv, 0
                     continue
@@ -81,7 +98,7 @@ class TrialRecorder(tune.Callback):
         return ("baseline" if first.kind == "baseline" else "trial"), tags
 
     def _feasible(self) -> pd.DataFrame:
-        table = pd.DataFrame(self.rows, columns=None if self.rows else ["feasible", *frontier.OBJECTIVES])
+        table = pd.DataFrame(self.rows, columns=None if self.rows else ["feasible", *self.objectives.names])
         return table[frontier.feasible_mask(table)]
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -89,11 +106,11 @@ class TrialRecorder(tune.Callback):
             result = trial.last_result or {}
             if trial.trial_id in self.recorded:
                 return
-            if not all(m in result for m in frontier.OBJECTIVES):
+            if not all(m in result for m in self.objectives.names):
                 return  # an error that on_trial_error records
             index = self._index()
             policy = self.space.policy(trial.config)
-            metrics = {k: float(v) for k, v in result.items() if k in REPORTED and isinstance(v, (int, float))}
+            metrics = trial_metrics(result)
             kind, tags = self._tags(trial, {"secateurs.node_id": str(result.get("node_id", ""))})
             screened_out = result.get("fidelity") == 0
             if screened_out:
@@ -106,10 +123,11 @@ class TrialRecorder(tune.Callback):
             self.recorded.add(trial.trial_id)
             self.rows.append({"run_id": run_id, "trial": index, "kind": kind, "criterion": policy.criterion, **metrics})
             self._update_hypervolume(index)
-            self._progress(index, f"{next((tags[k] + ': ' for k in ('secateurs.baseline', 'secateurs.seed') if k in tags), '')}acc {metrics['accuracy']:.4f}  "
-                                  f"{metrics['latency_ms']:.3f} ms  {metrics['size_mb']:.3f} MB"
+            score = self.objectives.primary
+            self._progress(index, f"{next((tags[k] + ': ' for k in ('secateurs.baseline', 'secateurs.seed') if k in tags), '')}"
+                                  f"{_short(score)} {metrics[score]:.4f}  {metrics['latency_ms']:.3f} ms  {metrics['size_mb']:.3f} MB"
                                   + ("" if metrics.get("feasible", 1.0) else "  (infeasible)")
-                                  + ("  (screened out: proxy accuracy, not fine-tuned)" if screened_out else ""))
+                                  + (f"  (screened out: proxy {score}, not fine-tuned)" if screened_out else ""))
         except Exception as exc:  # never let logging kill the search
             self.out(f"warning: could not record trial {trial.trial_id}: {exc!r}")
 
@@ -141,7 +159,7 @@ class TrialRecorder(tune.Callback):
             self.out(f"warning: could not record failed trial {trial.trial_id}: {exc!r}")
 
     def _update_hypervolume(self, step: int) -> None:
-        hv = frontier.normalised_hypervolume(self._feasible(), self.dense)
+        hv = frontier.normalised_hypervolume(self._feasible(), self.dense, self.objectives)
         if hv > self.best_hypervolume + 1e-12:
             self.best_hypervolume, self.since_improvement = hv, 0
         else:
@@ -153,10 +171,12 @@ class TrialRecorder(tune.Callback):
         best = ""
         feasible = self._feasible()
         if len(feasible):
-            table = frontier.frontier_table(feasible)
+            table = frontier.frontier_table(feasible, self.objectives.mapping)
+            score = self.objectives.primary
+            best_score = table[score].max() if self.objectives.sense(score) == "max" else table[score].min()
             best = (
                 f" | frontier {int(table['pareto'].sum())}, hv {self.best_hypervolume:.4f}, "
-                f"best acc {table['accuracy'].max():.4f}, fastest {table['latency_ms'].min():.3f} ms"
+                f"best {_short(score)} {best_score:.4f}, fastest {table['latency_ms'].min():.3f} ms"
             )
         self.out(f"[{done:>{len(str(self.total))}}/{self.total}] trial {index}: {what}{best}")
 
@@ -195,7 +215,7 @@ class TimeBudget(tune.Stopper):
 
 
 def end_estimate(rows: list[dict], measure, *, refine_candidates: int = 0, refine_epochs: float = 0.0, finetune_epochs: float = 1.0,
-                 concurrency: int = 1) -> float:
+                 concurrency: int = 1, objectives: Objectives | None = None) -> float:
     """Seconds the end of a search takes, from the trials so far: the refinement (``search.refine``:
     ``refine_candidates`` fine-tunes of ``refine_epochs``, ``concurrency`` at a time, each as long as a
     trial's fine-tune scaled by the epochs), then each frontier model and the dense one rebuilt and
@@ -207,7 +227,7 @@ def end_estimate(rows: list[dict], measure, *, refine_candidates: int = 0, refin
     table = table[frontier.feasible_mask(table)]
     if table.empty:
         return 4.0
-    front = table[frontier.frontier_table(table)["pareto"].to_numpy()]
+    front = table[frontier.frontier_table(table, (objectives or DEFAULT).mapping)["pareto"].to_numpy()]
     median = {k: float(table[k].median()) if k in table else 0.0 for k in ("time_prune_s", "time_finetune_s", "time_measure_s")}
     per_model = median["time_prune_s"] + (measure.warmup + measure.repeats) * float(front["latency_ms"].max()) / 1000.0
     refine = 0.0

@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from search import frontier
 from search.config import Config, ConfigError, validate
+from search.objectives import DEFAULT, Objectives
 from spaces import Policy
 
 KIND = "secateurs.kind"
@@ -158,6 +159,7 @@ class SearchRecord:
     checkpoint: str
     trials: pd.DataFrame        # one row per completed trial or baseline, with a boolean ``pareto`` column
     pareto_from_tags: bool      # False when the search never tagged its frontier (still running, crashed)
+    objectives: Objectives = DEFAULT  # what the search optimised (tag secateurs.objectives)
 
     @property
     def frontier(self) -> pd.DataFrame:
@@ -195,15 +197,15 @@ def get_search_run(client: MlflowClient, run_id: str):
     return run
 
 
-def _trial_rows(runs: pd.DataFrame) -> pd.DataFrame:
+def _trial_rows(runs: pd.DataFrame, objectives: Objectives) -> pd.DataFrame:
     """The completed trials with every objective (failed ones have no metrics), in trial order."""
     table, _ = trial_table(runs)
     if not len(table):
         return table
-    for metric in (*TRIAL_METRICS, "param_sparsity"):
+    for metric in (*TRIAL_METRICS, *objectives.names, "param_sparsity"):
         if metric not in table:
             table[metric] = math.nan
-    table = table[table[list(frontier.OBJECTIVES)].notna().all(axis=1)].copy()
+    table = table[table[objectives.names].notna().all(axis=1)].copy()
     table["feasible"] = table["feasible"].fillna(1.0) != 0 if "feasible" in table else True
     for metric in ("macs", "params"):
         if table[metric].notna().all():
@@ -236,8 +238,9 @@ def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
     if not len(dense_runs):
         raise ProductionError(f"search {run_id} has no dense run (tag {KIND}=dense): it was not recorded by secateurs search")
     dense_run = dense_runs.iloc[0]
+    objectives = search_objectives(run.data.tags, config)
     # Baselines (uniform policies the search evaluates first) compete for the frontier like trials.
-    trials = _trial_rows(child_runs(uri, experiment_id, run_id, "trial", "baseline"))
+    trials = _trial_rows(child_runs(uri, experiment_id, run_id, "trial", "baseline"), objectives)
     tagged = bool(len(trials)) and trials["pareto_tag"].notna().all()
     if len(trials):
         if tagged:
@@ -245,7 +248,7 @@ def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
         else:  # only feasible trials (search.constraints) can be on the frontier
             trials["pareto"] = False
             feasible = trials["feasible"]
-            trials.loc[feasible, "pareto"] = frontier.frontier_table(trials[feasible])["pareto"]
+            trials.loc[feasible, "pareto"] = frontier.frontier_table(trials[feasible], objectives.mapping)["pareto"]
         trials = trials.drop(columns=["pareto_tag"])
     return SearchRecord(
         tracking_uri=uri,
@@ -258,7 +261,18 @@ def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
         checkpoint=row_values(dense_run, "tags.").get("secateurs.checkpoint", ""),
         trials=trials,
         pareto_from_tags=tagged,
+        objectives=objectives,
     )
+
+
+OBJECTIVES_TAG = "secateurs.objectives"  # the parent run's: the search's objectives, as JSON {name: sense}
+
+
+def search_objectives(tags: dict[str, str], config: Config) -> Objectives:
+    """A search's objectives: its tag (written when it starts), else its config's, else the default."""
+    if OBJECTIVES_TAG in tags:
+        return Objectives.of(json.loads(tags[OBJECTIVES_TAG]))
+    return Objectives.resolve(config.search.objectives) if config.search.objectives else DEFAULT
 
 
 def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from search import frontier
+from search.objectives import DEFAULT, Objectives
 from search.searcher import ORIGIN
 
 
@@ -49,10 +50,11 @@ def fine_tuned_trials(rows: Iterable[Mapping[str, Any]]) -> int:
     return sum(1 for row in rows if row.get("kind") == "trial" and row.get("fidelity", 1) != 0)
 
 
-def recorded_screening(rows: Iterable[Mapping[str, Any]]) -> list[tuple[float, ...]]:
+def recorded_screening(rows: Iterable[Mapping[str, Any]], objectives: Objectives | None = None) -> list[tuple[float, ...]]:
     """The screening results of recorded trials (rows of MLflow metrics with ``trial``), in trial
     order: a screened-out trial's own metrics; for a fine-tuned one its ``screening_accuracy`` and its
-    in-search latency. Trials recorded without screening are skipped.
+    in-search latency. Trials recorded without screening are skipped. The screening value of a
+    score ``s`` is recorded as ``screening_s``.
 
     >>> recorded_screening([{"trial": 2, "fidelity": 0, "accuracy": 0.5, "latency_ms": 2.0, "size_mb": 1.0},
     ...                     {"trial": 1, "fidelity": 1, "accuracy": 0.9, "screening_accuracy": 0.6,
@@ -60,6 +62,7 @@ def recorded_screening(rows: Iterable[Mapping[str, Any]]) -> list[tuple[float, .
     ...                     {"trial": 3, "accuracy": 0.8, "latency_ms": 1.0, "size_mb": 1.0}])
     [(0.6, 3.0, 1.0), (0.5, 2.0, 1.0)]
     """
+    objectives = objectives or DEFAULT
     points = []
     for row in sorted(rows, key=lambda r: r["trial"]):
         fidelity = row.get("fidelity")
@@ -67,11 +70,11 @@ def recorded_screening(rows: Iterable[Mapping[str, Any]]) -> list[tuple[float, .
             continue
         screened = dict(row)
         if fidelity != 0:
-            screened["accuracy"] = row["screening_accuracy"]
+            screened.update({q: row[f"screening_{q}"] for q in objectives.quality})
         in_search = row.get("latency_ms_in_search")
         if in_search is not None and in_search == in_search:
             screened["latency_ms"] = in_search
-        points.append(tuple(float(screened[m]) for m in frontier.OBJECTIVES))
+        points.append(tuple(float(screened[m]) for m in objectives.names))
     return points
 
 
@@ -81,8 +84,10 @@ class ScreeningScheduler(FIFOScheduler):
     ``history``: screening results recorded before (a resumed search passes
     :func:`recorded_screening` of its MLflow trials); they count towards ``warmup``."""
 
-    def __init__(self, warmup: int, references: Sequence[str] = (), history: Sequence[tuple[float, ...]] = ()) -> None:
+    def __init__(self, warmup: int, references: Sequence[str] = (), history: Sequence[tuple[float, ...]] = (),
+                 objectives: Objectives | None = None) -> None:
         super().__init__()
+        self.objectives = objectives or DEFAULT
         self.warmup = warmup
         self.references = set(references)  # names of the baselines: always fine-tuned
         self.screened: list[tuple[float, ...]] = list(history)
@@ -94,8 +99,8 @@ class ScreeningScheduler(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get("fidelity") != 0:
             return TrialScheduler.CONTINUE
-        point = tuple(float(result[m]) for m in frontier.OBJECTIVES)
-        verdict = frontier.dominated(point, self.screened, list(frontier.OBJECTIVES.values()))
+        point = tuple(float(result[m]) for m in self.objectives.names)
+        verdict = frontier.dominated(point, self.screened, self.objectives.senses)
         self.screened.append(point)
         if verdict and len(self.screened) > self.warmup and not self._is_reference(trial.config):
             self.stopped.add(trial.trial_id)
