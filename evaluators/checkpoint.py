@@ -228,8 +228,11 @@ def ensure_dense_checkpoint(config: TaskConfig, task: Task, log: Callable[[str],
     torch.manual_seed(config.seed)
     model = task.build_model()
 
+    every = -(-config.dense_epochs // 20)  # at most about 20 lines
+
     def progress(epoch: int, steps: int, loss: float, seconds: float) -> None:
-        log(f"  dense epoch {epoch}/{config.dense_epochs}: loss {loss:.4f} ({seconds:.1f} s)")
+        if epoch % every == 0 or epoch == config.dense_epochs:
+            log(f"  dense epoch {epoch}/{config.dense_epochs}: loss {loss:.4f} ({seconds:.1f} s)")
 
     with torch_threads(threads) if threads else contextlib.nullcontext():
         train(model, task.train_source, epochs=config.dense_epochs, lr=config.dense_lr, batch_size=config.batch_size,
