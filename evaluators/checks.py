@@ -69,7 +69,7 @@ def _leaves(value: Any, path: str = "") -> Iterable[tuple[str, Any]]:
 
 def _first_batch(source: Any, field: str) -> Batch:
     try:
-        batch = source.first(CHECK_EXAMPLES)
+        batch = next(iter(source.batches(CHECK_EXAMPLES)), None)
     except TaskError:
         raise
     except ValueError as exc:
@@ -187,7 +187,7 @@ def _check_loss(task: Any, model: nn.Module, batch: Batch) -> None:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TaskError(f"Task.loss: must return a scalar tensor, but returned {describe(loss)}")
     if not bool(torch.isfinite(loss.detach()).all()):
-        raise TaskError(f"Task.loss: is {float(loss)} on the first batch of train_data; expected a finite number")
+        raise TaskError(f"Task.loss: is {float(loss.detach())} on the first batch of train_data; expected a finite number")
     if not loss.requires_grad:
         raise TaskError("Task.loss: does not depend on the model's parameters (no gradient flows to them)")
 

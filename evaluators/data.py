@@ -232,13 +232,12 @@ class LoaderSource(DataSource):
             yield batch if device is None else to_device(batch, device)
 
 
-def _is_batch_of_tensors(value: Any) -> bool:
+def _holds_arrays(value: Any) -> bool:
+    """A tensor or array, or a tuple, list or dict with one among its leaves (then checked by :class:`InMemory`)."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return True
-    if isinstance(value, dict):
-        return bool(value) and all(_is_batch_of_tensors(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return bool(value) and all(_is_batch_of_tensors(v) for v in value)
+    if isinstance(value, (tuple, list, dict)):
+        return any(_holds_arrays(v) for v in (value.values() if isinstance(value, dict) else value))
     return False
 
 
@@ -251,7 +250,7 @@ def as_source(data: Any, name: str = "data", *, num_workers: int = 0) -> DataSou
     """
     if isinstance(data, DataSource):
         return data
-    if _is_batch_of_tensors(data):
+    if _holds_arrays(data):
         return InMemory(data, name)
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")
                                      and not isinstance(data, (str, bytes, dict, tuple, list))):
