@@ -34,12 +34,16 @@ def quiet_exporters():
         logger.setLevel(level)
 
 
-def _dynamic(tensor: torch.Tensor) -> dict[int, Any]:
-    """The dimensions left dynamic: the batch, and the sequence of integer inputs (token ids, masks)."""
-    dims = {0: torch.export.Dim.AUTO}
+def dynamic_dims(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions an export leaves dynamic where the model allows: the batch, and the
+    sequence of integer inputs of two or more dimensions (token ids, masks)."""
     if tensor.dim() >= 2 and not tensor.is_floating_point() and not tensor.is_complex():
-        dims[1] = torch.export.Dim.AUTO
-    return dims
+        return (0, 1)
+    return (0,)
+
+
+def _dynamic(tensor: torch.Tensor) -> dict[int, Any]:
+    return {dim: torch.export.Dim.AUTO for dim in dynamic_dims(tensor)}
 
 
 def export_program(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:

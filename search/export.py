@@ -140,7 +140,8 @@ def stage_export(stage: Path, model: nn.Module, policy: Policy, example_inputs: 
     programs give ``model``'s outputs on ``check_inputs`` (model inputs: a tensor, a tuple or a
     dict), relative to each output's largest magnitude, within ``tolerance``. A program that fails
     its check or cannot be exported is removed from ``stage`` and the rest kept. Returns the max
-    absolute and relative differences, and one line per file left out."""
+    absolute and relative differences, and one line per file left out or input dimension the
+    programs fix."""
     model = model.cpu().eval()
     with torch.no_grad():
         expected = flat_outputs(call(model, check_inputs))
@@ -151,6 +152,7 @@ def stage_export(stage: Path, model: nn.Module, policy: Policy, example_inputs: 
     program = None
     try:
         program = export_program(model, example_inputs)
+        failed += fixed_dimensions(program, example_inputs)
         torch.export.save(program, str(stage / "model.pt2"))
         with torch.no_grad():
             got = flat_outputs(call_program(torch.export.load(str(stage / "model.pt2")), check_inputs))
@@ -168,6 +170,33 @@ def stage_export(stage: Path, model: nn.Module, policy: Policy, example_inputs: 
         failed.append(f"model.onnx not written: the ONNX export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
         (stage / "model.onnx").unlink(missing_ok=True)
     return diffs, failed
+
+
+def fixed_dimensions(program: torch.export.ExportedProgram, example_inputs: Any) -> list[str]:
+    """One line per input dimension asked to be dynamic that the exported program fixed (an
+    ``nn.LSTM`` is unrolled over its sequence by torch.export, so its length is fixed)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    from evaluators.onnx_backend import dynamic_dims
+
+    names = program.graph_signature.user_inputs
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    if isinstance(example_inputs, dict):
+        values = list(example_inputs.values())
+    else:
+        values = list(example_inputs) if isinstance(example_inputs, (tuple, list)) else [example_inputs]
+    lines = []
+    for name, value in zip(names, values):
+        shape = getattr(placeholders.get(name), "meta", {}).get("val")
+        if shape is None or not isinstance(value, torch.Tensor):
+            continue
+        for dim in dynamic_dims(value):
+            if dim > 0 and is_concrete_int(shape.shape[dim]):
+                size = int(shape.shape[dim])
+                lines.append(f"model.pt2 and model.onnx take input {name!r} with dimension {dim} fixed at {size} "
+                             f"(torch.export specialised it, as it does for an nn.LSTM unrolled over its sequence): pad "
+                             f"shorter inputs to {size}")
+    return lines
 
 
 def _check(path: Path, expected: list[np.ndarray], got: list[np.ndarray], tolerance: float, examples: int,
