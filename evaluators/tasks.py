@@ -274,12 +274,14 @@ class Task:
         """Model inputs of one example with a batch dimension: ``example_input``, else the first evaluation example's."""
         return self.example_input if self.example_input is not None else self.inputs(1)
 
-    def calibration(self, samples: int = CALIBRATION_SAMPLES, batch_size: int = 64) -> Calibration:
-        """The first ``samples`` calibration examples in batches, with the task's loss (for ``taylor``
-        and ``wanda``); read once per process."""
-        key = ("calibration", samples, batch_size)
+    def calibration(self, samples: int = CALIBRATION_SAMPLES, batch_size: int = 64, seed: int = 0) -> Calibration:
+        """``samples`` calibration examples in batches, with the task's loss (for ``taylor`` and
+        ``wanda``): a fixed draw (``seed``) from data in memory or a map-style Dataset, so that data
+        sorted by class still gives a mix; the first ones of a stream. Read once per process."""
+        key = ("calibration", samples, batch_size, seed)
         if key not in self._cache:
-            self._cache[key] = Calibration.from_batches(self.calibration_source.batches(batch_size), self.loss, samples=samples)
+            batches = self.calibration_source.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+            self._cache[key] = Calibration.from_batches(batches, self.loss, samples=samples)
         return self._cache[key]
 
     def steps_per_epoch(self, batch_size: int) -> int:

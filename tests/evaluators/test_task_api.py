@@ -359,16 +359,22 @@ def test_the_fine_tune_hook_gets_the_pruned_model_and_the_budget(tmp_path):
         finetune_model(model, policy, task, checkpoint, FinetuneConfig(epochs=1), "cpu")
 
 
-def test_calibration_is_the_first_examples_with_the_tasks_loss(files):
+def test_calibration_is_a_fixed_draw_with_the_tasks_loss(files):
     def loss(model, batch):
         return cross_entropy_loss(model, batch) * 2
 
     task = _task(train_data=Rows(files, "train"), calibration_data=Rows(files, "test"), loss=loss)
-    calibration = task.calibration(samples=50, batch_size=16)
+    calibration = task.calibration(samples=30, batch_size=16)
     assert isinstance(calibration, Calibration) and calibration.loss is loss
-    assert [len(b[1]) for b in calibration.batches] == [16, 16, 8]  # 40 examples: fewer than asked
-    assert torch.equal(calibration.batches[0][1], torch.from_numpy(np.load(files / "test_y.npy")[:16]))
-    assert task.calibration(samples=50, batch_size=16) is calibration  # read once
+    assert [len(b[1]) for b in calibration.batches] == [16, 14]
+    drawn = torch.cat([b[0] for b in calibration.batches])
+    rows = torch.from_numpy(np.load(files / "test_x.npy"))
+    index = [int(torch.nonzero((rows == row).all(dim=1))[0]) for row in drawn]  # rows of the calibration data, each once
+    assert len(set(index)) == 30 and index != list(range(30))  # a draw, not the first 30
+    again = _task(train_data=Rows(files, "train"), calibration_data=Rows(files, "test"), loss=loss).calibration(samples=30, batch_size=16)
+    assert torch.equal(torch.cat([b[0] for b in again.batches]), drawn)  # the same draw in another process
+    assert task.calibration(samples=30, batch_size=16) is calibration  # read once
+    assert [len(b[1]) for b in task.calibration(samples=50, batch_size=16).batches] == [16, 16, 8]  # 40 examples: fewer than asked
 
 
 def test_inputs_for_timing_repeat_the_evaluation_examples():
