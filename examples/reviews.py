@@ -3,7 +3,7 @@ attention mask (``model(input_ids=..., attention_mask=...)``, as Hugging Face mo
 of varying length are generated once into ``.npy`` files and read lazily, one at a time; scored by
 accuracy and F1. Used by ``configs/reviews.yaml``.
 
-``task.options``: ``vocab`` (token ids, default 1000), ``length`` (padded length, default 32);
+``task.options``: ``vocab`` (token ids, default 200), ``length`` (padded length, default 32);
 ``task.model_options`` go to :class:`BagOfEmbeddings`.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ReviewFiles(torch.utils.data.Dataset):
 class BagOfEmbeddings(nn.Module):
     """Token embeddings averaged over the unmasked positions, then an MLP."""
 
-    def __init__(self, vocab: int = 1000, dim: int = 32, hidden: int = 64, classes: int = 2) -> None:
+    def __init__(self, vocab: int = 200, dim: int = 32, hidden: int = 64, classes: int = 2) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
@@ -60,11 +60,13 @@ def accuracy_and_f1(model: nn.Module, batches) -> dict[str, float]:
 
 
 def write_reviews(folder: Path, vocab: int, length: int, n: int = 5000) -> None:
-    """Reviews of 6 to ``length`` tokens; positive when "good" tokens (ids 2-99) outnumber "bad" ones (100-199)."""
+    """Reviews of 6 to ``length`` tokens; positive when "good" tokens (the first third of the ids)
+    outnumber "bad" ones (the second third)."""
     rng = np.random.default_rng(0)
     ids = rng.integers(2, vocab, (n, length))
     ids[np.arange(length) >= rng.integers(6, length + 1, (n, 1))] = 0
-    labels = (((ids >= 2) & (ids < 100)).sum(1) > ((ids >= 100) & (ids < 200)).sum(1)).astype(np.int64)
+    third = vocab // 3
+    labels = (((ids >= 2) & (ids < third)).sum(1) > ((ids >= third) & (ids < 2 * third)).sum(1)).astype(np.int64)
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", slice(0, 4000)), ("test", slice(4000, n))):
         for name, array in (("ids", ids[rows]), ("labels", labels[rows])):
@@ -74,7 +76,7 @@ def write_reviews(folder: Path, vocab: int, length: int, n: int = 5000) -> None:
 
 
 def make_task(config: TaskConfig) -> Task:
-    vocab, length = int(config.options.get("vocab", 1000)), int(config.options.get("length", 32))
+    vocab, length = int(config.options.get("vocab", 200)), int(config.options.get("length", 32))
     folder = Path(config.data_root or "~/.cache/secateurs/examples/reviews").expanduser() / f"v{vocab}-l{length}"
     if not (folder / "test_labels.npy").exists():
         write_reviews(folder, vocab, length)
