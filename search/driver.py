@@ -23,6 +23,7 @@ import ray
 import yaml
 
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
+from evaluators.checks import check_objectives
 from evaluators.pruning import check_space, discover_groups
 from evaluators.tasks import Task, make_task
 from evaluators.trial import FinetuneConfig, Reference, evaluate
@@ -112,8 +113,10 @@ def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepar
 def _measure_dense(config: Config, prepared: _Prepared, out: Log) -> dict[str, float]:
     policy = Policy(criterion=config.space.criteria[0], ratios={}, seed=config.search.seed)
     measured = evaluate(policy, prepared.task, prepared.checkpoint, FinetuneConfig(epochs=0), config.measure)
+    check_objectives(prepared.task.objectives, measured.scores, field="Task.objectives")  # each declared name is returned
     dense = {k: v for k, v in measured.to_dict().items() if v is not None}
-    out(f"dense: acc {dense['accuracy']:.4f}  {dense['latency_ms']:.3f} ms  {dense['size_mb']:.3f} MB  {dense['macs']:,} MACs")
+    scores = "  ".join(f"{'acc' if k == 'accuracy' else k} {v:.4f}" for k, v in measured.scores.items())
+    out(f"dense: {scores}  {dense['latency_ms']:.3f} ms  {dense['size_mb']:.3f} MB  {dense['macs']:,} MACs")
     return dense
 
 

@@ -61,3 +61,15 @@ def digits_nan_when_pruned(config: TaskConfig) -> Task:
     """Digits whose evaluation returns NaN for models pruned hard in ``features.0``: those trials fail."""
     digits = make_digits_task(TaskConfig(name="digits", dense_epochs=config.dense_epochs))
     return dataclasses.replace(digits, name="nan_when_pruned", evaluate=nan_when_pruned)
+
+
+def digits_declaring_map(config: TaskConfig) -> Task:
+    """Digits declaring an objective its evaluation does not return."""
+    digits = make_digits_task(TaskConfig(name="digits", dense_epochs=config.dense_epochs))
+    return dataclasses.replace(digits, name="declares_map", objectives={"map": "max"})
+
+
+def digits_nan_always(config: TaskConfig) -> Task:
+    """Digits whose evaluation returns NaN even for the dense model."""
+    digits = make_digits_task(TaskConfig(name="digits", dense_epochs=config.dense_epochs))
+    return dataclasses.replace(digits, name="nan_always", evaluate=lambda model, batches: {"accuracy": math.nan, "f1": 0.5})
