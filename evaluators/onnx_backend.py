@@ -124,7 +124,7 @@ def onnx_session(path: Path, threads: int = 0):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
+def session_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
     """The ONNX Runtime feed for model inputs: a dict by name, a tuple or a tensor in order."""
     if isinstance(inputs, dict):
         return {k: v.detach().cpu().numpy() for k, v in inputs.items()}
@@ -134,7 +134,7 @@ def onnx_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
 
 def onnx_outputs(path: Path, inputs: Any) -> list[np.ndarray]:
     session = onnx_session(path)
-    return list(session.run(None, onnx_feed(session, inputs)))
+    return list(session.run(None, session_feed(session, inputs)))
 
 
 class OnnxMismatchError(RuntimeError):
@@ -153,7 +153,7 @@ def onnxruntime_call(model: nn.Module, inputs: Any, *, threads: int, tolerance: 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_onnx(export_program(model, inputs), Path(tmp) / "model.onnx")
         session = onnx_session(path, threads)
-        feed = onnx_feed(session, inputs)
+        feed = session_feed(session, inputs)
         got = list(session.run(None, feed))
         relative = max_rel_diff(expected, got)
         if relative > tolerance:
