@@ -20,14 +20,13 @@ import dataclasses
 import functools
 import importlib
 import json
-import math
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from evaluators.batches import (CALIBRATION_SAMPLES, Batch, Calibration, Inputs, batch_size_of, concat_batches, cross_entropy_loss,
-                                forward, inputs_of, logits_of, map_tensors, slice_batch, targets_of)
+from evaluators.batches import (CALIBRATION_SAMPLES, Batch, Calibration, Inputs, batch_size_of, cross_entropy_loss, forward, inputs_of,
+                                logits_of, map_tensors, slice_batch, targets_of)
 from evaluators.checks import DIRECTIONS, TaskError, check_scores, check_task
 from evaluators.data import DataSource, as_source, count_batches, endless_batches
 
@@ -345,10 +344,3 @@ def make_task(config: TaskConfig) -> Task:
     labels, lengths, finite values; see :func:`evaluators.checks.check_task`)."""
     return _make_task_cached(config)
 
-
-def finite_or_nan(value: Any) -> float:
-    """``value`` as a float (NaN if it is not a number): for formatting scores."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan

@@ -3,7 +3,6 @@ user tasks through trials, augmentation."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
