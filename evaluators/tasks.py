@@ -218,9 +218,10 @@ class Task:
         for key, direction in self.objectives.items():
             if direction not in DIRECTIONS:
                 raise TaskError(f"Task.objectives.{key}: direction must be min or max, but got {direction!r}")
-        for field in ("eval_batch_size",):
-            if isinstance(getattr(self, field), bool) or not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
-                raise TaskError(f"Task.{field}: must be an integer >= 1, but got {getattr(self, field)!r}")
+        for field, minimum in (("eval_batch_size", 1), ("num_workers", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise TaskError(f"Task.{field}: must be an integer >= {minimum}, but got {value!r}")
         if self.num_classes is not None and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1):
             raise TaskError(f"Task.num_classes: must be an integer >= 1 or None, but got {self.num_classes!r}")
         self.train_source: DataSource = as_source(self.train_data, "train_data", num_workers=self.num_workers)

@@ -383,3 +383,17 @@ def test_inputs_for_timing_repeat_the_evaluation_examples():
     assert torch.equal(inputs["input_ids"][3:6], _dict_data(3)["input_ids"])
     assert task.example()["input_ids"].shape == (1, 7)
     assert _task(example_input=torch.ones(1, 6)).example().sum() == 6
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"eval_batch_size": 0}, "Task.eval_batch_size: must be an integer >= 1, but got 0"),
+    ({"num_workers": -1}, "Task.num_workers: must be an integer >= 0, but got -1"),
+    ({"loss": "mse"}, "Task.loss: must be callable, but got str"),
+    ({"finetune": 3}, "Task.finetune: must be callable or None, but got int"),
+    ({"objectives": {}}, "Task.objectives: must map metric names to 'min' or 'max', but got {}"),
+    ({"num_classes": 0}, "Task.num_classes: must be an integer >= 1 or None, but got 0"),
+])
+def test_task_fields_are_checked_when_it_is_made(overrides, message):
+    with pytest.raises(TaskError) as info:
+        _task(**overrides)
+    assert str(info.value) == message
