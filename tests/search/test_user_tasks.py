@@ -3,7 +3,6 @@ README's "Bring your own model" module run exactly as printed, a user fine-tune 
 budget, dict batches with a two-input model, a metric to minimise, and evaluations that fail."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -15,16 +14,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.config import SearchSettings, load_config, validate
+from search.config import load_config, validate
 from search.driver import run_search
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-
-
-def _search_declares_objectives() -> bool:
-    """Whether the search side ranks trials by the declared objectives (search.objectives)."""
-    return "objectives" in {f.name for f in dataclasses.fields(SearchSettings)}
 
 
 @pytest.fixture
@@ -100,8 +94,6 @@ def test_dict_batches_and_a_two_input_model_search(tmp_path, store):
     assert any(r.data.metrics["params"] < result.dense["params"] for r in runs)
 
 
-@pytest.mark.xfail(not _search_declares_objectives(), strict=True,
-                   reason="the search side does not rank trials by declared objectives yet (search.objectives)")
 def test_a_metric_to_minimise_through_a_user_module(tmp_path, store):
     config = _short(ROOT / "configs" / "custom_metric.yaml", tmp_path, "search.num_trials=4", "search.baseline_ratios=[0.5]",
                     "task.dense_epochs=20", f"task.data_root={tmp_path / 'data'}", "search.remeasure=false")
