@@ -8,11 +8,13 @@ import os
 import tempfile
 import statistics
 import time
-from typing import Callable, Hashable, Mapping, TypeVar
+from typing import Any, Callable, Hashable, Mapping, TypeVar
 
 import torch
 import torch_pruning as tp
 from torch import nn
+
+from evaluators.batches import call, first_tensor
 
 K = TypeVar("K", bound=Hashable)
 
@@ -48,16 +50,17 @@ def quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
-def latency_ms(model: nn.Module, inputs: torch.Tensor, *, warmup: int = 10, repeats: int = 30, threads: int = 1) -> dict[str, float]:
-    """Wall-clock time of one forward pass on ``inputs``: median, 10th and 90th percentile in ms.
+def latency_ms(model: nn.Module, inputs: Any, *, warmup: int = 10, repeats: int = 30, threads: int = 1) -> dict[str, float]:
+    """Wall-clock time of one forward pass on ``inputs`` (a tensor, a tuple of positional inputs or
+    a dict of keyword inputs): median, 10th and 90th percentile in ms.
 
     >>> stats = latency_ms(nn.Linear(4, 2), torch.zeros(8, 4), warmup=1, repeats=5)
     >>> stats["latency_p10_ms"] <= stats["latency_ms"] <= stats["latency_p90_ms"]
     True
     """
     model.eval()
-    return interleaved_latency_ms({0: lambda: model(inputs)}, rounds=1, warmup=warmup, repeats=repeats,
-                                  threads=threads, cuda=inputs.is_cuda)[0]
+    return interleaved_latency_ms({0: lambda: call(model, inputs)}, rounds=1, warmup=warmup, repeats=repeats,
+                                  threads=threads, cuda=first_tensor(inputs).is_cuda)[0]
 
 
 def interleaved_latency_ms(calls: Mapping[K, Callable[[], object]], *, rounds: int, warmup: int, repeats: int,
@@ -113,7 +116,7 @@ def size_mb(model: nn.Module) -> float:
     return len(state_dict_bytes(model)) / 1e6
 
 
-def macs_and_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+def macs_and_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """Multiply-accumulates of one forward pass on ``example_inputs`` and the parameter count."""
     was_training = model.training
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)

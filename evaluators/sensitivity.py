@@ -2,8 +2,11 @@
 
 For every group and every ratio asked for, the dense checkpoint is loaded afresh, only that group
 is pruned at that ratio (with the template policy's criterion, granularity and rounding), and the
-model is scored by a cheap proxy: its accuracy on the first test examples after BatchNorm
-statistics are re-estimated on training batches, with no fine-tuning. The proxy understates what
+model is scored by a cheap proxy: the task's evaluation on the first evaluation examples after
+BatchNorm statistics are re-estimated on calibration batches, with no fine-tuning. The score is
+the task's first objective (``accuracy`` for the built-in tasks); for another metric the
+``proxy_accuracy`` columns hold that metric and ``accuracy_drop`` the loss in it (dense - pruned
+when it is maximised, pruned - dense when minimised). The proxy understates what
 a fine-tuned model reaches, but it ranks groups by fragility quickly (one forward pass per batch).
 
 Uses: a table (:func:`to_frame`, for a CSV artifact) and a plot (:func:`plot`) of accuracy drop
@@ -23,16 +26,29 @@ import numpy as np
 import torch
 
 from evaluators import pruning
-from evaluators.batches import Calibration
 from evaluators.checkpoint import load_dense
 from evaluators.tasks import Task
-from evaluators.train import accuracy, recalibrate_batchnorm
+from evaluators.train import recalibrate_batchnorm
+from evaluators.trial import prune_with_task
 from spaces import Policy
 
 COLUMNS: tuple[str, ...] = (
     "group", "ratio", "proxy_accuracy", "dense_proxy_accuracy", "accuracy_drop", "macs", "params", "time_s",
 )
 """The keys of each row :func:`analyse` returns, in the order :func:`to_frame` puts its columns."""
+
+
+def proxy_metric(objectives: Mapping[str, str], scores: Mapping[str, float]) -> tuple[str, str]:
+    """The score the proxy uses and its direction: the first objective the evaluation returns, else
+    its first score (maximised).
+
+    >>> proxy_metric({"latency_ms": "min", "rmse": "min"}, {"rmse": 0.5, "mae": 0.4})
+    ('rmse', 'min')
+    """
+    for name, direction in objectives.items():
+        if name in scores:
+            return name, direction
+    return next(iter(scores)), "max"
 
 
 def _check_ratios(ratios: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
@@ -51,7 +67,7 @@ def _check_ratios(ratios: Mapping[str, Sequence[float]]) -> dict[str, list[float
     return checked
 
 
-def _check_groups(task: Task, template: Policy, groups: Sequence[str], example: torch.Tensor) -> None:
+def _check_groups(task: Task, template: Policy, groups: Sequence[str], example: Any) -> None:
     """Every group must be one that ``template.granularity`` can prune in the task's model."""
     found = pruning.discover_groups(task.build_model().eval(), example, (template.granularity,), template.nm_block)
     valid = [g.name for g in found if template.granularity in g.granularities]
@@ -91,16 +107,16 @@ def analyse(
         raise ValueError(f"batch_size: must be an integer >= 1, but got {batch_size!r}")
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"samples: must be an integer >= 1 or None (all), but got {samples!r}")
-    x_test, y_test = task.test_data()
-    example = x_test[:1]
+    example = task.example()
     _check_groups(task, template, list(ratios), example)
 
     device = torch.device(device)
-    x_train, y_train = task.train_data()
-    calibration = Calibration.from_tensors(x_train, y_train, seed=0)
-    x_bn = x_train[: bn_batches * batch_size].to(device)
-    scored = (x_test[:samples].to(device), y_test[:samples].to(device))
-    dense_acc = accuracy(load_dense(task, checkpoint).to(device), scored)
+    dense_scores = task.score(load_dense(task, checkpoint).to(device), device, limit=samples)
+    metric, direction = proxy_metric(task.objectives, dense_scores)
+    dense_acc = dense_scores[metric]
+
+    def proxy(model: torch.nn.Module) -> float:
+        return task.score(model, device, limit=samples)[metric]
 
     rows: list[dict[str, Any]] = []
     for group, values in ratios.items():
@@ -109,14 +125,14 @@ def analyse(
                 continue
             start = time.perf_counter()
             policy = dataclasses.replace(template, ratios={group: ratio}, global_groups=(), finetune={})
-            model = pruning.apply(policy, load_dense(task, checkpoint), example, calibration=calibration).to(device)
+            model = prune_with_task(policy, load_dense(task, checkpoint), task).to(device)
             torch.manual_seed(template.seed)
-            recalibrate_batchnorm(model, x_bn, batches=bn_batches, batch_size=batch_size)
-            acc = accuracy(model, scored)
+            recalibrate_batchnorm(model, task.calibration_source, batches=bn_batches, batch_size=batch_size)
+            acc = proxy(model)
             macs, params = pruning.effective_macs_and_params(model.cpu(), example)
             rows.append({
                 "group": group, "ratio": ratio, "proxy_accuracy": acc, "dense_proxy_accuracy": dense_acc,
-                "accuracy_drop": dense_acc - acc, "macs": macs, "params": params, "time_s": time.perf_counter() - start,
+                "accuracy_drop": dense_acc - acc if direction == "max" else acc - dense_acc, "macs": macs, "params": params, "time_s": time.perf_counter() - start,
             })
     return rows
 

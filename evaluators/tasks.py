@@ -1,28 +1,40 @@
-"""Tasks: a model factory plus train/test data. Built-in ones by name, user ones by import path."""
+"""Tasks: the model, data, loss, evaluation and objectives secateurs prunes for.
+
+A task is a :class:`Task`. Built-in ones are named (``digits``, ``fashion_mnist``, ``cifar10``,
+``sst2``; see :mod:`evaluators.builtin_tasks`); a user's is an import path ``pkg.module:factory``
+whose factory takes the ``task:`` section (:class:`TaskConfig`) and returns a :class:`Task`.
+It runs where the data is read: in the driver and again in each Ray worker, so every worker opens
+the data itself and nothing big is shipped from the driver.
+
+>>> import torch
+>>> from torch import nn
+>>> task = Task(model=lambda: nn.Linear(3, 2),
+...             train_data=(torch.randn(8, 3), torch.randint(0, 2, (8,))),
+...             eval_data=(torch.randn(4, 3), torch.randint(0, 2, (4,))))
+>>> sorted(task.score(task.build_model()))
+['accuracy']
+"""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib
-import inspect
 import json
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
-from evaluators import datasets
-from evaluators.models import MODELS, build_model
+from evaluators.batches import (CALIBRATION_SAMPLES, Batch, Calibration, Inputs, batch_size_of, cross_entropy_loss, forward, inputs_of,
+                                logits_of, map_tensors, slice_batch, targets_of)
+from evaluators.checks import DIRECTIONS, TaskError, check_scores, check_task
+from evaluators.data import DataSource, as_source, count_batches, endless_batches
 
-# Options each built-in task takes in ``task.options``: name -> (default, minimum). All are
-# integers; a None default means "all" and null is then allowed.
-TASK_OPTIONS: dict[str, dict[str, tuple[int | None, int]]] = {
-    "digits": {},
-    "fashion_mnist": {"train_size": (None, 1), "test_size": (None, 1)},
-    "cifar10": {"train_size": (None, 1), "test_size": (None, 1)},
-    "sst2": {"max_len": (50, 1), "min_count": (1, 1), "max_vocab": (20000, 3)},
-}
+Loss = Callable[[nn.Module, Batch], torch.Tensor]
+Evaluate = Callable[[nn.Module, Iterable[Batch]], Mapping[str, float]]
+Transform = Callable[[Batch, torch.Generator], Batch]
+
+DEFAULT_OBJECTIVES: dict[str, str] = {"accuracy": "max"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +42,12 @@ class TaskConfig:
     """The ``task:`` section of a config.
 
     ``name`` is a built-in task (``digits``, ``fashion_mnist``, ``cifar10``, ``sst2``) or an import
-    path ``pkg.module:factory`` whose factory takes this config and returns a :class:`Task`. If
-    ``checkpoint`` is null the dense model is trained for ``dense_epochs`` and cached, keyed by this
-    section's content. Data files are looked up under ``data_root``, else ``$SECATEURS_DATA``, else
-    ``~/.cache/secateurs/data`` (see :mod:`evaluators.datasets`).
+    path ``pkg.module:factory`` whose factory takes this config and returns a :class:`Task`; for
+    such a task ``model``, ``options`` and ``model_options`` mean what the factory makes of them.
+    If ``checkpoint`` is null the dense model is trained for ``dense_epochs`` and cached, keyed by
+    this section's content, the training data and the model's architecture and code; ``retrain``
+    trains it again even when cached. Data files are looked up under ``data_root``, else
+    ``$SECATEURS_DATA``, else ``~/.cache/secateurs/data`` (see :mod:`evaluators.datasets`).
 
     >>> TaskConfig(name="digits").dense_epochs
     20
@@ -51,14 +65,15 @@ class TaskConfig:
     dense_lr: float = 0.05
     batch_size: int = 64
     seed: int = 0
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # task knobs, see TASK_OPTIONS
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # task knobs (built-in ones: see TASK_OPTIONS)
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # keyword arguments of the model
+    retrain: bool = False  # train the dense model again even if a cached one fits (not part of the cache key)
 
     def __post_init__(self) -> None:
+        from evaluators.builtin_tasks import TASKS, check_builtin
+
         if ":" not in self.name and self.name not in TASKS:
             raise ValueError(f"name: unknown task {self.name!r}; valid: {', '.join(sorted(TASKS))} or 'pkg.module:factory'")
-        if self.model is not None and self.model not in MODELS:
-            raise ValueError(f"model: unknown model {self.model!r}; valid: {', '.join(sorted(MODELS))}")
         if self.dense_epochs < 1:
             raise ValueError(f"dense_epochs: must be >= 1, but got {self.dense_epochs}")
         if not self.dense_lr > 0:
@@ -73,205 +88,237 @@ class TaskConfig:
                 json.dumps(value)
             except (TypeError, ValueError):
                 raise ValueError(f"{field}: values must be plain numbers, strings, booleans or lists, but got {value!r}") from None
-        if self.name in TASK_OPTIONS:
-            _check_task_options(self.name, self.options)
+        if self.name in TASKS:
+            check_builtin(self)
 
     def cache_key(self) -> str:
-        """Everything that determines the dense model's weights, as canonical JSON.
+        """Everything in this section that determines the dense model's weights, as canonical JSON.
 
         Empty ``options`` / ``model_options`` are left out, so keys made before they existed still hold.
         """
         data = dataclasses.asdict(self)
         data.pop("checkpoint")
+        data.pop("retrain")
         for field in ("options", "model_options"):
             if not data[field]:
                 data.pop(field)
         return json.dumps(data, sort_keys=True)
 
     def __hash__(self) -> int:  # the dict fields are not hashable; the canonical JSON is
-        return hash((self.cache_key(), self.checkpoint))
+        return hash((self.cache_key(), self.checkpoint, self.retrain))
 
 
-def _check_task_options(task: str, options: dict[str, Any]) -> None:
-    valid = TASK_OPTIONS[task]
-    for key, value in options.items():
-        if key not in valid:
-            names = ", ".join(sorted(valid)) or "none"
-            raise ValueError(f"options: unknown option {key!r} for task {task}; valid: {names}")
-        default, minimum = valid[key]
-        if value is None and default is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            allowed = f"an integer >= {minimum}" + (" or null (all)" if default is None else "")
-            raise ValueError(f"options: {key} for task {task} must be {allowed}, but got {value!r}")
+def top1_accuracy(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+    """The default evaluation: the share of examples whose largest logit is their integer target.
 
-
-def task_options(config: TaskConfig) -> dict[str, Any]:
-    """The built-in task's options: its defaults overlaid with ``config.options``.
-
-    >>> task_options(TaskConfig(name="sst2", options={"max_len": 32}))["max_len"], task_options(TaskConfig(name="sst2"))["min_count"]
-    (32, 1)
+    >>> import torch
+    >>> top1_accuracy(nn.Identity(), [(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1]))])
+    {'accuracy': 0.5}
     """
-    return {**{k: default for k, (default, _) in TASK_OPTIONS[config.name].items()}, **config.options}
+    correct = total = 0
+    for batch in batches:
+        targets = targets_of(batch)
+        if targets is None:
+            raise TaskError("the default evaluation (top-1 accuracy) needs targets: batches as (inputs, targets) or dicts "
+                            "with 'labels'; or give the task an evaluate(model, batches)")
+        correct += int((logits_of(forward(model, batch)).argmax(dim=1) == targets).sum())
+        total += len(targets)
+    if total == 0:
+        raise TaskError("eval_data: yielded no example; expected at least one")
+    return {"accuracy": correct / total}
 
 
-class Task(Protocol):
-    """What secateurs needs from a task: a fresh dense model and classification data as tensors."""
+@dataclasses.dataclass(frozen=True)
+class FinetuneRun:
+    """What a task's own fine-tune hook (``Task.finetune``) receives: the pruned model and its budget.
 
-    name: str
-    num_classes: int
+    The hook trains ``model`` in place however it likes (its own loop, a Lightning or Hugging Face
+    Trainer) and returns the number of optimizer steps it took (None: ``steps``). ``batches()``
+    yields secateurs' training batches on ``device``, shuffled and augmented, pass after pass.
 
-    def build_model(self) -> nn.Module: ...
+    >>> def finetune(run: FinetuneRun) -> int:
+    ...     opt = torch.optim.Adam(run.model.parameters(), lr=run.lr)
+    ...     for _, batch in zip(range(run.steps), run.batches()):
+    ...         opt.zero_grad(); run.loss(run.model, batch).backward(); opt.step()
+    ...     return run.steps
+    """
 
-    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    model: nn.Module
+    steps: int                    # the budget: finetune.epochs passes (fractions allowed), capped by finetune.max_steps
+    epochs: float
+    lr: float
+    batch_size: int
+    device: torch.device
+    seed: int
+    teacher: nn.Module | None     # the dense model (eval mode) when finetune.distill_alpha > 0, else None
+    distill_alpha: float
+    distill_temperature: float
+    settings: Mapping[str, Any]   # every finetune knob (momentum, weight_decay, optimizer, amp, ...)
+    loss: Loss
+    batches: Callable[[], Iterator[Batch]]
 
-    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+FinetuneHook = Callable[[FinetuneRun], "int | None"]
 
 
 @dataclasses.dataclass
-class TensorTask:
-    """A classification task whose data fits in memory as tensors.
+class Task:
+    """A model and its data, as a user module returns it.
 
-    >>> t = TensorTask("toy", 2, lambda: nn.Linear(3, 2), (torch.zeros(4, 3), torch.zeros(4).long()),
-    ...                (torch.zeros(2, 3), torch.zeros(2).long()))
-    >>> t.test_data()[0].shape
-    torch.Size([2, 3])
+    - ``model``: a function (or class) that builds a fresh model of the dense architecture.
+    - ``train_data`` / ``eval_data`` / ``calibration_data`` (default: ``train_data``): tensors in
+      memory, a torch ``Dataset`` (map-style or iterable), a ``DataLoader``, or a function
+      ``make(batch_size)`` returning one (see :mod:`evaluators.data`). A batch is a tensor, a tuple
+      ``(inputs..., targets)`` or a dict (``labels`` = targets; see :mod:`evaluators.batches`).
+    - ``loss(model, batch) -> tensor``: used to fine-tune, to train the dense model, and by the
+      calibration-based criteria (default: cross-entropy on integer targets).
+    - ``evaluate(model, batches) -> {name: number}``: scores the model on the evaluation batches
+      (default: top-1 accuracy, ``{"accuracy": ...}``). Every name it returns is recorded.
+    - ``objectives``: the default objectives and their directions, e.g. ``{"rmse": "min"}``.
+    - ``example_input``: model inputs of one example for tracing, with a batch dimension (default:
+      the first evaluation example's inputs). Latency is timed on evaluation inputs.
+    - ``finetune(run: FinetuneRun)``: the user's own fine-tune loop (default: secateurs' loop with ``loss``).
+    - ``train_transform(batch, generator)``: augmentation of training batches (dense training and fine-tuning).
+    - ``num_classes``: when given, the model's outputs and the labels are checked against it.
+
+    >>> task = Task(model=lambda: nn.Linear(3, 1), train_data=torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8, 1)),
+    ...             eval_data=(torch.randn(4, 3), torch.randn(4, 1)),
+    ...             loss=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]),
+    ...             evaluate=lambda m, batches: {"mse": float(sum(((m(x) - y) ** 2).sum() for x, y in batches) / 4)},
+    ...             objectives={"mse": "min"})
+    >>> list(task.score(task.build_model()))
+    ['mse']
     """
 
-    name: str
-    num_classes: int
-    model_factory: Callable[[], nn.Module]
-    train: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    model: Callable[[], nn.Module]
+    train_data: Any
+    eval_data: Any
+    calibration_data: Any = None
+    loss: Loss = cross_entropy_loss
+    evaluate: Evaluate = top1_accuracy
+    objectives: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_OBJECTIVES))
+    example_input: Inputs | None = None
+    finetune: FinetuneHook | None = None
+    train_transform: Transform | None = None
+    num_classes: int | None = None
+    name: str = "custom"
+    eval_batch_size: int = 256
+    num_workers: int = 0  # DataLoader worker processes for Dataset data (0: read in the process that trains)
+
+    def __post_init__(self) -> None:
+        for field in ("model", "loss", "evaluate"):
+            if not callable(getattr(self, field)):
+                raise TaskError(f"Task.{field}: must be callable, but got {type(getattr(self, field)).__name__}")
+        for field in ("finetune", "train_transform"):
+            value = getattr(self, field)
+            if value is not None and not callable(value):
+                raise TaskError(f"Task.{field}: must be callable or None, but got {type(value).__name__}")
+        if not isinstance(self.objectives, Mapping) or not self.objectives:
+            raise TaskError(f"Task.objectives: must map metric names to 'min' or 'max', but got {self.objectives!r}")
+        for key, direction in self.objectives.items():
+            if direction not in DIRECTIONS:
+                raise TaskError(f"Task.objectives.{key}: direction must be min or max, but got {direction!r}")
+        for field, minimum in (("eval_batch_size", 1), ("num_workers", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise TaskError(f"Task.{field}: must be an integer >= {minimum}, but got {value!r}")
+        if self.num_classes is not None and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1):
+            raise TaskError(f"Task.num_classes: must be an integer >= 1 or None, but got {self.num_classes!r}")
+        self.train_source: DataSource = as_source(self.train_data, "train_data", num_workers=self.num_workers)
+        self.eval_source: DataSource = as_source(self.eval_data, "eval_data", num_workers=self.num_workers)
+        self.calibration_source: DataSource = (self.train_source if self.calibration_data is None else
+                                               as_source(self.calibration_data, "calibration_data", num_workers=self.num_workers))
+        self._cache: dict[Any, Any] = {}
 
     def build_model(self) -> nn.Module:
-        return self.model_factory()
+        """A fresh model of the dense architecture (random weights)."""
+        return self.model()
 
-    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.train
+    def eval_batches(self, device: torch.device | str | None = None, limit: int | None = None) -> Iterator[Batch]:
+        """The evaluation batches (on ``device``), the first ``limit`` examples only when given."""
+        seen = 0
+        for batch in self.eval_source.batches(self.eval_batch_size, device=device):
+            if limit is not None:
+                size = batch_size_of(batch)
+                if seen + size > limit:
+                    if limit > seen:
+                        yield slice_batch(batch, 0, limit - seen)
+                    return
+                seen += size
+            yield batch
 
-    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.test
-
-
-def make_digits_task(config: TaskConfig) -> Task:
-    """scikit-learn's bundled 8x8 digits (1,797 images), split 80/20 stratified with a fixed seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.images.astype(np.float32) / 16.0 - 0.5)[:, None, :, :]
-    y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    model_name = config.model or "digits_cnn"
-    kwargs = {"in_features": 64} if model_name == "mlp" else {}
-    kwargs.update(config.model_options)
-    return TensorTask(
-        name="digits",
-        num_classes=10,
-        model_factory=functools.partial(build_model, model_name, num_classes=10, **kwargs),
-        train=(torch.from_numpy(x_train), torch.from_numpy(y_train)),
-        test=(torch.from_numpy(x_test), torch.from_numpy(y_test)),
-    )
-
-
-def _model_factory(
-    task: str, config: TaskConfig, default: str, inputs: dict[str, Any], example: torch.Tensor, num_classes: int
-) -> Callable[[], nn.Module]:
-    """The factory of the task's model (``config.model`` or ``default``), given the arguments in
-    ``inputs`` that its constructor takes plus ``config.model_options``; built and run once on
-    ``example`` so that a model that does not fit the data fails now, not in a trial."""
-    name = config.model or default
-    parameters = inspect.signature(MODELS[name]).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    unknown = [k for k in config.model_options if k not in parameters and not takes_any]
-    if unknown:
-        valid = ", ".join(k for k, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL)
-        raise ValueError(f"task {task}: model_options {', '.join(map(repr, unknown))} not taken by model {name!r}; valid: {valid}")
-    kwargs = {k: v for k, v in inputs.items() if k in parameters or takes_any}
-    factory = functools.partial(build_model, name, **{**kwargs, **config.model_options})
-    try:
-        model = factory().eval()
+    def score(self, model: nn.Module, device: torch.device | str | None = None, limit: int | None = None) -> dict[str, float]:
+        """``evaluate`` on the evaluation data (model in eval mode, no gradients), checked: a dict of
+        finite numbers (else :class:`~evaluators.checks.EvaluationError`)."""
+        model.eval()
         with torch.no_grad():
-            shape = tuple(model(example[:2]).shape)
-    except Exception as exc:  # any failure here means: this model does not fit this data
-        raise ValueError(
-            f"task {task}: model {name!r} does not fit its inputs ({example.dtype}, shape (N, "
-            f"{', '.join(map(str, example.shape[1:]))})): {type(exc).__name__}: {exc}"
-        ) from None
-    if shape != (min(2, len(example)), num_classes):
-        raise ValueError(f"task {task}: model {name!r} gives outputs of shape {shape}; expected (N, {num_classes})")
-    return factory
+            return check_scores(self.evaluate(model, self.eval_batches(device, limit)))
+
+    def inputs(self, examples: int) -> Inputs:
+        """Model inputs of the first ``examples`` evaluation examples (repeated when there are
+        fewer): what latency is timed on and exports are checked with."""
+        key = ("inputs", examples)
+        if key not in self._cache:
+            first = self.eval_source.first(examples)
+            if first is None:
+                raise TaskError("eval_data: is empty; expected at least one example")
+            inputs = inputs_of(first)
+            have = batch_size_of(first)
+            if have < examples:
+                repeat = -(-examples // have)
+                inputs = map_tensors(inputs, lambda t: t.repeat(repeat, *([1] * (t.dim() - 1)))[:examples])
+            self._cache[key] = inputs
+        return self._cache[key]
+
+    def example(self) -> Inputs:
+        """Model inputs of one example with a batch dimension: ``example_input``, else the first evaluation example's."""
+        return self.example_input if self.example_input is not None else self.inputs(1)
+
+    def calibration(self, samples: int = CALIBRATION_SAMPLES, batch_size: int = 64, seed: int = 0) -> Calibration:
+        """``samples`` calibration examples in batches, with the task's loss (for ``taylor`` and
+        ``wanda``): a fixed draw (``seed``) from data in memory or a map-style Dataset, so that data
+        sorted by class still gives a mix; the first ones of a stream. Read once per process."""
+        key = ("calibration", samples, batch_size, seed)
+        if key not in self._cache:
+            batches = self.calibration_source.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+            self._cache[key] = Calibration.from_batches(batches, self.loss, samples=samples)
+        return self._cache[key]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Training batches in one pass (counted by reading one pass when the data has no length)."""
+        key = ("steps", batch_size)
+        if key not in self._cache:
+            self._cache[key] = count_batches(self.train_source, batch_size)
+        return self._cache[key]
+
+    def train_batches(self, batch_size: int, *, seed: int, device: torch.device | str | None = None) -> Iterator[Batch]:
+        """Training batches pass after pass, shuffled (seeded) and augmented by ``train_transform``."""
+        return endless_batches(self.train_source, batch_size, generator=torch.Generator().manual_seed(seed), device=device,
+                               transform=self.train_transform)
+
+    def fingerprint(self) -> str:
+        """A digest of the training data, for the dense model's cache key."""
+        if "fingerprint" not in self._cache:
+            self._cache["fingerprint"] = self.train_source.fingerprint()
+        return self._cache["fingerprint"]
 
 
-def _image_task(name: str, config: TaskConfig, default_model: str, train: datasets.Split, test: datasets.Split) -> TensorTask:
-    x_train, x_test = torch.from_numpy(train.x), torch.from_numpy(test.x)
-    inputs = {"num_classes": 10, "in_channels": x_train.shape[1], "in_features": int(np.prod(x_train.shape[1:]))}
-    return TensorTask(
-        name=name,
-        num_classes=10,
-        model_factory=_model_factory(name, config, default_model, inputs, x_test, 10),
-        train=(x_train, torch.from_numpy(train.y)),
-        test=(x_test, torch.from_numpy(test.y)),
-    )
+def _from_legacy(obj: Any) -> Task | None:
+    """A task object of the old protocol (``build_model()``, ``train_data()`` and ``test_data()``
+    returning tensors ``(x, y)``, ``num_classes``) as a :class:`Task`; None if ``obj`` is not one."""
+    if not all(callable(getattr(obj, m, None)) for m in ("build_model", "train_data", "test_data")):
+        return None
+    return Task(model=obj.build_model, train_data=tuple(obj.train_data()), eval_data=tuple(obj.test_data()),
+                num_classes=getattr(obj, "num_classes", None), name=str(getattr(obj, "name", "custom")))
 
 
-def make_fashion_mnist_task(config: TaskConfig) -> Task:
-    """Fashion-MNIST (60,000 / 10,000 28x28 grayscale images, 10 classes) from its IDX files, as
-    Debian's ``dataset-fashion-mnist`` installs them; normalised, NCHW float32. Default model:
-    ``fashion_cnn``. Options ``train_size`` / ``test_size`` take class-balanced subsets."""
-    options = task_options(config)
-    train, test, _ = datasets.load_fashion_mnist(
-        datasets.resolve_data_root(config.data_root), train_size=options["train_size"], test_size=options["test_size"]
-    )
-    return _image_task("fashion_mnist", config, "fashion_cnn", train, test)
-
-
-def make_cifar10_task(config: TaskConfig) -> Task:
-    """CIFAR-10 (32x32 RGB, 10 classes) from a ``cifar10*.npz`` or ``cifar-10-batches-py/``;
-    normalised by channel, NCHW float32, no augmentation. Default model: ``resnet20``. Options
-    ``train_size`` / ``test_size`` take class-balanced subsets (the same whatever ``seed``)."""
-    options = task_options(config)
-    train, test, _ = datasets.load_cifar10(
-        datasets.resolve_data_root(config.data_root), train_size=options["train_size"], test_size=options["test_size"]
-    )
-    return _image_task("cifar10", config, "resnet20", train, test)
-
-
-def make_sst2_task(config: TaskConfig) -> Task:
-    """SST-2 binary sentiment from ``sst2.csv``: lowercase word tokens, a vocabulary from the train
-    split (options ``min_count``, ``max_vocab``), ids padded/truncated to ``max_len``. Trains on the
-    train split, tests on the test split. Default model: ``text_lstm``."""
-    options = task_options(config)
-    train, test, vocab, _ = datasets.load_sst2(
-        datasets.resolve_data_root(config.data_root),
-        max_len=options["max_len"], min_count=options["min_count"], max_vocab=options["max_vocab"],
-    )
-    x_train, x_test = torch.from_numpy(train.x), torch.from_numpy(test.x)
-    inputs = {"num_classes": 2, "vocab_size": len(vocab), "max_len": options["max_len"], "pad_idx": vocab[datasets.PAD]}
-    return TensorTask(
-        name="sst2",
-        num_classes=2,
-        model_factory=_model_factory("sst2", config, "text_lstm", inputs, x_test, 2),
-        train=(x_train, torch.from_numpy(train.y)),
-        test=(x_test, torch.from_numpy(test.y)),
-    )
-
-
-TASKS: dict[str, Callable[[TaskConfig], Task]] = {
-    "digits": make_digits_task,
-    "fashion_mnist": make_fashion_mnist_task,
-    "cifar10": make_cifar10_task,
-    "sst2": make_sst2_task,
-}
-
-
-def _load_factory(path: str) -> Callable[[TaskConfig], Task]:
+def _load_factory(path: str) -> Callable[[TaskConfig], Any]:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"task.name: cannot import {module_name!r} from {path!r}: {exc}") from None
+        raise ValueError(f"task.name: cannot import {module_name!r} from {path!r}: {exc} (is its folder on PYTHONPATH? "
+                         "Ray workers must import it too)") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"task.name: {path!r} names no callable {attr!r} in module {module_name!r}")
@@ -280,10 +327,21 @@ def _load_factory(path: str) -> Callable[[TaskConfig], Task]:
 
 @functools.lru_cache(maxsize=4)
 def _make_task_cached(config: TaskConfig) -> Task:
+    from evaluators.builtin_tasks import TASKS
+
     factory = TASKS.get(config.name) or _load_factory(config.name)
-    return factory(config)
+    task = factory(config)
+    if not isinstance(task, Task):
+        task = _from_legacy(task) or task
+    if not isinstance(task, Task):
+        raise TaskError(f"task.name: {config.name!r} returned {type(task).__name__}; expected an evaluators.tasks.Task "
+                        "(see the README, 'Bring your own model')")
+    check_task(task)
+    return task
 
 
 def make_task(config: TaskConfig) -> Task:
-    """Build (once per process) the task a config names."""
+    """Build (once per process) the task a config names, and check it (one forward pass, outputs,
+    labels, lengths, finite values; see :func:`evaluators.checks.check_task`)."""
     return _make_task_cached(config)
+

@@ -1,12 +1,20 @@
-"""Plain training and evaluation loops over in-memory tensors (no framework, no DataLoader)."""
+"""Plain training and evaluation loops over a task's batches (no framework).
+
+Data is anything :func:`evaluators.data.as_source` takes: tensors in memory are sliced into
+batches (no DataLoader), a Dataset is read through a DataLoader, batch by batch.
+"""
 from __future__ import annotations
 
 import contextlib
-import math
+import time
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from evaluators.batches import Batch, cross_entropy_loss, forward, logits_of
+from evaluators.data import as_source, count_batches, endless_batches
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -15,9 +23,34 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def make_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``sgd`` (Nesterov momentum when ``momentum > 0``) or ``adamw`` over the model's parameters."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def budget(steps_per_epoch: int, epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps for ``epochs`` passes of ``steps_per_epoch`` batches, capped by ``max_steps``.
+
+    >>> budget(10, 0.25, None), budget(10, 3, 7)
+    (2, 7)
+    """
+    total = int(round(epochs * steps_per_epoch))
+    return min(total, max_steps) if max_steps is not None else total
+
+
 def train(
     model: nn.Module,
-    data: tuple[torch.Tensor, torch.Tensor],
+    data: Any,
     *,
     epochs: float,
     lr: float,
@@ -31,80 +64,92 @@ def train(
     distill_alpha: float = 0.0,
     distill_temperature: float = 4.0,
     amp: bool = False,
+    loss: Callable[[nn.Module, Batch], torch.Tensor] = cross_entropy_loss,
+    transform: Callable[[Batch, torch.Generator], Batch] | None = None,
+    on_epoch: Callable[[int, int, float, float], None] | None = None,
 ) -> int:
-    """Train with a cosine learning-rate schedule; returns the number of steps taken.
+    """Train with a cosine learning-rate schedule on the model's device; returns the steps taken.
 
+    ``data``: tensors ``(x, y)`` or anything :func:`evaluators.data.as_source` takes. ``loss(model,
+    batch)`` (default cross-entropy); ``transform(batch, generator)`` augments each batch.
     ``optimizer``: ``sgd`` (Nesterov momentum when ``momentum > 0``) or ``adamw``. ``epochs`` may
     be fractional (0.5 = half a pass over the data). With a ``teacher`` and ``distill_alpha > 0``
-    the loss is ``(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T)`` (knowledge
-    distillation). ``amp`` runs forward passes in bfloat16 autocast on CUDA (ignored on CPU).
+    the loss is ``(1 - alpha) * loss + alpha * T^2 * KL(teacher_T || student_T)`` over the outputs'
+    softmax (knowledge distillation). ``amp`` runs forward passes in bfloat16 autocast on CUDA
+    (ignored on CPU). ``on_epoch(epoch, steps, mean_loss, seconds)`` is called after each full pass.
     Raises :class:`NonFiniteLossError` as soon as the loss stops being finite.
     """
-    x, y = data
-    steps_per_epoch = max(1, math.ceil(len(x) / batch_size))
-    total = int(round(epochs * steps_per_epoch))
-    if max_steps is not None:
-        total = min(total, max_steps)
+    source = as_source(data, "train_data")
+    device = _device_of(model)
+    known = source.batches_per_epoch(batch_size)
+    if known is None and max_steps is not None:  # a stream of unknown length: no need to count it
+        steps_per_epoch, total = None, (max_steps if epochs > 0 else 0)
+    else:
+        steps_per_epoch = max(1, known if known is not None else count_batches(source, batch_size))
+        total = budget(steps_per_epoch, epochs, max_steps)
     if total <= 0:
         return 0
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    opt = make_optimizer(model, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    distill = teacher is not None and distill_alpha > 0
     if teacher is not None:
         teacher.eval()
-    use_amp = amp and x.is_cuda
+    use_amp = amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    captured: list[Any] = []
+    hook = model.register_forward_hook(lambda module, args, output: captured.append(output)) if distill else None
     generator = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
+    batches = endless_batches(source, batch_size, generator=generator, device=device, transform=transform)
     model.train()
-    step = 0
-    while step < total:
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            batch = order[start : start + batch_size]
+    step, epoch_loss, epoch_start = 0, 0.0, time.perf_counter()
+    try:
+        for batch in batches:
             with autocast():
-                logits = model(x[batch])
-                loss = loss_fn(logits, y[batch])
-                if teacher is not None and distill_alpha > 0:
+                value = loss(model, batch)
+                if distill:
+                    student = logits_of(captured[-1])
+                    captured.clear()
                     with torch.no_grad():
-                        target = teacher(x[batch])
+                        target = logits_of(forward(teacher, batch))
                     t = distill_temperature
-                    kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.log_softmax(target.float() / t, dim=1),
+                    kd = F.kl_div(F.log_softmax(student.float() / t, dim=1), F.log_softmax(target.float() / t, dim=1),
                                   reduction="batchmean", log_target=True) * t * t
-                    loss = (1 - distill_alpha) * loss + distill_alpha * kd
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"fine-tune loss became {loss.item()} at step {step} (lr={lr})")
+                    value = (1 - distill_alpha) * value + distill_alpha * kd
+            if not torch.isfinite(value):
+                raise NonFiniteLossError(f"fine-tune loss became {value.item()} at step {step} (lr={lr})")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
             schedule.step()
             step += 1
+            if on_epoch is not None and steps_per_epoch is not None:
+                epoch_loss += float(value.detach())
+                if step % steps_per_epoch == 0:
+                    on_epoch(step // steps_per_epoch, step, epoch_loss / steps_per_epoch, time.perf_counter() - epoch_start)
+                    epoch_loss, epoch_start = 0.0, time.perf_counter()
             if step >= total:
                 break
+    finally:
+        if hook is not None:
+            hook.remove()
     model.eval()
     return step
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on ``data``, in [0, 1]."""
-    x, y = data
+def accuracy(model: nn.Module, data: Any, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (tensors ``(x, y)`` or any batched data), in [0, 1]."""
+    from evaluators.tasks import top1_accuracy
+
     model.eval()
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        correct += (model(x[start : start + batch_size]).argmax(dim=1) == y[start : start + batch_size]).sum().item()
-    return correct / len(x)
+    return top1_accuracy(model, as_source(data, "eval_data").batches(batch_size, device=_device_of(model)))["accuracy"]
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batches: int, batch_size: int = 64) -> int:
-    """Re-estimate every BatchNorm's running mean and variance on ``batches`` batches of ``x``
-    (a cumulative average, no gradient step): a zero-training repair after pruning. Returns the
-    number of batches used."""
+def recalibrate_batchnorm(model: nn.Module, data: Any, *, batches: int, batch_size: int = 64) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on the first ``batches`` batches of
+    ``data`` (a cumulative average, no gradient step): a zero-training repair after pruning.
+    ``data``: input tensors, ``(x, y)`` or any batched data. Returns the number of batches used."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or batches <= 0:
         return 0
@@ -114,10 +159,13 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batches: int, ba
         m.momentum = None  # cumulative moving average over the calibration batches
     model.train()
     used = 0
-    for start in range(0, min(len(x), batches * batch_size), batch_size):
-        model(x[start : start + batch_size])
+    for batch in as_source(data, "calibration_data").batches(batch_size, device=_device_of(model)):
+        if used >= batches:
+            break
+        forward(model, batch)
         used += 1
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     model.eval()
     return used
+

@@ -2,6 +2,14 @@
 
 Pure function of its inputs; returns a :class:`Metrics` record. Runs unchanged in a Ray
 worker or in-process.
+
+What a trial records (:meth:`Metrics.to_dict`): every score the task's evaluation returns (e.g.
+``accuracy``, ``rmse``), the measured ``latency_ms`` (with ``latency_p10_ms`` / ``latency_p90_ms``),
+``size_mb``, ``macs``, ``params`` and ``param_sparsity``, and the change of each score and of
+``macs`` and ``params`` against the dense model as ``<name>_change`` = trial - dense (so
+``rmse_change`` > 0 is worse for a minimised RMSE); ``accuracy_drop`` = dense - trial stays beside
+``accuracy_change``. A trial whose evaluation returns a non-number, NaN or fewer scores than the
+dense model's raises :class:`~evaluators.checks.EvaluationError` (a failed trial with that reason).
 """
 from __future__ import annotations
 
@@ -11,15 +19,17 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Hashable, Mapping, TypeVar
+from typing import Any, Hashable, Mapping, TypeVar
 
 import torch
 
 from evaluators import measure, pruning
-from evaluators.batches import Calibration
+from evaluators.batches import Calibration, Inputs, call, first_tensor, to_device
 from evaluators.checkpoint import load_dense
-from evaluators.tasks import Task
-from evaluators.train import OPTIMIZERS, accuracy, recalibrate_batchnorm, train
+from evaluators.checks import CHANGE_SUFFIX, MEASURED, check_scores, describe
+from evaluators.criteria import get_criterion
+from evaluators.tasks import FinetuneRun, Task
+from evaluators.train import OPTIMIZERS, budget, recalibrate_batchnorm, train
 from spaces import Policy
 
 K = TypeVar("K", bound=Hashable)
@@ -106,11 +116,11 @@ class MeasureConfig:
         if self.channels_last and self.backend != "torch":
             raise ValueError(f"channels_last: applies to the torch backend; {self.backend} chooses its own memory layout")
 
-    def check_inputs(self, example: torch.Tensor) -> None:
-        """Refuse settings the task's inputs cannot take (``example``: one test input batch)."""
-        if self.channels_last and example.dim() != 4:
-            raise ValueError(f"measure.channels_last: needs image inputs (N, C, H, W), but the task's inputs have shape "
-                             f"{tuple(example.shape)}; set it to false")
+    def check_inputs(self, example: Inputs) -> None:
+        """Refuse settings the task's inputs cannot take (``example``: the model inputs of one example)."""
+        if self.channels_last and not (isinstance(example, torch.Tensor) and example.dim() == 4):
+            raise ValueError(f"measure.channels_last: needs image inputs (N, C, H, W), but the task's inputs are "
+                             f"{describe(example)}; set it to false")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -121,11 +131,46 @@ class MeasureConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Metrics:
-    """What one trial measured. Sizes are in MB (10^6 bytes) of the saved state dict."""
+class Reference:
+    """The dense model's measurements that a trial is compared with: the scores its evaluation
+    returned, its MACs and parameters.
 
-    accuracy: float
-    accuracy_drop: float
+    >>> Reference({"accuracy": 0.9}, macs=1000, params=50).changes({"accuracy": 0.8}, macs=500, params=25)["accuracy_drop"]
+    0.09999999999999998
+    """
+
+    scores: dict[str, float]
+    macs: int
+    params: int
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Reference:
+        """From a flat record of the dense model (:meth:`Metrics.to_dict`, or what MLflow holds):
+        its scores are the keys that are neither measured, nor derived, nor timings."""
+        skip = {f.name for f in dataclasses.fields(Metrics)} | set(MEASURED)
+        scores = {k: float(v) for k, v in record.items()
+                  if k not in skip and not k.endswith((CHANGE_SUFFIX, "_drop", "_in_search", "_s", "_diff"))
+                  and not k.startswith(("screening_", "time_")) and k not in ("fidelity", "replayed", "node_id")
+                  and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return cls(scores, macs=int(record.get("macs", 0)), params=int(record.get("params", 0)))
+
+    def changes(self, scores: Mapping[str, float], *, macs: int, params: int) -> dict[str, float]:
+        """``<name>_change`` = trial - dense for each score the dense model has, and for ``macs`` and
+        ``params``; ``accuracy_drop`` = dense - trial accuracy."""
+        changes = {f"{k}{CHANGE_SUFFIX}": v - self.scores[k] for k, v in scores.items() if k in self.scores}
+        changes[f"macs{CHANGE_SUFFIX}"] = float(macs - self.macs)
+        changes[f"params{CHANGE_SUFFIX}"] = float(params - self.params)
+        if "accuracy" in scores and "accuracy" in self.scores:
+            changes["accuracy_drop"] = self.scores["accuracy"] - scores["accuracy"]
+        return changes
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """What one trial measured. Sizes are in MB (10^6 bytes) of the saved state dict. ``scores``:
+    what the task's evaluation returned; ``changes``: see the module docstring."""
+
+    scores: dict[str, float]
     latency_ms: float
     latency_p10_ms: float
     latency_p90_ms: float
@@ -139,51 +184,98 @@ class Metrics:
     time_measure_s: float
     bn_recalibration_batches: int = 0
     onnx_max_abs_diff: float | None = None  # with measure.backend onnxruntime: ONNX vs torch outputs
+    changes: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+        """One flat record: the scores, the measurements and the changes (see the module docstring)."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("scores", "changes")}
+        return {**self.scores, **flat, **self.changes}
+
+
+def _changes(scores: Mapping[str, float], macs: int, params: int, dense: Reference | None) -> dict[str, float]:
+    if dense is None:  # the dense model itself: no change
+        return Reference(dict(scores), macs, params).changes(scores, macs=macs, params=params)
+    return dense.changes(scores, macs=macs, params=params)
+
+
+def _calibration(policy: Policy, task: Task) -> Calibration | None:
+    """The task's calibration batches when the policy's criterion needs data (``taylor``, ``wanda``), else None."""
+    criterion = get_criterion(policy.criterion)
+    if not (criterion.needs_gradients or criterion.needs_activations):
+        return None
+    return task.calibration()
+
+
+def prune_with_task(policy: Policy, model: torch.nn.Module, task: Task) -> torch.nn.Module:
+    """Apply ``policy`` to ``model`` in place with the task's example inputs and (when the criterion
+    needs them) its calibration batches and loss; returns the model."""
+    if policy.ratios:
+        pruning.apply(policy, model, task.example(), calibration=_calibration(policy, task))
+    return model
 
 
 def prune_model(policy: Policy, task: Task, checkpoint: str | Path | bytes) -> tuple[torch.nn.Module, float]:
     """Rebuild the dense model from ``checkpoint`` and apply ``policy``; returns it and the seconds taken."""
     start = time.perf_counter()
-    model = load_dense(task, checkpoint)
-    if policy.ratios:
-        pruning.apply(policy, model, task.test_data()[0][:1], calibration=Calibration.from_tensors(*task.train_data(), seed=0))
+    model = prune_with_task(policy, load_dense(task, checkpoint), task)
     return model, time.perf_counter() - start
 
 
 def finetune_model(model: torch.nn.Module, policy: Policy, task: Task, checkpoint: str | Path | bytes,
                    finetune: FinetuneConfig, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Fine-tune a pruned ``model`` in place (moved to ``device``, left in eval mode); returns the
+    """Fine-tune a pruned ``model`` in place (moved to ``device``, left in eval mode): the task's own
+    hook (``Task.finetune``) when it has one, else secateurs' loop with the task's loss. Returns the
     steps, BatchNorm re-calibration batches and seconds taken."""
     if policy.finetune:  # knobs the search sampled override the config's
         finetune = dataclasses.replace(finetune, **policy.finetune)
     start = time.perf_counter()
+    device = torch.device(device)
     model.to(device)
-    x_train, y_train = task.train_data()
-    x_train, y_train = x_train.to(device), y_train.to(device)
     torch.manual_seed(policy.seed)
-    recalibrated = recalibrate_batchnorm(model, x_train, batches=finetune.bn_recalibration_batches, batch_size=finetune.batch_size)
+    recalibrated = recalibrate_batchnorm(model, task.calibration_source, batches=finetune.bn_recalibration_batches,
+                                         batch_size=finetune.batch_size)
     teacher = load_dense(task, checkpoint).to(device) if finetune.distill_alpha > 0 else None
-    steps = train(
-        model,
-        (x_train, y_train),
-        epochs=finetune.epochs,
-        lr=finetune.lr,
-        batch_size=finetune.batch_size,
-        momentum=finetune.momentum,
-        weight_decay=finetune.weight_decay,
-        seed=policy.seed,
-        max_steps=finetune.max_steps,
-        optimizer=finetune.optimizer,
-        teacher=teacher,
-        distill_alpha=finetune.distill_alpha,
-        distill_temperature=finetune.distill_temperature,
-        amp=finetune.amp,
-    )
+    if task.finetune is not None:
+        steps = _run_hook(model, policy, task, finetune, device, teacher)
+    else:
+        steps = train(
+            model,
+            task.train_source,
+            epochs=finetune.epochs,
+            lr=finetune.lr,
+            batch_size=finetune.batch_size,
+            momentum=finetune.momentum,
+            weight_decay=finetune.weight_decay,
+            seed=policy.seed,
+            max_steps=finetune.max_steps,
+            optimizer=finetune.optimizer,
+            teacher=teacher,
+            distill_alpha=finetune.distill_alpha,
+            distill_temperature=finetune.distill_temperature,
+            amp=finetune.amp,
+            loss=task.loss,
+            transform=task.train_transform,
+        )
     model.eval()
     return {"finetune_steps": steps, "bn_recalibration_batches": recalibrated, "time_finetune_s": time.perf_counter() - start}
+
+
+def _run_hook(model: torch.nn.Module, policy: Policy, task: Task, finetune: FinetuneConfig, device: torch.device,
+              teacher: torch.nn.Module | None) -> int:
+    steps = 0 if finetune.epochs <= 0 else budget(task.steps_per_epoch(finetune.batch_size), finetune.epochs, finetune.max_steps)
+    if steps <= 0:
+        return 0
+    model.train()
+    run = FinetuneRun(
+        model=model, steps=steps, epochs=finetune.epochs, lr=finetune.lr, batch_size=finetune.batch_size, device=device,
+        seed=policy.seed, teacher=teacher.eval() if teacher is not None else None, distill_alpha=finetune.distill_alpha,
+        distill_temperature=finetune.distill_temperature, settings=dataclasses.asdict(finetune), loss=task.loss,
+        batches=functools.partial(task.train_batches, finetune.batch_size, seed=policy.seed, device=device),
+    )
+    taken = task.finetune(run)
+    if taken is not None and (isinstance(taken, bool) or not isinstance(taken, int) or taken < 0):
+        raise TypeError(f"Task.finetune: must return the number of steps it took (an integer >= 0) or None, but returned {taken!r}")
+    return steps if taken is None else taken
 
 
 def prune_and_finetune(
@@ -202,50 +294,48 @@ def prune_and_finetune(
     return model, {"time_prune_s": time_prune, **finetune_model(model, policy, task, checkpoint, finetune, device)}
 
 
-def _time(model: torch.nn.Module, batch: torch.Tensor, config: MeasureConfig) -> dict[str, float]:
+def _time(model: torch.nn.Module, inputs: Inputs, config: MeasureConfig) -> dict[str, float]:
     if config.backend == "onnxruntime":
         from evaluators.onnx_backend import onnxruntime_latency_ms
 
-        return onnxruntime_latency_ms(model, batch, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
-    with _layout(model, batch, config) as batch:
-        return measure.latency_ms(model, batch, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
+        return onnxruntime_latency_ms(model, inputs, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
+    with _layout(model, inputs, config) as inputs:
+        return measure.latency_ms(model, inputs, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
 
 
 @contextlib.contextmanager
-def _layout(model: torch.nn.Module, batch: torch.Tensor, config: MeasureConfig):
-    """With ``measure.channels_last``: the model's weights and the batch in channels-last memory
-    format while timing (yields the batch to time); the model's weights go back to contiguous after."""
+def _layout(model: torch.nn.Module, inputs: Inputs, config: MeasureConfig):
+    """With ``measure.channels_last``: the model's weights and the (image) inputs in channels-last
+    memory format while timing (yields the inputs to time); the weights go back to contiguous after."""
     if not config.channels_last:
-        yield batch
+        yield inputs
         return
     model.to(memory_format=torch.channels_last)
     try:
-        yield batch.contiguous(memory_format=torch.channels_last)
+        yield inputs.contiguous(memory_format=torch.channels_last)
     finally:
         model.to(memory_format=torch.contiguous_format)
 
 
-def _timing_batch(task: Task, measure_config: MeasureConfig) -> torch.Tensor:
-    """The first ``batch_size`` test inputs (repeated if the test set is smaller): what latency is timed on."""
-    batch = task.test_data()[0][: measure_config.batch_size]
-    if len(batch) < measure_config.batch_size:
-        repeat = -(-measure_config.batch_size // len(batch))
-        batch = batch.repeat(repeat, *([1] * (batch.dim() - 1)))[: measure_config.batch_size]
-    return batch
+def _timing_inputs(task: Task, measure_config: MeasureConfig, device: torch.device) -> Inputs:
+    """The first ``batch_size`` evaluation inputs (repeated if there are fewer): what latency is timed on."""
+    return to_device(task.inputs(measure_config.batch_size), device)
 
 
-def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureConfig) -> dict[str, float]:
-    """Accuracy, latency, size, MACs and parameters of ``model`` as it is (moved to the measure device)."""
+def _score(model: torch.nn.Module, task: Task, device: torch.device, dense: Reference | None) -> dict[str, float]:
+    scores = task.score(model, device)
+    return check_scores(scores, dense.scores if dense is not None else None)
+
+
+def _measure(model: torch.nn.Module, task: Task, measure_config: MeasureConfig, dense: Reference | None) -> tuple[dict[str, float], dict[str, Any]]:
     device = measure_config.resolve_device()
     start = time.perf_counter()
     model.to(device).eval()
-    x_test, y_test = task.test_data()
-    acc = accuracy(model, (x_test.to(device), y_test.to(device)))
-    timing = _time(model, _timing_batch(task, measure_config).to(device), measure_config)
+    scores = _score(model, task, device, dense)
+    timing = _time(model, _timing_inputs(task, measure_config, device), measure_config)
     model.cpu()
-    macs, params = pruning.effective_macs_and_params(model, x_test[:1])  # zeros of unstructured/N:M masks do not count
-    return {
-        "accuracy": acc,
+    macs, params = pruning.effective_macs_and_params(model, task.example())  # zeros of unstructured/N:M masks do not count
+    return scores, {
         # the file export writes: the dense state dict, or the compressed sparse one when that is smaller
         "size_mb": min(measure.size_mb(model), len(pruning.sparse_state_dict_bytes(model)) / 1e6),
         "macs": macs,
@@ -255,6 +345,25 @@ def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureCon
     }
 
 
+def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureConfig, *, dense: Reference | None = None) -> dict[str, float]:
+    """The task's scores (e.g. ``accuracy``), latency, size, MACs and parameters of ``model`` as it
+    is (moved to the measure device), as one flat dict. With ``dense``, a score the dense model had
+    and this one lacks is an :class:`~evaluators.checks.EvaluationError`."""
+    scores, measured = _measure(model, task, measure_config, dense)
+    return {**scores, **measured}
+
+
+def _metrics(scores: Mapping[str, float], measured: dict[str, Any], dense: Reference | None, **fields: Any) -> Metrics:
+    values = {**measured, **fields}
+    params = values["params"]
+    return Metrics(
+        scores=dict(scores),
+        param_sparsity=1.0 - params / (dense.params if dense is not None and dense.params else params),
+        changes=_changes(scores, values["macs"], params, dense),
+        **values,
+    )
+
+
 def evaluate(
     policy: Policy,
     task: Task,
@@ -262,20 +371,13 @@ def evaluate(
     finetune: FinetuneConfig,
     measure_config: MeasureConfig,
     *,
-    dense_accuracy: float | None = None,
-    dense_params: int | None = None,
+    dense: Reference | None = None,
 ) -> Metrics:
-    """Prune the dense checkpoint with ``policy``, fine-tune, and measure the result."""
-    if dense_params is None:
-        dense_params = sum(p.numel() for p in load_dense(task, checkpoint).parameters())
+    """Prune the dense checkpoint with ``policy``, fine-tune, and measure the result; ``dense`` (the
+    dense model's :class:`Reference`) gives the changes, and without it the result is the reference."""
     model, timings = prune_and_finetune(policy, task, checkpoint, finetune, measure_config.resolve_device())
-    measured = measure_model(model, task, measure_config)
-    return Metrics(
-        accuracy_drop=(dense_accuracy - measured["accuracy"]) if dense_accuracy is not None else 0.0,
-        param_sparsity=1.0 - measured["params"] / dense_params,
-        **measured,
-        **timings,
-    )
+    scores, measured = _measure(model, task, measure_config, dense)
+    return _metrics(scores, measured, dense, **timings)
 
 
 def screen(
@@ -286,46 +388,37 @@ def screen(
     *,
     bn_batches: int,
     batch_size: int = 64,
-    dense_accuracy: float | None = None,
-    dense_params: int,
+    dense: Reference,
 ) -> tuple[torch.nn.Module, Metrics]:
     """The cheap first fidelity of a trial: prune, re-estimate BatchNorm statistics on ``bn_batches``
-    training batches (no gradient step), and measure everything. Latency, size and MACs are final
-    (fine-tuning changes no shape and no mask); the accuracy is a lower-fidelity proxy.
+    calibration batches (no gradient step), and measure everything. Latency, size and MACs are final
+    (fine-tuning changes no shape and no mask); the scores are a lower-fidelity proxy.
     Returns the model (on the measure device) for :func:`promote`."""
     device = measure_config.resolve_device()
     model, time_prune = prune_model(policy, task, checkpoint)
     start = time.perf_counter()
     model.to(device)
     torch.manual_seed(policy.seed)
-    recalibrated = recalibrate_batchnorm(model, task.train_data()[0].to(device), batches=bn_batches, batch_size=batch_size)
+    recalibrated = recalibrate_batchnorm(model, task.calibration_source, batches=bn_batches, batch_size=batch_size)
     time_recalibrate = time.perf_counter() - start
-    measured = measure_model(model, task, measure_config)
+    scores, measured = _measure(model, task, measure_config, dense)
     model.to(device)
-    return model, Metrics(
-        accuracy_drop=(dense_accuracy - measured["accuracy"]) if dense_accuracy is not None else 0.0,
-        param_sparsity=1.0 - measured["params"] / dense_params,
-        finetune_steps=0,
-        time_prune_s=time_prune,
-        time_finetune_s=time_recalibrate,
-        bn_recalibration_batches=recalibrated,
-        **measured,
-    )
+    return model, _metrics(scores, measured, dense, finetune_steps=0, time_prune_s=time_prune,
+                           time_finetune_s=time_recalibrate, bn_recalibration_batches=recalibrated)
 
 
 def promote(model: torch.nn.Module, screened: Metrics, policy: Policy, task: Task, checkpoint: str | Path | bytes,
-            finetune: FinetuneConfig, measure_config: MeasureConfig, *, dense_accuracy: float | None = None) -> Metrics:
-    """The full fidelity of a screened trial: fine-tune the screened model, then measure its accuracy
-    again (its latency, size and MACs are those :func:`screen` measured)."""
+            finetune: FinetuneConfig, measure_config: MeasureConfig, *, dense: Reference) -> Metrics:
+    """The full fidelity of a screened trial: fine-tune the screened model, then score it again (its
+    latency, size and MACs are those :func:`screen` measured)."""
     device = measure_config.resolve_device()
     timings = finetune_model(model, policy, task, checkpoint, finetune, device)
     start = time.perf_counter()
-    x_test, y_test = task.test_data()
-    acc = accuracy(model, (x_test.to(device), y_test.to(device)))
+    scores = _score(model, task, device, dense)
     return dataclasses.replace(
         screened,
-        accuracy=acc,
-        accuracy_drop=(dense_accuracy - acc) if dense_accuracy is not None else 0.0,
+        scores=scores,
+        changes=_changes(scores, screened.macs, screened.params, dense),
         finetune_steps=timings["finetune_steps"],
         time_finetune_s=screened.time_finetune_s + timings["time_finetune_s"],
         time_measure_s=screened.time_measure_s + time.perf_counter() - start,
@@ -341,22 +434,19 @@ def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str 
     in-search timing does. Used to re-time the frontier, with the dense model (an empty policy), at
     the end of a search."""
     device = measure_config.resolve_device()
-    batch = _timing_batch(task, measure_config).to(device)
-    example = task.test_data()[0][:1]
+    inputs = _timing_inputs(task, measure_config, device)
     with contextlib.ExitStack() as stack:
         calls, extra = {}, {}
         for key, policy in policies.items():
-            model = load_dense(task, checkpoint)
-            if policy.ratios:
-                pruning.apply(policy, model, example, calibration=Calibration.from_tensors(*task.train_data(), seed=0))
-            model = model.to(device).eval()
+            model = prune_with_task(policy, load_dense(task, checkpoint), task).to(device).eval()
             if measure_config.backend == "onnxruntime":
                 from evaluators.onnx_backend import onnxruntime_call
 
-                calls[key], diff = stack.enter_context(onnxruntime_call(model, batch, threads=measure_config.threads))
+                calls[key], diff = stack.enter_context(onnxruntime_call(model, inputs, threads=measure_config.threads))
                 extra[key] = {"onnx_max_abs_diff": diff}
             else:
-                calls[key], extra[key] = functools.partial(model, stack.enter_context(_layout(model, batch, measure_config))), {}
+                calls[key], extra[key] = functools.partial(call, model, stack.enter_context(_layout(model, inputs, measure_config))), {}
         stats = measure.interleaved_latency_ms(calls, rounds=rounds, warmup=-(-measure_config.warmup // rounds),
-                                               repeats=-(-measure_config.repeats // rounds), threads=measure_config.threads, cuda=batch.is_cuda)
+                                               repeats=-(-measure_config.repeats // rounds), threads=measure_config.threads,
+                                               cuda=first_tensor(inputs).is_cuda)
     return {key: {**stats[key], **extra[key]} for key in policies}

@@ -23,9 +23,10 @@ import ray
 import yaml
 
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
+from evaluators.checks import check_objectives
 from evaluators.pruning import check_space, discover_groups
 from evaluators.tasks import Task, make_task
-from evaluators.trial import FinetuneConfig, evaluate
+from evaluators.trial import FinetuneConfig, Reference, evaluate
 from search import frontier, outcome, ray_runtime, records, sensitivity
 from search.baselines import Baseline, reference_points
 from search.config import Config, ConfigError, validate
@@ -96,11 +97,13 @@ class _Session:
 
 def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepared:
     """Everything that can fail on bad input, done before any record is made."""
-    task = make_task(config.task)
+    task = make_task(config.task)  # checked: one forward pass, outputs, labels, lengths, finite values
     config.measure.resolve_device()
-    config.measure.check_inputs(task.test_data()[0][:1])
-    checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out))
-    groups = discover_groups(load_dense(task, checkpoint), task.test_data()[0][:1], config.space.granularity, config.space.nm_block)
+    config.measure.check_inputs(task.example())
+    # the dense model trains with the torch threads a trial gets (Ray sets OMP_NUM_THREADS to its CPUs)
+    threads = max(1, int(config.search.cpus_per_trial))
+    checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out, threads=threads))
+    groups = discover_groups(load_dense(task, checkpoint), task.example(), config.space.granularity, config.space.nm_block)
     check_space(config.space.granularity, config.space.criteria, groups)
     space = SearchSpace(config.space, groups, seed=config.search.seed)
     out(f"{len(groups)} prunable groups, {len(space.searched_groups)} searched: {', '.join(space.searched_groups)}")
@@ -110,8 +113,10 @@ def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepar
 def _measure_dense(config: Config, prepared: _Prepared, out: Log) -> dict[str, float]:
     policy = Policy(criterion=config.space.criteria[0], ratios={}, seed=config.search.seed)
     measured = evaluate(policy, prepared.task, prepared.checkpoint, FinetuneConfig(epochs=0), config.measure)
+    check_objectives(prepared.task.objectives, measured.scores, field="Task.objectives")  # each declared name is returned
     dense = {k: v for k, v in measured.to_dict().items() if v is not None}
-    out(f"dense: acc {dense['accuracy']:.4f}  {dense['latency_ms']:.3f} ms  {dense['size_mb']:.3f} MB  {dense['macs']:,} MACs")
+    scores = "  ".join(f"{'acc' if k == 'accuracy' else k} {v:.4f}" for k, v in measured.scores.items())
+    out(f"dense: {scores}  {dense['latency_ms']:.3f} ms  {dense['size_mb']:.3f} MB  {dense['macs']:,} MACs")
     return dense
 
 
@@ -154,7 +159,7 @@ def _first_points(session: _Session) -> None:
                       if all(s.point != t.point for t in seeds)]
         seeds = seeds[: config.search.num_trials]
     model = load_dense(prepared.task, prepared.checkpoint)
-    baselines = reference_points(prepared.space, model, prepared.task.test_data()[0][:1], config.baseline_kinds(), config.search.baseline_ratios)
+    baselines = reference_points(prepared.space, model, prepared.task.example(), config.baseline_kinds(), config.search.baseline_ratios)
     prepared.first = baselines + [s for s in seeds if all(s.point != b.point for b in baselines)]
     tracker.log_json([b.to_dict() for b in prepared.first], "baselines.json")
 
@@ -396,8 +401,7 @@ def _trial_context(session: _Session) -> TrialContext:
         checkpoint=checkpoint,
         finetune=config.finetune,
         measure=config.measure,
-        dense_accuracy=session.dense["accuracy"],
-        dense_params=int(session.dense["params"]),
+        dense=Reference.from_record(session.dense),
         screening_bn_batches=config.search.screening.bn_batches if config.search.screening else None,
     )
 

@@ -1,14 +1,19 @@
 """Ship a chosen policy: rebuild it, write deployable files, log and register it in MLflow.
 
-Files written by :func:`write_export` (staged in a temporary folder and moved into place only
-when every check passed, so a failure overwrites nothing):
+Files written (staged in a temporary folder and moved into place once the export is done, so a
+failure overwrites nothing):
 
 - ``policy.json`` — the :class:`~spaces.Policy` (replayed on the dense model it rebuilds the shapes);
 - ``model.pt`` — ``{"format", "policy", "state_dict", "input", "meta"}``, plain data that loads with
   ``torch.load(weights_only=True)``; :func:`load_pruned` turns it back into a module;
-- ``model.pt2`` — a ``torch.export`` program (``torch.export.load(path).module()``), batch dimension dynamic;
+- ``model.pt2`` — a ``torch.export`` program (``torch.export.load(path).module()``), the batch
+  dimension dynamic, and the sequence dimension of integer inputs (token ids, masks) too;
 - ``model.onnx`` — one self-contained file, its outputs checked against torch with onnxruntime;
 - ``metrics.json`` and ``MODEL_CARD.md``.
+
+``model.pt2`` and ``model.onnx`` are checked against the torch model on test inputs, relative to
+each output's largest magnitude; one that fails its check (or cannot be exported) is left out and
+named, and the files that passed are kept.
 
 >>> model = load_pruned(task, "export/model.pt")  # doctest: +SKIP
 """
@@ -27,7 +32,8 @@ import torch
 from torch import nn
 
 from evaluators import pruning
-from evaluators.onnx_backend import export_program, flat_outputs, max_abs_diff, onnx_outputs, write_onnx
+from evaluators.batches import batch_size_of, call
+from evaluators.onnx_backend import call_program, export_program, flat_outputs, max_abs_diff, max_rel_diff, onnx_outputs, write_onnx
 from search.records import ProductionError
 from spaces import Policy
 
@@ -35,10 +41,6 @@ FORMAT = "secateurs.pruned-model/1"
 EXPORT_FILES = ("policy.json", "model.pt", "model.pt2", "model.onnx", "metrics.json", "MODEL_CARD.md")
 TASK_TAG = "secateurs.task"
 MODEL_CLASS_TAG = "secateurs.model_class"
-
-
-class ExportError(ProductionError):
-    """An export whose result failed a check (e.g. ONNX outputs that differ from torch)."""
 
 
 def model_identity(task_name: str, model: nn.Module) -> dict[str, str]:
@@ -49,20 +51,45 @@ def model_identity(task_name: str, model: nn.Module) -> dict[str, str]:
 
 # --- model.pt and load_pruned ----------------------------------------------------------------
 
-def save_weights(model: nn.Module, policy: Policy, path: str | Path, example_inputs: torch.Tensor, meta: Mapping[str, str] | None = None) -> Path:
+def input_spec(inputs: Any) -> dict[str, Any]:
+    """Plain data describing model inputs of one example: ``{"shape", "dtype"}`` for a tensor,
+    ``{"tuple": [...]}`` or ``{"dict": {...}}`` for several.
+
+    >>> input_spec(torch.zeros(4, 3))
+    {'shape': [1, 3], 'dtype': 'float32'}
+    """
+    if isinstance(inputs, torch.Tensor):
+        return {"shape": [1, *inputs.shape[1:]], "dtype": str(inputs.dtype).removeprefix("torch.")}
+    if isinstance(inputs, dict):
+        return {"dict": {str(k): input_spec(v) for k, v in inputs.items()}}
+    if isinstance(inputs, (tuple, list)):
+        return {"tuple": [input_spec(v) for v in inputs]}
+    raise TypeError(f"model inputs must be a tensor, a tuple or a dict of tensors, but got {type(inputs).__name__}")
+
+
+def inputs_from_spec(spec: Mapping[str, Any]) -> Any:
+    """Zero inputs of the shape and dtype :func:`input_spec` recorded."""
+    if "dict" in spec:
+        return {k: inputs_from_spec(v) for k, v in spec["dict"].items()}
+    if "tuple" in spec:
+        return tuple(inputs_from_spec(v) for v in spec["tuple"])
+    return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+
+
+def save_weights(model: nn.Module, policy: Policy, path: str | Path, example_inputs: Any, meta: Mapping[str, str] | None = None) -> Path:
     """Write ``model.pt``: the policy and the pruned state dict, as plain data (no pickled code)."""
     path = Path(path)
     torch.save({
         "format": FORMAT,
         "policy": policy.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "input": {"shape": [1, *example_inputs.shape[1:]], "dtype": str(example_inputs.dtype).removeprefix("torch.")},
+        "input": input_spec(example_inputs),
         "meta": {str(k): str(v) for k, v in (meta or {}).items()},
     }, path)
     return path
 
 
-def load_pruned(task_or_model_factory: Any, path: str | Path, example_inputs: torch.Tensor | None = None) -> nn.Module:
+def load_pruned(task_or_model_factory: Any, path: str | Path, example_inputs: Any = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_weights`: a fresh dense model (from a task's
     ``build_model`` or a zero-argument factory), pruned by the saved policy to get the pruned
     shapes, then loaded with the saved weights. Returns it in eval mode on the CPU.
@@ -80,8 +107,7 @@ def load_pruned(task_or_model_factory: Any, path: str | Path, example_inputs: to
     else:
         raise TypeError(f"load_pruned needs a task (with build_model) or a model factory, but got {task_or_model_factory!r}")
     if example_inputs is None:
-        spec = saved["input"]
-        example_inputs = torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+        example_inputs = inputs_from_spec(saved["input"])
     policy = Policy.from_dict(saved["policy"])
     try:
         pruning.restore(policy, model.eval(), example_inputs, saved["state_dict"])
@@ -108,26 +134,81 @@ def check_out_dir(out: str | Path, force: bool) -> Path:
     return out
 
 
-def stage_export(stage: Path, model: nn.Module, policy: Policy, example_inputs: torch.Tensor, check_inputs: torch.Tensor, *, tolerance: float, meta: Mapping[str, str]) -> dict[str, float]:
-    """Write policy.json, model.pt, model.pt2 and model.onnx into ``stage`` and check each
-    reloads to the same outputs as ``model`` on ``check_inputs``. Returns the max abs diffs."""
+def stage_export(stage: Path, model: nn.Module, policy: Policy, example_inputs: Any, check_inputs: Any, *, tolerance: float,
+                 meta: Mapping[str, str]) -> tuple[dict[str, float], list[str]]:
+    """Write policy.json, model.pt, model.pt2 and model.onnx into ``stage`` and check that the
+    programs give ``model``'s outputs on ``check_inputs`` (model inputs: a tensor, a tuple or a
+    dict), relative to each output's largest magnitude, within ``tolerance``. A program that fails
+    its check or cannot be exported is removed from ``stage`` and the rest kept. Returns the max
+    absolute and relative differences, and one line per file left out or input dimension the
+    programs fix."""
     model = model.cpu().eval()
     with torch.no_grad():
-        expected = flat_outputs(model(check_inputs))
+        expected = flat_outputs(call(model, check_inputs))
     (stage / "policy.json").write_text(policy.to_json() + "\n")
     save_weights(model, policy, stage / "model.pt", example_inputs, meta)
-    program = export_program(model, example_inputs)
-    torch.export.save(program, str(stage / "model.pt2"))
-    with torch.no_grad():
-        pt2_diff = max_abs_diff(expected, flat_outputs(torch.export.load(str(stage / "model.pt2")).module()(check_inputs)))
-    if pt2_diff > tolerance:
-        raise ExportError(f"model.pt2 outputs differ from the torch model by {pt2_diff:.3g} (max abs), above the tolerance {tolerance:g}")
-    write_onnx(program, stage / "model.onnx")
-    onnx_diff = max_abs_diff(expected, onnx_outputs(stage / "model.onnx", check_inputs))
-    if onnx_diff > tolerance:
-        raise ExportError(f"model.onnx outputs differ from the torch model by {onnx_diff:.3g} (max abs over "
-                          f"{len(check_inputs)} test inputs), above the tolerance {tolerance:g} (--onnx-tolerance); nothing was written")
-    return {"pt2_max_abs_diff": pt2_diff, "onnx_max_abs_diff": onnx_diff}
+    diffs: dict[str, float] = {}
+    failed: list[str] = []
+    program = None
+    try:
+        program = export_program(model, example_inputs)
+        failed += fixed_dimensions(program, example_inputs)
+        torch.export.save(program, str(stage / "model.pt2"))
+        with torch.no_grad():
+            got = flat_outputs(call_program(torch.export.load(str(stage / "model.pt2")), check_inputs))
+        _check(stage / "model.pt2", expected, got, tolerance, batch_size_of(check_inputs), diffs, failed)
+    except Exception as exc:  # torch.export refusing the model: keep model.pt
+        failed.append(f"model.pt2 not written: torch.export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        (stage / "model.pt2").unlink(missing_ok=True)
+    if program is None:
+        failed.append("model.onnx not written: it is made from the torch.export program")
+        return diffs, failed
+    try:
+        write_onnx(program, stage / "model.onnx")
+        _check(stage / "model.onnx", expected, onnx_outputs(stage / "model.onnx", check_inputs), tolerance, batch_size_of(check_inputs), diffs, failed)
+    except Exception as exc:
+        failed.append(f"model.onnx not written: the ONNX export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        (stage / "model.onnx").unlink(missing_ok=True)
+    return diffs, failed
+
+
+def fixed_dimensions(program: torch.export.ExportedProgram, example_inputs: Any) -> list[str]:
+    """One line per input dimension asked to be dynamic that the exported program fixed (an
+    ``nn.LSTM`` is unrolled over its sequence by torch.export, so its length is fixed)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    from evaluators.onnx_backend import dynamic_dims
+
+    names = program.graph_signature.user_inputs
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    if isinstance(example_inputs, dict):
+        values = list(example_inputs.values())
+    else:
+        values = list(example_inputs) if isinstance(example_inputs, (tuple, list)) else [example_inputs]
+    lines = []
+    for name, value in zip(names, values):
+        shape = getattr(placeholders.get(name), "meta", {}).get("val")
+        if shape is None or not isinstance(value, torch.Tensor):
+            continue
+        for dim in dynamic_dims(value):
+            if dim > 0 and is_concrete_int(shape.shape[dim]):
+                size = int(shape.shape[dim])
+                lines.append(f"model.pt2 and model.onnx take input {name!r} with dimension {dim} fixed at {size} "
+                             f"(torch.export specialised it, as it does for an nn.LSTM unrolled over its sequence): pad "
+                             f"shorter inputs to {size}")
+    return lines
+
+
+def _check(path: Path, expected: list[np.ndarray], got: list[np.ndarray], tolerance: float, examples: int,
+           diffs: dict[str, float], failed: list[str]) -> None:
+    kind = path.suffix.lstrip(".")
+    diffs[f"{kind}_max_abs_diff"] = max_abs_diff(expected, got)
+    diffs[f"{kind}_max_rel_diff"] = relative = max_rel_diff(expected, got)
+    if relative > tolerance:
+        path.unlink(missing_ok=True)
+        failed.append(f"{path.name} not written: its outputs differ from the torch model by {relative:.3g} (relative to the "
+                      f"largest output; {diffs[f'{kind}_max_abs_diff']:.3g} max abs) over {examples} test inputs, above the "
+                      f"tolerance {tolerance:g} (--onnx-tolerance)")
 
 
 def publish(stage: Path, out: Path) -> list[Path]:

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
+from evaluators.batches import batch_size_of
 from evaluators.checkpoint import CheckpointError, load_dense
 from evaluators.measure import torch_threads
 from evaluators.tasks import make_task
@@ -60,6 +61,7 @@ class PickResult:
     out_dir: Path | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     check_diffs: dict[str, float] = dataclasses.field(default_factory=dict)
+    export_notes: list[str] = dataclasses.field(default_factory=list)  # files left out, dimensions fixed
     export_run_id: str | None = None
     model_uri: str | None = None
     registered: tuple[str, str, str] | None = None  # name, version, alias
@@ -142,16 +144,19 @@ def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str =
 def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[str, str], *, out_dir: Path | None,
           register: str | None, alias: str, onnx_tolerance: float, command: str | None, log: Log) -> None:
     record, row, model = result.record, result.trial, result.model
-    x_test = task.test_data()[0]
-    example, check = x_test[:2], x_test[:256]
+    example, check = task.inputs(2), task.inputs(256)
     meta = {"search_run_id": record.run_id, "trial_run_id": row["run_id"], **identity}
     epochs = record.config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
     with staging_dir(out_dir) as tmp:
         stage = Path(tmp)
         if out_dir is not None:
             log("exporting: model.pt, model.pt2 (torch.export), model.onnx (checked with onnxruntime)")
-            result.check_diffs = stage_export(stage, model, result.policy, example, check, tolerance=onnx_tolerance, meta=meta)
-            result.check_diffs["check_inputs"] = len(check)
+            result.check_diffs, result.export_notes = stage_export(stage, model, result.policy, example, check,
+                                                                   tolerance=onnx_tolerance, meta=meta)
+            result.check_diffs["check_inputs"] = batch_size_of(check)
+            for line in result.export_notes:
+                log(f"warning: {line}")
+            result.warnings += result.export_notes
         else:
             (stage / "policy.json").write_text(result.policy.to_json() + "\n")
         run_id = start_export_run(
@@ -223,14 +228,16 @@ def _card(result: PickResult, command: str | None, tolerance: float) -> str:
         ("export run", f"`{result.export_run_id}` (tag secateurs.kind=export)"),
     ]
     if result.check_diffs:
-        facts.append(("export checks", f"max abs output diff vs torch on {int(result.check_diffs['check_inputs'])} test inputs: "
-                                       f"model.pt2 {result.check_diffs['pt2_max_abs_diff']:.3g}, "
-                                       f"model.onnx {result.check_diffs['onnx_max_abs_diff']:.3g} (tolerance {tolerance:g})"))
+        checked = [f"{name} {result.check_diffs[f'{kind}_max_rel_diff']:.3g} relative ({result.check_diffs[f'{kind}_max_abs_diff']:.3g} max abs)"
+                   for name, kind in (("model.pt2", "pt2"), ("model.onnx", "onnx")) if f"{kind}_max_rel_diff" in result.check_diffs]
+        facts.append(("export checks", f"output diff vs torch on {int(result.check_diffs['check_inputs'])} test inputs: "
+                                       f"{', '.join(checked) or 'none checked'} (tolerance {tolerance:g}, relative to the largest output)"))
+        facts += [("export note", line) for line in result.export_notes]
     loading = [
         "- `model.pt` (weights + policy, `torch.load(weights_only=True)`): "
         "`search.export.load_pruned(task_or_model_factory, \"model.pt\")` rebuilds the dense model, applies the policy, loads the weights.",
         "- `model.pt2`: `torch.export.load(\"model.pt2\").module()` (no Python class needed).",
-        "- `model.onnx`: `onnxruntime.InferenceSession(\"model.onnx\")`, input `input` (dynamic batch), output `output`.",
+        "- `model.onnx`: `onnxruntime.InferenceSession(\"model.onnx\")`, input `input` (several inputs: the names of `forward`'s arguments), dynamic batch (and sequence, for token ids), output `output`.",
     ]
     if result.registered:
         name, version, alias = result.registered
@@ -265,7 +272,8 @@ def format_pick(result: PickResult) -> str:
     if result.files:
         diffs = result.check_diffs
         lines.append(f"\nexported to {result.out_dir}: {', '.join(p.name for p in result.files)}")
-        lines.append(f"  outputs vs torch (max abs): model.pt2 {diffs['pt2_max_abs_diff']:.2g}, model.onnx {diffs['onnx_max_abs_diff']:.2g}")
+        lines.append("  outputs vs torch (relative): " + ", ".join(f"model.{kind} {diffs[f'{kind}_max_rel_diff']:.2g}"
+                                                             for kind in ("pt2", "onnx") if f"{kind}_max_rel_diff" in diffs))
     if result.export_run_id:
         lines.append(f"MLflow export run {result.export_run_id} (parent {record.run_id}), model {result.model_uri}")
     if result.registered:

@@ -20,7 +20,7 @@ import pandas as pd
 import ray
 
 from evaluators.tasks import TaskConfig, make_task
-from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate
+from evaluators.trial import FinetuneConfig, MeasureConfig, Reference, evaluate
 from spaces import Policy
 
 
@@ -55,10 +55,11 @@ def candidates(front: pd.DataFrame, count: int) -> list[str]:
 
 
 def _refine_one(policy: Policy, task: TaskConfig, checkpoint: bytes, finetune: FinetuneConfig, measure: MeasureConfig,
-                dense_accuracy: float) -> dict[str, float]:
+                dense: Reference) -> dict[str, float]:
     started = time.perf_counter()
-    metrics = evaluate(policy, make_task(task), checkpoint, finetune, measure, dense_accuracy=dense_accuracy)
-    return {"accuracy": metrics.accuracy, "accuracy_drop": metrics.accuracy_drop, "time_refine_s": time.perf_counter() - started}
+    metrics = evaluate(policy, make_task(task), checkpoint, finetune, measure, dense=dense)
+    return {**metrics.scores, **{k: v for k, v in metrics.changes.items() if k not in ("macs_change", "params_change")},
+            "time_refine_s": time.perf_counter() - started}
 
 
 def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings, *, task: TaskConfig, checkpoint: bytes,
@@ -74,7 +75,7 @@ def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings,
     longer = dataclasses.replace(finetune, epochs=settings.epochs, max_steps=None)
     remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(_refine_one)
     checkpoint_ref = ray.put(checkpoint)
-    futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, dense["accuracy"]) for run_id in chosen}
+    futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, Reference.from_record(dense)) for run_id in chosen}
     in_search = dict(zip(front["run_id"], front["accuracy"]))
     for run_id, future in futures.items():
         refined = ray.get(future)

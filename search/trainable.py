@@ -8,7 +8,7 @@ import ray
 from ray import tune
 
 from evaluators.tasks import TaskConfig, make_task
-from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate, promote, screen
+from evaluators.trial import FinetuneConfig, MeasureConfig, Reference, evaluate, promote, screen
 from spaces import SearchSpace
 
 
@@ -21,8 +21,7 @@ class TrialContext:
     checkpoint: str
     finetune: FinetuneConfig
     measure: MeasureConfig
-    dense_accuracy: float
-    dense_params: int
+    dense: Reference  # the dense model's scores, MACs and parameters: trials record their change against it
     screening_bn_batches: int | None = None  # search.screening: report a screening result first
 
 
@@ -32,13 +31,12 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     policy = context.space.policy(params)
     task = make_task(context.task)
     node = {"node_id": ray.get_runtime_context().get_node_id()}
-    dense = {"dense_accuracy": context.dense_accuracy}
     if context.screening_bn_batches is None:
-        metrics = evaluate(policy, task, context.checkpoint, context.finetune, context.measure, dense_params=context.dense_params, **dense)
+        metrics = evaluate(policy, task, context.checkpoint, context.finetune, context.measure, dense=context.dense)
         tune.report({**metrics.to_dict(), **node})
         return
     model, screened = screen(policy, task, context.checkpoint, context.measure, bn_batches=context.screening_bn_batches,
-                             batch_size=context.finetune.batch_size, dense_params=context.dense_params, **dense)
+                             batch_size=context.finetune.batch_size, dense=context.dense)
     tune.report({**screened.to_dict(), "fidelity": 0, **node})  # the scheduler may stop the trial here
-    final = promote(model, screened, policy, task, context.checkpoint, context.finetune, context.measure, **dense)
-    tune.report({**final.to_dict(), "fidelity": 1, "screening_accuracy": screened.accuracy, **node})
+    final = promote(model, screened, policy, task, context.checkpoint, context.finetune, context.measure, dense=context.dense)
+    tune.report({**final.to_dict(), "fidelity": 1, **{f"screening_{k}": v for k, v in screened.scores.items()}, **node})

@@ -27,7 +27,7 @@ def digits_checkpoint(tmp_path_factory, digits_task):
 
     torch.manual_seed(0)
     model = digits_task.build_model()
-    train(model, digits_task.train_data(), epochs=1, lr=0.05, seed=0)
+    train(model, digits_task.train_data, epochs=1, lr=0.05, seed=0)
     path = tmp_path_factory.mktemp("dense") / "digits_cnn.pt"
     torch.save(model.state_dict(), path)
     return path

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from evaluators.models import DigitsCNN
-from evaluators.tasks import TaskConfig, make_digits_task
+from evaluators.builtin_tasks import make_digits_task
+from evaluators.tasks import TaskConfig
 
 
 class FragileCNN(DigitsCNN):
@@ -20,4 +21,4 @@ class FragileCNN(DigitsCNN):
 
 def make_task(config: TaskConfig):
     task = make_digits_task(TaskConfig(dense_epochs=config.dense_epochs))
-    return dataclasses.replace(task, name="fragile", model_factory=FragileCNN)
+    return dataclasses.replace(task, name="fragile", model=FragileCNN)

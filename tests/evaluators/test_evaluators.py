@@ -18,9 +18,9 @@ from evaluators import measure
 from evaluators.checkpoint import CheckpointError, cached_checkpoint_path, ensure_dense_checkpoint, load_dense
 from evaluators.models import MLP, DigitsCNN
 from evaluators.pruning import apply
-from evaluators.tasks import TaskConfig, TensorTask
+from evaluators.tasks import Task, TaskConfig
 from evaluators.train import NonFiniteLossError, accuracy, train
-from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate, measure_latencies, prune_and_finetune
+from evaluators.trial import FinetuneConfig, MeasureConfig, Reference, evaluate, measure_latencies, prune_and_finetune
 from spaces import Policy
 
 X8 = torch.zeros(1, 1, 8, 8)
@@ -227,8 +227,8 @@ def test_accuracy_counts_correct_predictions():
 # --------------------------------------------------------------------------- checkpoint
 
 
-def _tiny_task(model_factory=lambda: MLP(hidden=(8,))) -> TensorTask:
-    return TensorTask("toy", 10, model_factory, _toy_data(32), _toy_data(16, seed=1))
+def _tiny_task(model_factory=lambda: MLP(hidden=(8,))) -> Task:
+    return Task(model=model_factory, train_data=_toy_data(32), eval_data=_toy_data(16, seed=1), num_classes=10, name="toy")
 
 
 def test_ensure_dense_checkpoint_trains_once_then_reuses_cache(tmp_path, monkeypatch, digits_task):
@@ -260,7 +260,7 @@ def test_ensure_dense_checkpoint_trains_once_then_reuses_cache(tmp_path, monkeyp
 
     model = load_dense(digits_task, path)
     assert isinstance(model, DigitsCNN) and not model.training
-    assert accuracy(model, digits_task.test_data()) > 0.5  # it was really trained
+    assert accuracy(model, digits_task.eval_data) > 0.5  # it was really trained
 
 
 def test_cache_key_depends_on_training_settings_but_not_on_checkpoint(tmp_path, monkeypatch, digits_task):
@@ -274,9 +274,9 @@ def test_cache_key_depends_on_training_settings_but_not_on_checkpoint(tmp_path, 
 def test_cache_key_depends_on_the_training_data(tmp_path, monkeypatch, digits_task):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
     config = TaskConfig(name="digits", dense_epochs=1)
-    x, y = digits_task.train_data()
-    other = dataclasses.replace(digits_task, train=(x.clone(), y.roll(1)))
-    same = dataclasses.replace(digits_task, train=(x.clone(), y.clone()))
+    x, y = digits_task.train_data
+    other = dataclasses.replace(digits_task, train_data=(x.clone(), y.roll(1)))
+    same = dataclasses.replace(digits_task, train_data=(x.clone(), y.clone()))
     assert cached_checkpoint_path(config, digits_task) == cached_checkpoint_path(config, same)
     assert cached_checkpoint_path(config, digits_task) != cached_checkpoint_path(config, other)
 
@@ -337,7 +337,7 @@ def test_checkpoint_loading_uses_weights_only(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"net.1.weight": torch.zeros(1), "payload": _Trap(marker)}, path)
-    with pytest.raises(CheckpointError, match="cannot load") as info:
+    with pytest.raises(CheckpointError, match=r"holds pickled Python objects \(such as io.open\).*save the weights instead") as info:
         load_dense(_tiny_task(), path)
     assert str(path) in str(info.value)
     assert not marker.exists()
@@ -363,7 +363,7 @@ def test_plain_pickle_of_an_arbitrary_object_is_rejected(tmp_path):
 def dense_digits(digits_checkpoint, digits_task):
     """The shared one-epoch DigitsCNN checkpoint, its test accuracy and its parameter count."""
     model = load_dense(digits_task, digits_checkpoint)
-    return digits_checkpoint, accuracy(model, digits_task.test_data()), _numel(model)
+    return digits_checkpoint, accuracy(model, digits_task.eval_data), _numel(model)
 
 
 FAST_MEASURE = MeasureConfig(batch_size=8, warmup=1, repeats=3)
@@ -372,7 +372,8 @@ FAST_MEASURE = MeasureConfig(batch_size=8, warmup=1, repeats=3)
 def test_evaluate_half_policy_on_digits(digits_task, dense_digits):
     path, dense_acc, dense_params = dense_digits
     policy = Policy(criterion="l1", ratios=HALF)
-    metrics = evaluate(policy, digits_task, path, FinetuneConfig(epochs=0.2), FAST_MEASURE, dense_accuracy=dense_acc)
+    dense = Reference({"accuracy": dense_acc}, macs=0, params=dense_params)
+    metrics = evaluate(policy, digits_task, path, FinetuneConfig(epochs=0.2), FAST_MEASURE, dense=dense)
 
     dense_model = load_dense(digits_task, path)
     dense_macs, _ = measure.macs_and_params(dense_model, X8)
@@ -380,13 +381,17 @@ def test_evaluate_half_policy_on_digits(digits_task, dense_digits):
     assert 0 < metrics.macs < dense_macs
     assert metrics.size_mb < measure.size_mb(dense_model)
     assert metrics.param_sparsity == pytest.approx(1 - metrics.params / dense_params)
-    assert 0.0 <= metrics.accuracy <= 1.0
-    assert metrics.accuracy_drop == pytest.approx(dense_acc - metrics.accuracy)
-    steps_per_epoch = math.ceil(len(digits_task.train_data()[0]) / 64)
+    accuracy_ = metrics.scores["accuracy"]
+    assert 0.0 <= accuracy_ <= 1.0
+    assert metrics.changes["accuracy_drop"] == pytest.approx(dense_acc - accuracy_)
+    assert metrics.changes["accuracy_change"] == pytest.approx(accuracy_ - dense_acc)
+    assert metrics.changes["params_change"] == metrics.params - dense_params
+    steps_per_epoch = math.ceil(len(digits_task.train_data[0]) / 64)
     assert metrics.finetune_steps == round(0.2 * steps_per_epoch)
     assert 0 < metrics.latency_p10_ms <= metrics.latency_ms <= metrics.latency_p90_ms
     assert min(metrics.time_prune_s, metrics.time_finetune_s, metrics.time_measure_s) >= 0
-    assert set(metrics.to_dict()) >= {"accuracy", "params", "size_mb", "latency_ms", "param_sparsity"}
+    assert set(metrics.to_dict()) >= {"accuracy", "accuracy_drop", "accuracy_change", "macs_change", "params", "size_mb",
+                                      "latency_ms", "param_sparsity"}
     # the checkpoint file itself is left untouched
     assert all(torch.equal(v, load_dense(digits_task, path).state_dict()[k]) for k, v in dense_model.state_dict().items())
 
@@ -394,22 +399,22 @@ def test_evaluate_half_policy_on_digits(digits_task, dense_digits):
 def test_evaluate_without_finetune_equals_pruning_the_checkpoint_by_hand(digits_task, dense_digits):
     path, dense_acc, dense_params = dense_digits
     policy = Policy(criterion="l2", ratios={"features.3": 0.5, "classifier.1": 0.25})
-    metrics = evaluate(policy, digits_task, path, FinetuneConfig(epochs=0), FAST_MEASURE, dense_params=dense_params)
-    by_hand = apply(policy, load_dense(digits_task, path), digits_task.test_data()[0][:1])
+    metrics = evaluate(policy, digits_task, path, FinetuneConfig(epochs=0), FAST_MEASURE)
+    by_hand = apply(policy, load_dense(digits_task, path), digits_task.example())
     assert metrics.finetune_steps == 0
-    assert metrics.accuracy == accuracy(by_hand, digits_task.test_data())
+    assert metrics.scores["accuracy"] == accuracy(by_hand, digits_task.eval_data)
     assert metrics.params == _numel(by_hand)
-    assert metrics.accuracy_drop == 0.0  # no dense accuracy given
+    assert metrics.to_dict()["accuracy_drop"] == 0.0  # no dense reference given: it is its own
 
 
 def test_evaluate_with_empty_policy_keeps_the_dense_model(digits_task, dense_digits):
     path, dense_acc, dense_params = dense_digits
     metrics = evaluate(Policy(criterion="l1", ratios={}), digits_task, path, FinetuneConfig(epochs=0), FAST_MEASURE,
-                       dense_accuracy=dense_acc)
+                       dense=Reference({"accuracy": dense_acc}, macs=0, params=dense_params))
     assert metrics.params == dense_params
     assert metrics.param_sparsity == 0.0
-    assert metrics.accuracy == dense_acc
-    assert metrics.accuracy_drop == 0.0
+    assert metrics.scores == {"accuracy": dense_acc}
+    assert metrics.changes["accuracy_drop"] == 0.0 == metrics.changes["params_change"]
 
 
 def test_evaluate_accepts_checkpoint_bytes(digits_task, dense_digits):
@@ -417,8 +422,7 @@ def test_evaluate_accepts_checkpoint_bytes(digits_task, dense_digits):
     policy = Policy(criterion="l1", ratios={"features.7": 0.5})
     from_path = evaluate(policy, digits_task, path, FinetuneConfig(epochs=0), FAST_MEASURE)
     from_bytes = evaluate(policy, digits_task, path.read_bytes(), FinetuneConfig(epochs=0), FAST_MEASURE)
-    assert (from_bytes.accuracy, from_bytes.params, from_bytes.macs) == (from_path.accuracy, from_path.params,
-                                                                          from_path.macs)
+    assert (from_bytes.scores, from_bytes.params, from_bytes.macs) == (from_path.scores, from_path.params, from_path.macs)
     with pytest.raises(CheckpointError, match="does not match"):
         load_dense(digits_task, measure.state_dict_bytes(MLP(in_features=64)))
 
@@ -429,7 +433,7 @@ def test_prune_and_finetune_replays_to_the_same_model(digits_task, dense_digits)
     finetune = FinetuneConfig(epochs=0.1)
     a, timings = prune_and_finetune(policy, digits_task, path, finetune)
     b, _ = prune_and_finetune(policy, digits_task, path, finetune)
-    assert timings["finetune_steps"] == round(0.1 * math.ceil(len(digits_task.train_data()[0]) / 64)) > 0
+    assert timings["finetune_steps"] == round(0.1 * math.ceil(len(digits_task.train_data[0]) / 64)) > 0
     assert not a.training
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -81,12 +81,12 @@ def test_finetune_config_names_bad_fields(kwargs, field):
 def test_policy_fine_tune_knobs_override_the_config(monkeypatch):
     import evaluators.trial as trial_mod
     from evaluators.models import DigitsCNN
-    from evaluators.tasks import TensorTask
+    from evaluators.tasks import Task
     from spaces import Policy
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
-    task = TensorTask("tiny", 10, lambda: DigitsCNN(width=4), (x, y), (x, y))
+    task = Task(model=lambda: DigitsCNN(width=4), train_data=(x, y), eval_data=(x, y), num_classes=10)
     state = {k: v.clone() for k, v in task.build_model().state_dict().items()}
     import io
     buffer = io.BytesIO()

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from evaluators.models import DigitsCNN
-from evaluators.tasks import TensorTask
+from evaluators.tasks import Task
 from evaluators.trial import FinetuneConfig, MeasureConfig, evaluate, measure_latencies, measure_model
 from spaces import Policy
 
 
-def tiny_task() -> TensorTask:
+def tiny_task() -> Task:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, 8, 8, generator=g)
     y = torch.randint(0, 10, (64,), generator=g)
-    return TensorTask("tiny", 10, lambda: DigitsCNN(width=8), (x, y), (x[:40], y[:40]))
+    return Task(model=lambda: DigitsCNN(width=8), train_data=(x, y), eval_data=(x[:40], y[:40]), num_classes=10, name="tiny")
 
 
 def test_onnxruntime_backend_checks_outputs_and_times_the_onnx_program():
@@ -78,7 +78,7 @@ def test_channels_last_times_channels_last_weights_and_inputs_then_restores_the_
 def test_channels_last_is_refused_where_it_cannot_apply():
     with pytest.raises(ValueError, match="channels_last: applies to the torch backend; onnxruntime"):
         MeasureConfig(backend="onnxruntime", channels_last=True)
-    with pytest.raises(ValueError, match=r"measure.channels_last: needs image inputs \(N, C, H, W\), but the task's inputs have shape \(1, 12\)"):
+    with pytest.raises(ValueError, match=r"measure.channels_last: needs image inputs \(N, C, H, W\), but the task's inputs are int64 \(1, 12\)"):
         MeasureConfig(channels_last=True).check_inputs(torch.zeros(1, 12, dtype=torch.long))
     MeasureConfig(channels_last=True).check_inputs(torch.zeros(1, 1, 8, 8))
     MeasureConfig().check_inputs(torch.zeros(1, 12))
@@ -99,4 +99,4 @@ def test_trial_on_cuda_with_amp(tmp_path):
     torch.save(task.build_model().state_dict(), checkpoint)
     metrics = evaluate(Policy("l1", {"features.3": 0.5}), task, checkpoint, FinetuneConfig(epochs=1, amp=True),
                        MeasureConfig(device="cuda", batch_size=8, warmup=2, repeats=5))
-    assert metrics.latency_ms > 0 and 0 <= metrics.accuracy <= 1
+    assert metrics.latency_ms > 0 and 0 <= metrics.scores["accuracy"] <= 1

@@ -12,7 +12,8 @@ import torch
 from evaluators import datasets, pruning, zoo
 from evaluators.datasets import DataError, resolve_data_root
 from evaluators.models import MODELS
-from evaluators.tasks import TaskConfig, make_cifar10_task, make_fashion_mnist_task, make_sst2_task
+from evaluators.builtin_tasks import make_cifar10_task, make_fashion_mnist_task, make_sst2_task
+from evaluators.tasks import TaskConfig, make_task
 from spaces import Policy
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -84,7 +85,7 @@ def _write_fashion_dir(directory: Path, gz: bool, labels: np.ndarray | None = No
 def test_cifar10_loads_shared_subset_balanced_and_normalised():
     _needs(SHARED_DATA / "cifar10_10k.npz")
     task = make_cifar10_task(TaskConfig(name="cifar10", data_root=str(SHARED_DATA), options={"train_size": 200, "test_size": 100}))
-    (x, y), (xt, yt) = task.train_data(), task.test_data()
+    (x, y), (xt, yt) = task.train_data, task.eval_data
     assert x.shape == (200, 3, 32, 32) and xt.shape == (100, 3, 32, 32)
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.bincount(y, minlength=10).tolist() == [20] * 10
@@ -97,7 +98,7 @@ def test_sst2_loads_shared_csv_with_train_vocabulary(monkeypatch):
     _needs(SHARED_DATA / "sst2.csv")
     monkeypatch.setenv(datasets.DATA_ENV_VAR, str(SHARED_DATA))
     task = make_sst2_task(TaskConfig(name="sst2", options={"max_len": 24}))
-    (x, y), (xt, yt) = task.train_data(), task.test_data()
+    (x, y), (xt, yt) = task.train_data, task.eval_data
     assert x.shape == (6920, 24) and xt.shape == (1821, 24)
     assert x.dtype == torch.int64 and set(y.unique().tolist()) == {0, 1} and set(yt.unique().tolist()) == {0, 1}
     assert int(x.max()) < task.build_model().embedding.num_embeddings
@@ -107,7 +108,7 @@ def test_sst2_loads_shared_csv_with_train_vocabulary(monkeypatch):
 def test_fashion_mnist_loads_debian_files_when_no_root_is_configured(no_data_env):
     _needs(FASHION_DIR / "train-images-idx3-ubyte.gz")
     task = make_fashion_mnist_task(TaskConfig(name="fashion_mnist", options={"train_size": 100, "test_size": 50}))
-    (x, y), (xt, yt) = task.train_data(), task.test_data()
+    (x, y), (xt, yt) = task.train_data, task.eval_data
     assert x.shape == (100, 1, 28, 28) and xt.shape == (50, 1, 28, 28) and x.dtype == torch.float32
     assert torch.bincount(y, minlength=10).tolist() == [10] * 10 and int(yt.max()) <= 9
     assert task.build_model()(xt[:2]).shape == (2, 10)
@@ -126,17 +127,17 @@ def test_data_root_order_is_config_then_env_then_default(monkeypatch, tmp_path, 
 
 def test_tasks_find_files_by_name_under_config_env_and_default_roots(monkeypatch, tmp_path, no_data_env):
     _write_cifar_npz(tmp_path / "home" / ".cache" / "secateurs" / "data" / "cifar10_small.npz", n_train=10)
-    assert len(make_cifar10_task(TaskConfig(name="cifar10")).train_data()[1]) == 10
+    assert len(make_cifar10_task(TaskConfig(name="cifar10")).train_data[1]) == 10
     _write_cifar_npz(tmp_path / "env" / "cifar10.npz", n_train=20)
     monkeypatch.setenv(datasets.DATA_ENV_VAR, str(tmp_path / "env"))
-    assert len(make_cifar10_task(TaskConfig(name="cifar10")).train_data()[1]) == 20
+    assert len(make_cifar10_task(TaskConfig(name="cifar10")).train_data[1]) == 20
     _write_cifar_npz(tmp_path / "cfg" / "cifar10_30.npz", n_train=30)
-    assert len(make_cifar10_task(TaskConfig(name="cifar10", data_root=str(tmp_path / "cfg"))).train_data()[1]) == 30
+    assert len(make_cifar10_task(TaskConfig(name="cifar10", data_root=str(tmp_path / "cfg"))).train_data[1]) == 30
     # a root that is the file itself
     file = _write_cifar_npz(tmp_path / "elsewhere" / "any_name.npz", n_train=40)
-    assert len(make_cifar10_task(TaskConfig(name="cifar10", data_root=str(file))).train_data()[1]) == 40
+    assert len(make_cifar10_task(TaskConfig(name="cifar10", data_root=str(file))).train_data[1]) == 40
     csv = _write_sst2_csv(tmp_path / "text" / "reviews.csv")
-    assert make_sst2_task(TaskConfig(name="sst2", data_root=str(csv))).test_data()[0].shape == (1, 50)
+    assert make_sst2_task(TaskConfig(name="sst2", data_root=str(csv))).eval_data[0].shape == (1, 50)
 
 
 def test_cifar10_reads_official_pickled_batches(tmp_path, no_data_env):
@@ -147,22 +148,22 @@ def test_cifar10_reads_official_pickled_batches(tmp_path, no_data_env):
         batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}
         (directory / name).write_bytes(pickle.dumps(batch))
     task = make_cifar10_task(TaskConfig(name="cifar10", data_root=str(tmp_path / "root")))
-    assert task.train_data()[0].shape == (20, 3, 32, 32) and task.test_data()[1].tolist() == [0, 1, 2, 9]
+    assert task.train_data[0].shape == (20, 3, 32, 32) and task.eval_data[1].tolist() == [0, 1, 2, 9]
 
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_fashion_mnist_reads_idx_files_gz_or_not(tmp_path, gz, no_data_env):
     _write_fashion_dir(tmp_path / "data" / "fashion-mnist", gz)
     task = make_fashion_mnist_task(TaskConfig(name="fashion_mnist", data_root=str(tmp_path / "data")))
-    assert task.train_data()[0].shape == (20, 1, 28, 28) and task.test_data()[1].tolist() == list(range(10))
+    assert task.train_data[0].shape == (20, 1, 28, 28) and task.eval_data[1].tolist() == list(range(10))
 
 
 def test_sst2_vocabulary_comes_from_the_train_split_only(tmp_path, no_data_env):
     task = make_sst2_task(TaskConfig(name="sst2", data_root=str(_write_sst2_csv(tmp_path / "sst2.csv")), options={"max_len": 4}))
     vocab = datasets.build_vocab(["a good , good film", "a bad film"])
     assert "zebra" not in vocab and "fun" not in vocab
-    assert task.test_data()[0].tolist() == [[vocab["a"], vocab[datasets.UNK], vocab["film"], 0]]
-    assert task.train_data()[0][0].tolist() == [vocab[t] for t in ["a", "good", ",", "good"]]  # truncated
+    assert task.eval_data[0].tolist() == [[vocab["a"], vocab[datasets.UNK], vocab["film"], 0]]
+    assert task.train_data[0][0].tolist() == [vocab[t] for t in ["a", "good", ",", "good"]]  # truncated
 
 
 # ---------------------------------------------------------------- bad input
@@ -239,15 +240,19 @@ def test_bad_fashion_mnist_files_are_refused(tmp_path, no_data_env):
 
 
 def test_task_options_and_models_are_checked(tmp_path):
-    with pytest.raises(ValueError, match=r"^options: unknown option 'max_len' for task cifar10; valid: test_size, train_size"):
+    with pytest.raises(ValueError, match=r"^options: unknown option 'max_len' for task cifar10; valid: augment, test_size, train_size"):
         TaskConfig(name="cifar10", options={"max_len": 3})
     with pytest.raises(ValueError, match=r"^options: train_size for task cifar10 must be an integer >= 1"):
         TaskConfig(name="cifar10", options={"train_size": 0})
     _write_cifar_npz(tmp_path / "cifar10.npz")
     _raises(["options.train_size is 500", "only 20 train samples"], make_cifar10_task,
             TaskConfig(name="cifar10", data_root=str(tmp_path), options={"train_size": 500}))
-    with pytest.raises(ValueError, match="model 'text_lstm' does not fit"):
-        make_cifar10_task(TaskConfig(name="cifar10", data_root=str(tmp_path), model="text_lstm"))
+    with pytest.raises(ValueError, match=r"^options: augment for task cifar10 must be true or false, but got 1"):
+        TaskConfig(name="cifar10", options={"augment": 1})
+    with pytest.raises(ValueError, match=r"^train_data: the model cannot take its batches: it got inputs float32 \(8, 3, 32, 32\) and raised RuntimeError"):
+        make_task(TaskConfig(name="cifar10", data_root=str(tmp_path), model="digits_cnn"))
+    with pytest.raises(ValueError, match=r"^Task.model: building the model failed: TypeError: .*'vocab_size'"):
+        make_task(TaskConfig(name="cifar10", data_root=str(tmp_path), model="text_lstm"))
     with pytest.raises(ValueError, match="model_options 'depth' not taken by model 'resnet20'"):
         make_cifar10_task(TaskConfig(name="cifar10", data_root=str(tmp_path), model_options={"depth": 3}))
     task = make_cifar10_task(TaskConfig(name="cifar10", data_root=str(tmp_path), model="vgg_cifar", model_options={"hidden": 16}))

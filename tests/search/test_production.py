@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import signal
@@ -218,7 +219,7 @@ def test_replaying_a_trial_reproduces_its_metrics(search):
     result = pick(record.run_id, trial=str(int(row["trial"])), finetune_epochs=0.2, tracking_uri=search["uri"], log=lambda line: None)
     assert result.final["params"] == row["params"] and result.final["macs"] == row["macs"]
     assert result.final["size_mb"] == pytest.approx(row["size_mb"])
-    n_test = len(make_task(search["config"].task).test_data()[1])
+    n_test = len(make_task(search["config"].task).eval_data[1])
     assert abs(result.final["accuracy"] - row["accuracy"]) <= 2 / n_test  # same fine-tune, same seed, same threads
     assert result.export_run_id is None and not result.files
 
@@ -229,7 +230,7 @@ def test_export_writes_every_file_and_they_agree(search, exported):
                                                 "metrics.json", "MODEL_CARD.md"}
     assert (out / "notes.txt").read_text() == "mine"  # --force replaces export files only
     task = make_task(search["config"].task)
-    x_test, y_test = task.test_data()
+    x_test, y_test = task.eval_data
 
     saved = torch.load(out / "model.pt", weights_only=True)
     assert Policy.from_dict(saved["policy"]) == exported.policy == Policy.from_json((out / "policy.json").read_text())
@@ -250,7 +251,7 @@ def test_export_writes_every_file_and_they_agree(search, exported):
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, {"input": x_test.numpy()})[0]
     assert np.abs(onnx_out - reference.numpy()).max() < 1e-4
-    assert exported.check_diffs["onnx_max_abs_diff"] < 1e-4
+    assert exported.check_diffs["onnx_max_abs_diff"] < 1e-4 and exported.check_diffs["onnx_max_rel_diff"] < 1e-4
 
     card = (out / "MODEL_CARD.md").read_text()
     assert search["result"].parent_run_id in card and exported.trial["run_id"] in card
@@ -278,7 +279,7 @@ def test_registered_alias_reproduces_the_reported_accuracy(search, exported):
     mlflow.set_tracking_uri(search["uri"])
     mlflow.set_registry_uri(search["uri"])
     loaded = mlflow.pytorch.load_model(f"models:/{name}@{alias}")
-    x_test, y_test = make_task(search["config"].task).test_data()
+    x_test, y_test = make_task(search["config"].task).eval_data
     with torch.no_grad():
         predicted = loaded(x_test).argmax(dim=1)
     assert (predicted == y_test).sum().item() / len(y_test) == exported.final["accuracy"]
@@ -321,16 +322,22 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(search, exported, caps
     assert len(_runs(search, "export")) == exports_before
 
 
-def test_an_onnx_file_that_disagrees_with_torch_is_not_shipped(search, monkeypatch, tmp_path):
+def test_an_onnx_file_that_disagrees_with_torch_is_left_out_and_the_rest_shipped(search, monkeypatch, tmp_path):
     import search.export as export_module
 
     real = export_module.onnx_outputs
-    monkeypatch.setattr(export_module, "onnx_outputs", lambda path, inputs: [o + 1e-3 for o in real(path, inputs)])
-    exports_before = len(_runs(search, "export"))
-    with pytest.raises(ProductionError, match=r"model.onnx outputs differ from the torch model by 0.001 .*above the tolerance 0.0001"):
-        pick(search["result"].parent_run_id, out=tmp_path / "bad", tracking_uri=search["uri"], log=lambda line: None)
-    assert not (tmp_path / "bad").exists() and list(tmp_path.iterdir()) == []  # staging folder removed too
-    assert len(_runs(search, "export")) == exports_before
+    # 5% of each output's largest magnitude: far above the relative tolerance
+    monkeypatch.setattr(export_module, "onnx_outputs",
+                        lambda path, inputs: [o + 0.05 * np.abs(o).max() for o in real(path, inputs)])
+    lines: list[str] = []
+    result = pick(search["result"].parent_run_id, out=tmp_path / "out", tracking_uri=search["uri"], log=lines.append)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"policy.json", "model.pt", "model.pt2", "metrics.json", "MODEL_CARD.md"}
+    warning = next(line for line in lines if "model.onnx not written" in line)
+    assert re.search(r"differ from the torch model by 0.05 \(relative to the largest output; .* max abs\) over \d+ test inputs, "
+                     r"above the tolerance 0.0001", warning)
+    assert warning.removeprefix("warning: ") in result.warnings and "model.onnx not written" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert result.check_diffs["pt2_max_rel_diff"] < 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # staging folder removed
 
 
 def test_ui_serves_the_store_and_stops_on_ctrl_c(search):

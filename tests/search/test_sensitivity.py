@@ -13,7 +13,7 @@ from evaluators import sensitivity
 from evaluators.checkpoint import load_dense
 from evaluators.sensitivity import COLUMNS, analyse, safe_ratios
 from search.sensitivity import plot, to_frame
-from evaluators.tasks import TensorTask
+from evaluators.tasks import Task
 from evaluators.train import accuracy, recalibrate_batchnorm
 from spaces import Policy
 
@@ -46,7 +46,7 @@ def test_rows_come_in_the_order_given_skip_zero_and_have_the_columns(digits_task
 def test_harder_pruning_of_a_group_removes_at_least_as_many_macs(digits_task, dense_path):
     rows = analyse(digits_task, dense_path, L1, {"features.3": [0.25, 0.5, 0.75]}, samples=50, bn_batches=2)
     dense_macs, dense_params = pruning.effective_macs_and_params(load_dense(digits_task, dense_path),
-                                                                 digits_task.test_data()[0][:1])
+                                                                 digits_task.example())
     macs = [r["macs"] for r in rows]
     params = [r["params"] for r in rows]
     assert dense_macs > macs[0] >= macs[1] >= macs[2]
@@ -58,7 +58,7 @@ def test_proxy_is_accuracy_after_bn_recalibration_of_that_group_alone(digits_tas
     samples, bn_batches, batch_size = 150, 3, 32
     rows = analyse(digits_task, dense_path, L1, {"features.7": [0.5], "classifier.1": [0.25]},
                    bn_batches=bn_batches, batch_size=batch_size, samples=samples)
-    x_test, y_test = digits_task.test_data()
+    x_test, y_test = digits_task.eval_data
     subset = (x_test[:samples], y_test[:samples])
     dense = accuracy(load_dense(digits_task, dense_path), subset)
     for row in rows:
@@ -66,8 +66,8 @@ def test_proxy_is_accuracy_after_bn_recalibration_of_that_group_alone(digits_tas
         assert row["accuracy_drop"] == pytest.approx(row["dense_proxy_accuracy"] - row["proxy_accuracy"])
     # by hand: prune only that group, re-estimate BatchNorm, score on the same examples
     by_hand = pruning.apply(Policy(criterion="l1", ratios={"features.7": 0.5}), load_dense(digits_task, dense_path),
-                            x_test[:1], calibration=digits_task.train_data())
-    recalibrate_batchnorm(by_hand, digits_task.train_data()[0], batches=bn_batches, batch_size=batch_size)
+                            x_test[:1])
+    recalibrate_batchnorm(by_hand, digits_task.train_data[0], batches=bn_batches, batch_size=batch_size)
     assert rows[0]["proxy_accuracy"] == accuracy(by_hand, subset)
     assert rows[0]["params"] == sum(p.numel() for p in by_hand.parameters())
     # with bn_batches=0 the proxy is the pruned model's accuracy as it is, and that differs
@@ -79,7 +79,7 @@ def test_proxy_is_accuracy_after_bn_recalibration_of_that_group_alone(digits_tas
 
 def test_samples_none_scores_the_whole_test_set(digits_task, dense_path):
     rows = analyse(digits_task, dense_path, L1, {"classifier.1": [0.5]}, samples=None, bn_batches=1)
-    assert rows[0]["dense_proxy_accuracy"] == accuracy(load_dense(digits_task, dense_path), digits_task.test_data())
+    assert rows[0]["dense_proxy_accuracy"] == accuracy(load_dense(digits_task, dense_path), digits_task.eval_data)
 
 
 def test_analyse_is_deterministic_and_takes_checkpoint_bytes(digits_task, dense_path):
@@ -96,7 +96,7 @@ def test_recalibration_is_seeded_by_the_template(digits_task):
     def model():
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Dropout(0.5), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
 
-    task = TensorTask("dropout", 10, model, digits_task.train_data(), digits_task.test_data())
+    task = Task(model=model, train_data=digits_task.train_data, eval_data=digits_task.eval_data, num_classes=10, name="dropout")
     torch.manual_seed(0)
     checkpoint = measure.state_dict_bytes(model())
     ratios = {"1": [0.25, 0.5]}
