@@ -31,7 +31,7 @@ from search import frontier, outcome, ray_runtime, records, sensitivity
 from search.baselines import Baseline, reference_points
 from search.config import Config, ConfigError, validate
 from search.constraints import parse_all
-from search.objectives import COSTS, DEFAULT, Objectives
+from search.objectives import DEFAULT, Objectives
 from search.outcome import SearchResult
 from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
 from search.refine import refine_frontier
@@ -128,7 +128,7 @@ def _objectives(config: Config, prepared: _Prepared, dense: dict[str, float]) ->
     except ValueError as exc:
         raise ConfigError(f"search.{exc}") from None
     try:
-        objectives.check_scores([k for k in dense if k not in COSTS])
+        objectives.check_scores(Reference.from_record(dense).scores)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
@@ -375,7 +375,8 @@ def _refine(session: _Session) -> None:
         checkpoint = f.read()
     refine_frontier(session.tracker, front, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
                     measure=config.measure, dense=session.dense,
-                    resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial}, out=session.out)
+                    resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial}, out=session.out,
+                    scores=session.objectives.quality)
 
 
 def _remeasure(session: _Session) -> None:

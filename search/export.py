@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -243,7 +243,12 @@ def staging_dir(out: Path | None) -> tempfile.TemporaryDirectory:
 
 # --- MODEL_CARD.md ---------------------------------------------------------------------------
 
-_CARD_METRICS = ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms", "size_mb", "macs", "params")
+_CARD_COSTS = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "size_mb", "macs", "params")
+
+
+def score_columns(scores: Sequence[str]) -> list[str]:
+    """Each score and its change against the dense model (``accuracy_drop`` for accuracy)."""
+    return [c for q in scores for c in (q, "accuracy_drop" if q == "accuracy" else f"{q}_change")]
 
 
 def _cell(value: Any) -> str:
@@ -254,12 +259,14 @@ def _cell(value: Any) -> str:
     return f"{float(value):.4f}"
 
 
-def model_card(*, title: str, columns: Mapping[str, Mapping[str, float]], facts: list[tuple[str, str]], policy: Policy, command: str, loading: list[str]) -> str:
-    """A short Markdown card: metrics side by side, how the model was made, how to load it."""
+def model_card(*, title: str, columns: Mapping[str, Mapping[str, float]], facts: list[tuple[str, str]], policy: Policy, command: str,
+               loading: list[str], scores: Sequence[str] = ("accuracy",)) -> str:
+    """A short Markdown card: ``scores`` (the search's) and the costs side by side, how the model was
+    made, how to load it."""
     names = list(columns)
     lines = [f"# {title}", "", "## Metrics", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for metric in _CARD_METRICS:
+    for metric in [*score_columns(scores), *_CARD_COSTS]:
         lines.append(f"| {metric} | " + " | ".join(_cell(columns[n].get(metric)) for n in names) + " |")
     lines += ["", "Latency: median of timed forward passes (p10/p90 beside it) as configured in the search's "
               "`measure` section; columns measured in the same process are comparable, across runs less so.", "",

@@ -23,10 +23,10 @@ from evaluators.batches import batch_size_of
 from evaluators.checkpoint import CheckpointError, load_dense
 from evaluators.measure import torch_threads
 from evaluators.tasks import make_task
-from evaluators.trial import measure_model, prune_and_finetune
+from evaluators.trial import Reference, measure_model, prune_and_finetune
 from search import records
-from search.choose import PREFERENCES, Constraints, choose, find_trial
-from search.export import check_out_dir, model_card, model_identity, publish, stage_export, staging_dir, write_json
+from search.choose import Constraints, choose, find_trial
+from search.export import check_out_dir, model_card, model_identity, publish, score_columns, stage_export, staging_dir, write_json
 from search.records import ProductionError, SearchRecord, load_search
 from search.registry import (
     DEFAULT_ALIAS, check_alias, check_registered_name, log_metrics, log_model, register as register_model,
@@ -35,7 +35,7 @@ from search.registry import (
 from spaces import Policy
 
 Log = Callable[[str], None]
-_SHOWN = ("accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params")
+_COSTS_SHOWN = ("latency_ms", "size_mb", "macs", "params")
 
 
 def _stderr(line: str) -> None:
@@ -91,14 +91,13 @@ def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str =
          tracking_uri: str | None = None, command: str | None = None, log: Log = _stderr) -> PickResult:
     """Choose a policy of search ``run_id``; with ``finetune_epochs``, ``out`` or ``register`` also
     rebuild, measure, export and register it. Every input is checked before any work is done."""
-    if prefer not in PREFERENCES:
-        raise ProductionError(f"--prefer: unknown preference {prefer!r}; valid: {', '.join(PREFERENCES)}")
     if finetune_epochs is not None and not finetune_epochs >= 0:
         raise ProductionError(f"--finetune-epochs must be >= 0, but got {finetune_epochs}")
     if not onnx_tolerance > 0:
         raise ProductionError(f"--onnx-tolerance must be > 0, but got {onnx_tolerance}")
     record = load_search(run_id, tracking_uri)
-    row = find_trial(record, trial) if trial is not None else choose(record.frontier, constraints, prefer, dense=record.dense)
+    row = find_trial(record, trial) if trial is not None else choose(record.frontier, constraints, prefer, dense=record.dense,
+                                                                      objectives=record.objectives)
     out_dir = check_out_dir(out, force) if out is not None else None
     client = MlflowClient(record.tracking_uri)
     config = record.config
@@ -126,9 +125,11 @@ def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str =
         raise ProductionError(str(exc)) from None
     final = measure_model(model, task, config.measure)
     dense_now = measure_model(dense_model, task, config.measure)
-    dense_accuracy = record.dense.get("accuracy", dense_now["accuracy"])
-    final["accuracy_drop"] = dense_accuracy - final["accuracy"]
-    dense_now["accuracy_drop"] = dense_accuracy - dense_now["accuracy"]
+    reference = Reference.from_record(record.dense)  # the search's dense record: changes as the trials recorded them
+    for measured in (final, dense_now):
+        scores = {q: measured[q] for q in reference.scores if q in measured}
+        measured.update({k: v for k, v in reference.changes(scores, macs=measured["macs"], params=measured["params"]).items()
+                         if k not in ("macs_change", "params_change")})
     final["param_sparsity"] = 1.0 - final["params"] / dense_now["params"]
     final.update(timings)
     result.final, result.dense_now, result.model = final, dense_now, model
@@ -174,11 +175,11 @@ def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[st
                 version = register_model(client, register, result.model_uri, run_id, registry_uri=record.tracking_uri,
                                          identity=identity, alias=alias,
                                          version_tags={"secateurs.search_run": record.run_id, "secateurs.trial_run": row["run_id"],
-                                                       "accuracy": f"{result.final['accuracy']:.6f}"},
+                                                       **{q: f"{result.final[q]:.6f}" for q in record.objectives.quality}},
                                          description=f"Pruned {identity['secateurs.model_class']} for task {identity['secateurs.task']} (secateurs).")
                 result.registered = (register, version, alias)
             write_json(stage / "metrics.json", {"final": result.final, "dense_measured_now": result.dense_now,
-                                                "search_trial": _row_metrics(row), "dense_search": record.dense,
+                                                "search_trial": _row_metrics(row, record.objectives.quality), "dense_search": record.dense,
                                                 "checks": result.check_diffs})
             (stage / "MODEL_CARD.md").write_text(_card(result, command, onnx_tolerance))
             for name in ("policy.json", "metrics.json", "MODEL_CARD.md"):
@@ -196,8 +197,8 @@ def _name(row: pd.Series) -> str:
     return f"{row.get('kind', 'trial')} {int(row['trial'])}"
 
 
-def _row_metrics(row: pd.Series) -> dict[str, float]:
-    return {k: float(row[k]) for k in ("accuracy", "accuracy_drop", "latency_ms", "latency_p10_ms", "latency_p90_ms",
+def _row_metrics(row: pd.Series, scores: list[str]) -> dict[str, float]:
+    return {k: float(row[k]) for k in (*score_columns(scores), "latency_ms", "latency_p10_ms", "latency_p90_ms",
                                         "size_mb", "macs", "params") if k in row}
 
 
@@ -244,9 +245,10 @@ def _card(result: PickResult, command: str | None, tolerance: float) -> str:
         facts.append(("registered", f"`{name}` version {version}, alias `{alias}`"))
         loading.append(f"- MLflow: `mlflow.pytorch.load_model(\"models:/{name}@{alias}\")` gives a torch.export program; "
                        "call it directly (it is in inference mode; `.eval()` is not supported on it).")
-    columns = {"dense (search)": record.dense, f"{_name(row)} (search)": _row_metrics(row),
+    columns = {"dense (search)": record.dense, f"{_name(row)} (search)": _row_metrics(row, record.objectives.quality),
                "final (measured now)": result.final, "dense (measured now)": result.dense_now}
     return model_card(title=f"Pruned {config.task.name} model from search {record.run_name}", columns=columns, facts=facts,
+                      scores=record.objectives.quality,
                       policy=result.policy, command=command or f"secateurs pick {record.run_id}", loading=loading)
 
 
@@ -260,11 +262,13 @@ def format_pick(result: PickResult) -> str:
         f"policy: criterion {result.policy.criterion}; fraction of channels removed: {ratios}",
         "",
     ]
-    table = [{"": "dense (search)", **record.dense}, {"": f"{_name(row)} (search)", **_row_metrics(row)}]
+    scores = record.objectives.quality
+    table = [{"": "dense (search)", **record.dense}, {"": f"{_name(row)} (search)", **_row_metrics(row, scores)}]
     if result.final is not None:
         epochs = record.config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
         table += [{"": f"final ({epochs:g} ep fine-tune)", **result.final}, {"": "dense (measured now)", **result.dense_now}]
-    frame = pd.DataFrame(table).set_index("")[list(_SHOWN)]
+    frame = pd.DataFrame(table).set_index("")
+    frame = frame[[c for c in (*score_columns(scores), *_COSTS_SHOWN) if c in frame]]
     frame.index.name = None
     frame[["macs", "params"]] = frame[["macs", "params"]].astype(int)
     lines.append(frame.to_string(float_format=lambda v: f"{v:.4f}"))

@@ -64,9 +64,10 @@ def _refine_one(policy: Policy, task: TaskConfig, checkpoint: bytes, finetune: F
 
 def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings, *, task: TaskConfig, checkpoint: bytes,
                     finetune: FinetuneConfig, measure: MeasureConfig, dense: dict[str, float], resources: dict[str, float],
-                    out: Callable[[str], None]) -> list[str]:
-    """Refine the candidates of ``front`` (rows with ``run_id``, ``accuracy``, ``latency_ms``) on Ray
-    and record the results on their runs; returns the run ids refined. Ray must be running."""
+                    out: Callable[[str], None], scores: list[str] = ("accuracy",)) -> list[str]:
+    """Refine the candidates of ``front`` (rows with ``run_id``, ``latency_ms`` and the ``scores``) on
+    Ray and record the results on their runs (each score's search value kept as ``<score>_in_search``);
+    returns the run ids refined. Ray must be running."""
     chosen = candidates(front, settings.candidates)
     if not chosen:
         return []
@@ -76,10 +77,12 @@ def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings,
     remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(_refine_one)
     checkpoint_ref = ray.put(checkpoint)
     futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, Reference.from_record(dense)) for run_id in chosen}
-    in_search = dict(zip(front["run_id"], front["accuracy"]))
+    rows = front.set_index("run_id")
     for run_id, future in futures.items():
         refined = ray.get(future)
-        tracker.update_metrics(run_id, {**refined, "accuracy_in_search": in_search[run_id], "refine_epochs": settings.epochs}, step=2)
-        out(f"  {run_id[:12]}: accuracy {in_search[run_id]:.4f} after the search's fine-tune, {refined['accuracy']:.4f} after {settings.epochs:g} epochs")
+        kept = {f"{q}_in_search": float(rows.at[run_id, q]) for q in scores}
+        tracker.update_metrics(run_id, {**refined, **kept, "refine_epochs": settings.epochs}, step=2)
+        q = scores[0]
+        out(f"  {run_id[:12]}: {q} {kept[f'{q}_in_search']:.4f} after the search's fine-tune, {refined[q]:.4f} after {settings.epochs:g} epochs")
     tracker.set_tags_on(chosen, {"secateurs.refined": "true"})
     return chosen

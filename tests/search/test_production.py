@@ -207,8 +207,10 @@ def test_pick_bounds_speak_the_search_constraint_language_also_relative_to_dense
         choose(table, both, dense=dense)
     assert "macs <= 0.2 * dense alone rules out 2 of 3 (the lowest macs is 100)" in str(caught.value)
     assert half.violations({"macs": 600.0}, dense) == ["macs <= 0.5 * dense (got 600)"]
-    with pytest.raises(ProductionError, match="--where: constraint 'flops <= 3': unknown metric 'flops'"):
-        Constraints(where=("flops <= 3",))
+    with pytest.raises(ProductionError, match="--where: constraint 'flops < 3' is not of the form"):
+        Constraints(where=("flops < 3",))
+    with pytest.raises(ProductionError, match="flops <= 3: the search recorded no metric 'flops'; it has accuracy, latency_ms"):
+        choose(table, Constraints(where=("flops <= 3",)), dense=dense)
 
 
 # --- rebuild, export, register --------------------------------------------------------------

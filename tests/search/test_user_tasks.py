@@ -104,6 +104,23 @@ def test_a_metric_to_minimise_through_a_user_module(tmp_path, store):
     assert 30 < result.dense["rmse"] < 120
     for run in runs:
         assert run.data.metrics["rmse_change"] == pytest.approx(run.data.metrics["rmse"] - result.dense["rmse"])
+    # the frontier is over (rmse min, latency_ms min, size_mb min): lower RMSE is better, not higher
+    parent = client.get_run(result.parent_run_id)
+    assert json.loads(parent.data.tags["secateurs.objectives"]) == {"rmse": "min", "latency_ms": "min", "size_mb": "min"}
+    front = result.frontier
+    from search import frontier
+    table = result.trials
+    expected = frontier.non_dominated(table[["rmse", "latency_ms", "size_mb"]].to_numpy(), ["min", "min", "min"])
+    assert set(front["run_id"]) == set(table.loc[expected, "run_id"])
+    # pick speaks the search's objectives: the best RMSE on the frontier, and a bound on it
+    from search.choose import Constraints
+    from search.pick import format_pick, pick
+    best = pick(result.parent_run_id, prefer="rmse", tracking_uri=store)
+    assert best.trial["rmse"] == front["rmse"].min()
+    bounded = pick(result.parent_run_id, constraints=Constraints(where=(f"rmse <= {front['rmse'].median()}",)), prefer="latency_ms",
+                   tracking_uri=store)
+    assert bounded.trial["rmse"] <= front["rmse"].median()
+    assert "rmse" in format_pick(best) and "rmse_change" in format_pick(best)
 
 
 def test_the_custom_metric_task_reads_its_files_and_records_rmse(tmp_path, monkeypatch):
