@@ -1,0 +1,91 @@
+"""Depth: which whole blocks a model can lose, and removing them, for any model.
+
+Different models lose a block differently: a residual block of a CNN or of a user's own model is
+replaced by what is left without its branch (:mod:`evaluators.blocks`), while a Hugging Face
+decoder or encoder layer must leave its layer list (with the config and the KV-cache indices
+renumbered) so that ``from_pretrained`` rebuilds the smaller model. A :class:`DepthHandler` does
+one of these; the first registered handler that claims a model serves it (handlers registered
+later are asked first, so a specific one, such as Hugging Face's, wins over the generic one).
+
+>>> from evaluators.zoo import resnet20
+>>> [b.name for b in discover(resnet20(), torch.zeros(1, 3, 32, 32))][:3]
+['layer1.0', 'layer1.1', 'layer1.2']
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from evaluators import blocks as residual
+from evaluators.batches import Calibration
+from spaces import Block
+
+BLOCK_CRITERIA = ("block_influence", "loss")  # block_influence: 1 - cos(input, output); loss: the loss increase when dropped
+
+
+class DepthHandler(Protocol):
+    """How one family of models loses whole blocks."""
+
+    name: str
+
+    def claims(self, model: nn.Module) -> bool: ...
+
+    def discover(self, model: nn.Module, example_inputs: Any) -> list[Block]:
+        """The removable blocks (module names in the dense model) with their parameter counts."""
+
+    def drop(self, model: nn.Module, names: Sequence[str], example_inputs: Any) -> nn.Module:
+        """Remove ``names`` (dense-model module names) from ``model`` in place; returns it."""
+
+    def importance(self, model: nn.Module, calibration: Calibration, names: Sequence[str], criterion: str) -> dict[str, float]:
+        """Per block, how much it matters (low: removed first)."""
+
+
+class ResidualBlocks:
+    """Any model: residual blocks found by tracing, each replaced by what is left without its branch."""
+
+    name = "residual"
+
+    def claims(self, model: nn.Module) -> bool:
+        return True
+
+    def discover(self, model: nn.Module, example_inputs: Any) -> list[Block]:
+        return [Block(b.name, b.params) for b in residual.discover_blocks(model, example_inputs)]
+
+    def drop(self, model: nn.Module, names: Sequence[str], example_inputs: Any) -> nn.Module:
+        return residual.drop_blocks(model, names, example_inputs)
+
+    def importance(self, model: nn.Module, calibration: Calibration, names: Sequence[str], criterion: str) -> dict[str, float]:
+        return residual.block_importance(model, calibration, names, criterion="cosine" if criterion == "block_influence" else criterion)
+
+
+HANDLERS: list[DepthHandler] = [ResidualBlocks()]
+
+
+def register_depth_handler(handler: DepthHandler) -> None:
+    """Serve the models ``handler.claims`` with it (asked before the handlers registered earlier)."""
+    HANDLERS.insert(0, handler)
+
+
+def handler_for(model: nn.Module) -> DepthHandler:
+    return next(h for h in HANDLERS if h.claims(model))
+
+
+def discover(model: nn.Module, example_inputs: Any) -> list[Block]:
+    """The removable blocks of ``model``, as its handler finds them."""
+    return handler_for(model).discover(model, example_inputs)
+
+
+def drop(model: nn.Module, names: Iterable[str], example_inputs: Any) -> nn.Module:
+    """Remove the blocks ``names`` from ``model`` in place (nothing when empty); returns it."""
+    names = list(names)
+    return handler_for(model).drop(model, names, example_inputs) if names else model
+
+
+def order(model: nn.Module, calibration: Calibration, names: Sequence[str], criterion: str = "block_influence") -> list[str]:
+    """``names``, least important first by ``criterion`` (ties: model order)."""
+    if criterion not in BLOCK_CRITERIA:
+        raise ValueError(f"space.depth.criterion: unknown criterion {criterion!r}; valid: {', '.join(BLOCK_CRITERIA)}")
+    scores = handler_for(model).importance(model, calibration, names, criterion)
+    return sorted(names, key=lambda n: (scores[n], list(names).index(n)))
