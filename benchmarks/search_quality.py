@@ -1,34 +1,28 @@
-"""Benchmark: does the search find better policies than hand-made ones for the same budget?
+"""Benchmark: does the search beat hand-made policies at equal compute, on a converged model?
 
-ResNet-20 on the CIFAR-10 subset (configs/cifar10_resnet20.yaml: the dense model is trained once
-and cached). Every method gets the same number of fine-tuned trials and the same fine-tune per
-trial, over the same space (ratios 0..0.7 in steps of 0.05, l1/l2/random):
+ResNet-20 on the CIFAR-10 subset, trained until it stops improving (``benchmarks/dense_cifar10.py``;
+``configs/cifar10_resnet20_converged.yaml``: all 10,000 training images with augmentation, scored on
+all 2,000 test images). Every method gets the same budget: the whole 2-core machine for
+``--budget-s`` seconds of wall time (``search.time_budget_s``, which bounds the whole command: the
+dense reference, sensitivity, screening, timing, fine-tunes, refinement and the final re-timing),
+with two trials at a time on one torch thread each. Methods:
 
-- ``uniform``: every group at one ratio, at evenly spread levels (a baseline-only search);
-- ``global_magnitude``: one l1 ranking across groups, at the same levels;
-- ``random``: Optuna's random sampler;
-- ``secateurs``: NSGA-II after the default baselines (uniform and global magnitude at 0.25/0.5/0.75);
-- ``secateurs_mf``: the same plus sensitivity seeds and screening (multi-fidelity): same trial
-  count, so it spends less compute; the table reports how much;
-- ``secateurs_mf_tpe``: ``secateurs_mf`` with Optuna's multivariate TPE instead of NSGA-II;
-- ``secateurs_mf_ft`` / ``secateurs_mf_tpe_ft``: ``secateurs_mf`` / ``secateurs_mf_tpe`` with the
-  same number of *fine-tuned* trials as the other methods (``search.screening.fine_tunes``: the
-  sampled trials screened out do not count, up to 3x as many sampled), so screening's savings buy
-  more candidates; more compute than ``secateurs_mf``, reported;
-- ``secateurs_mf_tpe_ft_w`` / ``random_w``: ``secateurs_mf_tpe_ft`` / ``random`` with
-  ``space.round_to: [1, 8]`` (the sampler also picks whether widths are kept multiples of 8);
-  ``uniform_r8``: the uniform sweep with every width a multiple of 8;
-- ``secateurs_lat`` / ``secateurs_lat_tpe``: ``secateurs_mf`` / ``secateurs_mf_tpe`` with latency
-  seeds (``seed_latency: [0.8, 0.6, 0.4]``: the sensitivity path, pruned where the proxy loses
-  least per millisecond saved, timed) instead of the proxy-drop seeds.
+- ``uniform_fine``: the uniform sweep spending its budget on more levels (every 0.025 of the range,
+  coarse to fine, until the budget is spent);
+- ``uniform_long``: the uniform sweep spending it on longer fine-tunes (14 levels, ``--long-epochs``
+  per policy); the better of the two is "the best baseline" of each seed;
+- ``secateurs``: the search (TPE after sensitivity seeds, screening, the channel rounding searched,
+  the frontier's candidates refined) under the same budget;
+- ``secateurs_2x``: the same search with twice the budget (does more budget buy a better pick?).
 
-Per method and seed: the hypervolume of its fine-tuned trials in (accuracy, latency / dense,
-size / dense) against (0, 1, 1) (each search's own dense timing, re-timed with its frontier at the
-end), the best accuracy at >= 2x MAC reduction and at >= 2x measured latency reduction, and the
-compute (summed in-trial seconds + sensitivity) and wall time. Seeds run one after another, the
-methods of a seed back to back, so that machine noise spreads over all methods.
+Per method and seed: the hypervolume of the final (re-timed) frontier over (accuracy, latency /
+dense, size / dense), the curve of the in-search hypervolume against the seconds spent, and the best
+accuracy at >= 2x lower measured latency. Then what a user ends up with: the search's best policy at
+>= 2x lower latency and the best baseline policy at the same latency (within 5%) are each fine-tuned
+for ``--final-epochs`` with the same recipe (``secateurs pick --finetune-epochs``), and both scored.
+Seeds run one after another, the methods of a seed back to back (so machine noise spreads over all).
 
-    SECATEURS_DATA=../shared/data python benchmarks/search_quality.py [--trials 14] [--seeds 0 1 2]
+    SECATEURS_DATA=../shared/data python benchmarks/search_quality.py [--budget-s 360] [--seeds 0 1 2 3 4]
 """
 from __future__ import annotations
 
@@ -39,137 +33,221 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from search.config import load_config
 from search.driver import run_search
 from search.frontier import feasible_mask, normalised_hypervolume
+from search.pick import pick
 
 ROOT = Path(__file__).resolve().parents[1]
-# The benchmark scores accuracy on all 2,000 test images of the subset (the config's 1,000 keep a
-# user's trials quick): the standard error of one accuracy near 45% is then ~1.1 points, not ~1.6.
-BENCHMARK_OVERRIDES = ["task.options.test_size=2000"]
-LATENCY_SEEDS = "seed_drops: [], seed_latency: [0.8, 0.6, 0.4]"
+CONFIG = ROOT / "configs" / "cifar10_resnet20_converged.yaml"
+SEARCH = ["search.sampler=tpe", "search.num_trials=1000", "search.sensitivity={}", "search.screening={warmup: 4}",
+          "space.round_to=[1, 8]", "search.refine={epochs: 2, candidates: 4}"]
 
 
-def methods(trials: int, high: float) -> dict[str, list[str]]:
-    """Each method's overrides; the sweeps' levels spread evenly over (0, high] (the space snaps
-    them to its step, so a sweep has at most as many distinct policies as the grid has levels)."""
-    levels = sorted({round(high * (i + 1) / trials, 4) for i in range(trials)})
-    default_baselines = 6  # uniform + global magnitude at 0.25/0.5/0.75
+def coarse_to_fine(levels: list[float]) -> list[float]:
+    """``levels`` reordered so that any prefix covers the range as evenly as it can: the middle
+    first, then the middles of the halves, and so on.
+
+    >>> coarse_to_fine([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    [0.4, 0.2, 0.6, 0.1, 0.3, 0.5, 0.7]
+    """
+    order, spans = [], [(0, len(levels))]
+    while spans:
+        nxt = []
+        for lo, hi in spans:
+            if lo >= hi:
+                continue
+            mid = (lo + hi) // 2
+            order.append(levels[mid])
+            nxt += [(lo, mid), (mid + 1, hi)]
+        spans = nxt
+    return order
+
+
+def methods(high: float, budget: float, long_epochs: float) -> dict[str, list[str]]:
+    fine = coarse_to_fine([round(x, 4) for x in np.arange(0.025, high + 1e-9, 0.025)])
+    coarse = coarse_to_fine([round(x, 4) for x in np.arange(0.05, high + 1e-9, 0.05)])
+    sweep = ["search.num_trials=0", "search.baselines=[uniform]"]
     return {
-        "uniform": ["search.num_trials=0", "search.baselines=[uniform]", f"search.baseline_ratios={levels}"],
-        "global_magnitude": ["search.num_trials=0", "search.baselines=[global_magnitude]", f"search.baseline_ratios={levels}"],
-        "random": [f"search.num_trials={trials}", "search.sampler=random", "search.baselines=[]"],
-        "secateurs": [f"search.num_trials={trials - default_baselines}", "search.sampler=nsga2"],
-        "secateurs_mf": [f"search.num_trials={trials - default_baselines}", "search.sampler=nsga2",
-                         "search.sensitivity={}", "search.screening={warmup: 4}"],
-        "secateurs_mf_tpe": [f"search.num_trials={trials - default_baselines}", "search.sampler=tpe",
-                             "search.sensitivity={}", "search.screening={warmup: 4}"],
-        # same number of fine-tuned trials as the others: screening's savings buy more screened candidates
-        "secateurs_mf_ft": [f"search.num_trials={3 * trials}", "search.sampler=nsga2", "search.sensitivity={}",
-                            f"search.screening={{warmup: 4, fine_tunes: {trials - default_baselines}}}"],
-        "secateurs_mf_tpe_ft": [f"search.num_trials={3 * trials}", "search.sampler=tpe", "search.sensitivity={}",
-                                f"search.screening={{warmup: 4, fine_tunes: {trials - default_baselines}}}"],
-        # kernel-friendly widths: the search chooses round_to 1 or 8 per policy (random over the same
-        # space); uniform_r8 is the hand-made sweep with every width a multiple of 8
-        "uniform_r8": ["search.num_trials=0", "search.baselines=[uniform]", f"search.baseline_ratios={levels}", "space.round_to=8"],
-        "random_w": [f"search.num_trials={trials}", "search.sampler=random", "search.baselines=[]", "space.round_to=[1, 8]"],
-        "secateurs_mf_tpe_ft_w": [f"search.num_trials={3 * trials}", "search.sampler=tpe", "search.sensitivity={}",
-                                  f"search.screening={{warmup: 4, fine_tunes: {trials - default_baselines}}}", "space.round_to=[1, 8]"],
-        "secateurs_lat": [f"search.num_trials={trials - default_baselines}", "search.sampler=nsga2",
-                          f"search.sensitivity={{{LATENCY_SEEDS}}}", "search.screening={warmup: 4}"],
-        "secateurs_lat_tpe": [f"search.num_trials={trials - default_baselines}", "search.sampler=tpe",
-                              f"search.sensitivity={{{LATENCY_SEEDS}}}", "search.screening={warmup: 4}"],
+        "uniform_fine": [*sweep, "space.ratio.step=0.025", f"search.baseline_ratios={fine}", f"search.time_budget_s={budget}"],
+        "uniform_long": [*sweep, f"search.baseline_ratios={coarse}", f"finetune.epochs={long_epochs}", f"search.time_budget_s={budget}"],
+        "secateurs": [*SEARCH, f"search.time_budget_s={budget}"],
+        "secateurs_2x": [*SEARCH, f"search.time_budget_s={2 * budget}"],
     }
 
 
-def one(config_path: str, method: str, overrides: list[str], seed: int, tmp: Path) -> dict:
+def curve(client: MlflowClient, run_id: str, started: float) -> list[tuple[float, float]]:
+    """(seconds since the command started, hypervolume) after each trial, from the parent run's
+    hypervolume history (each value logged when its trial was recorded)."""
+    return sorted((m.timestamp / 1000.0 - started, m.value) for m in client.get_metric_history(run_id, "hypervolume"))
+
+
+def at_half_latency(front: pd.DataFrame, dense: dict) -> pd.Series | None:
+    """The most accurate policy of ``front`` at >= 2x lower measured latency than dense."""
+    fast = front[front["latency_ms"] <= dense["latency_ms"] / 2]
+    return fast.sort_values("accuracy", ascending=False).iloc[0] if len(fast) else None
+
+
+def one(method: str, overrides: list[str], seed: int, tmp: Path) -> dict:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    config = load_config(config_path, [*overrides, f"search.seed={seed}", f"search.storage_path={tmp / 'ray'}",
+    config = load_config(str(CONFIG), [*overrides, f"search.seed={seed}", f"search.storage_path={tmp / 'ray'}",
                                        f"tracking.experiment=quality-{method}"])
+    started, epoch = time.perf_counter(), time.time()
     result = run_search(config, config_name=f"{method}-s{seed}", tracking_uri=uri, out=lambda line: None)
+    wall = time.perf_counter() - started
     client = MlflowClient(uri)
-    parent = client.get_run(result.parent_run_id)
-    trials = result.trials
-    dense = result.dense
-    work = (trials["time_prune_s"] + trials["time_finetune_s"] + trials["time_measure_s"]).sum()
-    compute = float(work + parent.data.metrics.get("sensitivity_wall_s", 0.0))
-    full = trials[feasible_mask(trials)]  # fine-tuned trials (screened-out ones are not)
-
-    def best(mask: pd.Series) -> float | None:
-        return float(full.loc[mask, "accuracy"].max()) if mask.any() else None
-
+    trials, dense = result.trials, result.dense
+    full = trials[feasible_mask(trials)]
+    front = result.frontier
+    pick_row = at_half_latency(front, dense)
+    work = float((trials["time_prune_s"] + trials["time_finetune_s"] + trials["time_measure_s"]).sum())
     return {
-        "method": method,
-        "seed": seed,
-        "trials": len(trials),
-        "fine_tuned": len(full),
-        "dense_accuracy": dense["accuracy"],
-        "dense_latency_ms": dense["latency_ms"],
-        "hypervolume": normalised_hypervolume(full, dense),
-        "best_acc_2x_macs": best(full["macs"] <= dense["macs"] / 2),
-        "best_acc_2x_latency": best(full["latency_ms"] <= dense["latency_ms"] / 2),
-        "compute_s": compute,
-        "wall_s": result.wall_s,
+        "method": method, "seed": seed, "uri": uri, "run_id": result.parent_run_id,
+        "trials": len(trials), "fine_tuned": len(full), "wall_s": wall, "in_trial_work_s": work,
+        "budget_s": config.search.time_budget_s,
+        "dense_accuracy": dense["accuracy"], "dense_latency_ms": dense["latency_ms"],
+        "hypervolume": normalised_hypervolume(front, dense) if len(front) else 0.0,
+        "best_acc_2x_latency": None if pick_row is None else float(pick_row["accuracy"]),
+        "pick_trial": None if pick_row is None else int(pick_row["trial"]),
+        "pick_latency_ms": None if pick_row is None else float(pick_row["latency_ms"]),
+        "curve": curve(client, result.parent_run_id, epoch),
+        "frontier": front[["trial", "accuracy", "latency_ms", "size_mb", "macs"]].to_dict("records"),
     }
 
 
-def summary(rows: list[dict]) -> list[dict]:
-    table = pd.DataFrame(rows)
-    out = []
-    for method, part in table.groupby("method", sort=False):
-        entry = {"method": method, "seeds": len(part)}
-        for key in ("hypervolume", "best_acc_2x_macs", "best_acc_2x_latency", "compute_s", "wall_s", "fine_tuned"):
-            values = [v for v in part[key] if v is not None and not pd.isna(v)]
-            entry[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                          "min": min(values), "max": max(values), "n": len(values)} if values else None
-        out.append(entry)
-    return out
+def matched_baseline(row: dict, baselines: list[dict]) -> tuple[dict, dict] | None:
+    """The best baseline policy (any baseline run of the seed) within 5% of ``row``'s pick latency."""
+    best = None
+    for b in baselines:
+        for f in b["frontier"]:
+            if abs(f["latency_ms"] - row["pick_latency_ms"]) <= 0.05 * row["pick_latency_ms"]:
+                if best is None or f["accuracy"] > best[1]["accuracy"]:
+                    best = (b, f)
+    return best
 
 
-def markdown(summaries: list[dict]) -> str:
-    def cell(stat, scale=1.0, digits=4):
-        if stat is None:
-            return "none reached"
-        return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}" + ("" if stat["n"] == 3 else f" (n={stat['n']})")
+def final_finetune(run: dict, trial: int, epochs: float) -> float:
+    """The accuracy a user ends up with: the trial's policy rebuilt and fine-tuned ``epochs`` (secateurs pick)."""
+    result = pick(run["run_id"], trial=str(trial), finetune_epochs=epochs, tracking_uri=run["uri"], log=lambda line: None)
+    return float(result.final["accuracy"])
 
-    lines = ["| method | hypervolume | best acc, >= 2x fewer MACs | best acc, >= 2x lower latency | fine-tuned trials | compute (s) | wall (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        lines.append(f"| {s['method']} | {cell(s['hypervolume'])} | {cell(s['best_acc_2x_macs'])} | {cell(s['best_acc_2x_latency'])} | "
-                     f"{cell(s['fine_tuned'], digits=1)} | {cell(s['compute_s'], digits=0)} | {cell(s['wall_s'], digits=0)} |")
-    return "\n".join(lines)
+
+def stats(values: list[float]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.mean(values), "median": statistics.median(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = {"uniform_fine": "tab:gray", "uniform_long": "tab:brown", "secateurs": "tab:blue", "secateurs_2x": "tab:cyan"}
+    for method in colors:
+        runs = [r for r in rows if r["method"] == method and r["curve"]]
+        if not runs:
+            continue
+        grid = np.linspace(0, max(r["curve"][-1][0] for r in runs), 60)
+        # the best hypervolume reached by each time, per seed (a step function), then the median over seeds
+        per_seed = [np.interp(grid, *zip(*[(0.0, 0.0), *[(t, max(h for _, h in r["curve"][: i + 1])) for i, (t, _) in enumerate(r["curve"])]]))
+                    for r in runs]
+        ax.plot(grid, np.median(per_seed, axis=0), color=colors[method], label=f"{method} (median of {len(runs)} seeds)")
+        ax.fill_between(grid, np.min(per_seed, axis=0), np.max(per_seed, axis=0), color=colors[method], alpha=0.15)
+    ax.set_xlabel("wall seconds spent (2 cores, 2 trials at a time)")
+    ax.set_ylabel("hypervolume (in-search timings)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    ax.set_title("hypervolume against compute spent (band: min-max over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default=str(ROOT / "configs" / "cifar10_resnet20.yaml"))
-    parser.add_argument("--trials", type=int, default=14, help="trials per method (the sweeps' levels: evenly over (0, space.ratio.high])")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget-s", type=float, default=360.0, help="wall seconds per method and seed (the 2x search gets twice)")
+    parser.add_argument("--long-epochs", type=float, default=1.5, help="fine-tune epochs of uniform_long's policies")
+    parser.add_argument("--final-epochs", type=float, default=5.0, help="the real fine-tune of the picked policies")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help=f"config overrides, after the benchmark's own ({' '.join(BENCHMARK_OVERRIDES)})")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_quality.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_quality_equal_compute.json"))
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "search_quality_hv_vs_compute.png"))
     args = parser.parse_args()
-    args.overrides = [*BENCHMARK_OVERRIDES, *args.overrides]
-    high = load_config(args.config, args.overrides).space.ratio.high
-    chosen = {k: v for k, v in methods(args.trials, high).items() if args.methods is None or k in args.methods}
-    rows = []
+    high = load_config(str(CONFIG)).space.ratio.high
+    chosen = {k: v for k, v in methods(high, args.budget_s, args.long_epochs).items() if args.methods is None or k in args.methods}
+    rows: list[dict] = []
+    finals: list[dict] = []
     started = time.time()
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps({
+            "config": str(CONFIG.relative_to(ROOT)), "budget_s": args.budget_s, "long_epochs": args.long_epochs,
+            "final_epochs": args.final_epochs, "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"),
+            "total_wall_s": time.time() - started, "rows": rows, "finals": finals, "summary": summary(rows, finals),
+        }, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
+            seed_rows = []
             for method, overrides in chosen.items():
-                rows.append(one(args.config, method, [*args.overrides, *overrides], seed, Path(tmp) / f"{method}-{seed}"))
-                print(json.dumps(rows[-1]), flush=True)
-                Path(args.out).write_text(json.dumps({"config": args.config, "trials": args.trials, "rows": rows}, indent=2) + "\n")
-    summaries = summary(rows)
-    Path(args.out).write_text(json.dumps({
-        "config": args.config, "overrides": args.overrides, "trials": args.trials, "seeds": args.seeds,
-        "date": time.strftime("%Y-%m-%d"), "total_wall_s": time.time() - started, "summary": summaries, "rows": rows,
-    }, indent=2) + "\n")
-    print(markdown(summaries))
+                row = one(method, overrides, seed, Path(tmp) / f"{method}-{seed}")
+                rows.append(row)
+                seed_rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("curve", "frontier")}), flush=True)
+                save()
+            baselines = [r for r in seed_rows if r["method"].startswith("uniform")]
+            for row in seed_rows:
+                if not row["method"].startswith("secateurs") or row["pick_trial"] is None:
+                    continue
+                matched = matched_baseline(row, baselines)
+                entry = {"seed": seed, "method": row["method"], "search_trial": row["pick_trial"], "search_latency_ms": row["pick_latency_ms"],
+                         "search_in_search_accuracy": row["best_acc_2x_latency"],
+                         "search_final_accuracy": final_finetune(row, row["pick_trial"], args.final_epochs)}
+                if matched is not None:
+                    run, front_row = matched
+                    entry.update({"baseline_method": run["method"], "baseline_trial": int(front_row["trial"]),
+                                  "baseline_latency_ms": front_row["latency_ms"], "baseline_in_search_accuracy": front_row["accuracy"],
+                                  "baseline_final_accuracy": final_finetune(run, int(front_row["trial"]), args.final_epochs)})
+                finals.append(entry)
+                print(json.dumps(entry), flush=True)
+                save()
+    save()
+    plot_curves(rows, Path(args.plot))
+    print(json.dumps(summary(rows, finals), indent=2))
+
+
+def summary(rows: list[dict], finals: list[dict]) -> dict:
+    table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["method", "seed"])
+    out: dict = {"methods": {}}
+    for method, part in table.groupby("method", sort=False):
+        out["methods"][method] = {key: stats(list(part[key])) for key in ("hypervolume", "best_acc_2x_latency", "wall_s", "fine_tuned", "trials")}
+    by_seed: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], {})[r["method"]] = r
+    gains = []
+    for seed, runs in by_seed.items():
+        baselines = [runs[m] for m in ("uniform_fine", "uniform_long") if m in runs]
+        if "secateurs" not in runs or not baselines:
+            continue
+        best_hv = max(b["hypervolume"] for b in baselines)
+        accs = [b["best_acc_2x_latency"] for b in baselines if b["best_acc_2x_latency"] is not None]
+        gains.append({"seed": seed, "hv_vs_best_baseline": runs["secateurs"]["hypervolume"] / best_hv - 1 if best_hv else None,
+                      "acc_2x_vs_best_baseline_points": (100 * (runs["secateurs"]["best_acc_2x_latency"] - max(accs))
+                                                         if accs and runs["secateurs"]["best_acc_2x_latency"] is not None else None)})
+    out["per_seed"] = gains
+    out["finals"] = {method: {key: stats([f.get(key) for f in finals if f["method"] == method])
+                              for key in ("search_final_accuracy", "baseline_final_accuracy")} for method in {f["method"] for f in finals}}
+    return out
 
 
 if __name__ == "__main__":

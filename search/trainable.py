@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import ray
@@ -27,16 +28,20 @@ class TrialContext:
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     """Turn sampled parameters into a policy, evaluate it, report the metrics: once, or with
-    screening twice (``fidelity`` 0, then 1 unless the scheduler stops the trial in between)."""
+    screening twice (``fidelity`` 0, then 1 unless the scheduler stops the trial in between).
+    ``time_trial_s``: the seconds since the trial function started (what the phase timings leave out:
+    building the task, the policy, reporting), so that overhead can be told apart from work."""
+    started = time.perf_counter()
     policy = context.space.policy(params)
     task = make_task(context.task)
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     if context.screening_bn_batches is None:
         metrics = evaluate(policy, task, context.checkpoint, context.finetune, context.measure, dense=context.dense)
-        tune.report({**metrics.to_dict(), **node})
+        tune.report({**metrics.to_dict(), **node, "time_trial_s": time.perf_counter() - started})
         return
     model, screened = screen(policy, task, context.checkpoint, context.measure, bn_batches=context.screening_bn_batches,
                              batch_size=context.finetune.batch_size, dense=context.dense)
-    tune.report({**screened.to_dict(), "fidelity": 0, **node})  # the scheduler may stop the trial here
+    tune.report({**screened.to_dict(), "fidelity": 0, **node, "time_trial_s": time.perf_counter() - started})  # the scheduler may stop it here
     final = promote(model, screened, policy, task, context.checkpoint, context.finetune, context.measure, dense=context.dense)
-    tune.report({**final.to_dict(), "fidelity": 1, **{f"screening_{k}": v for k, v in screened.scores.items()}, **node})
+    tune.report({**final.to_dict(), "fidelity": 1, **{f"screening_{k}": v for k, v in screened.scores.items()}, **node,
+                 "time_trial_s": time.perf_counter() - started})
