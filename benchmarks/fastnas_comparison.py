@@ -1,0 +1,122 @@
+"""Benchmark: accuracy lost at about 2x fewer MACs, secateurs against NVIDIA ModelOpt's FastNAS.
+
+Both start from the converged dense ResNet-20 (``configs/cifar10_resnet20_converged.yaml``; train
+it with ``benchmarks/dense_cifar10.py``) and both models get the same final fine-tune
+(``--final-epochs`` epochs of secateurs' loop: SGD, cosine, the config's fine-tune learning rate,
+augmentation). FastNAS (``modelopt.torch.prune``, mode ``fastnas``, ``flops: 50%``, channels in
+multiples of 4, scored on the same evaluation data after BatchNorm re-calibration) prunes one shot;
+secateurs takes the best policy with at most half the dense MACs from a search of the same config
+(``--search-seconds`` of wall time, the search of ``benchmarks/search_quality.py``). Reported: each
+model's MACs and its test accuracy after the final fine-tune, and the accuracy each lost against the
+dense model.
+
+Needs the benchmark extra (``pip install -e ".[bench]"``: nvidia-modelopt, torchprofile).
+
+    SECATEURS_DATA=../shared/data python benchmarks/fastnas_comparison.py [--final-epochs 5]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
+from evaluators.measure import torch_threads
+from evaluators.pruning import effective_macs_and_params
+from evaluators.tasks import make_task
+from evaluators.train import train
+from evaluators.trial import prune_model
+from search.config import load_config
+from search.driver import run_search
+from spaces import Policy
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "cifar10_resnet20_converged.yaml"
+SEARCH = ["search.sampler=tpe", "search.num_trials=1000", "search.sensitivity={}", "search.screening={warmup: 4}",
+          "space.round_to=[1, 8]", "search.refine={epochs: 2, candidates: 4}", "search.constraints=['macs <= 0.5 * dense']"]
+
+
+def fine_tune(model: torch.nn.Module, task, config, epochs: float, threads: int) -> float:
+    """The final fine-tune both models get; returns the test accuracy after it."""
+    with torch_threads(threads):
+        train(model, task.train_source, epochs=epochs, lr=config.finetune.lr, batch_size=config.finetune.batch_size,
+              momentum=config.finetune.momentum, weight_decay=config.finetune.weight_decay, seed=0, loss=task.loss,
+              transform=task.train_transform)
+        model.eval()
+        return task.score(model)["accuracy"]
+
+
+def fastnas(dense: torch.nn.Module, task, threads: int) -> torch.nn.Module:
+    import modelopt.torch.prune as mtp
+
+    calibration = [b for _, b in zip(range(16), task.train_batches(64, seed=0))]
+
+    def score(model: torch.nn.Module) -> float:
+        model.eval()
+        return task.score(model)["accuracy"]
+
+    with torch_threads(threads), tempfile.TemporaryDirectory() as tmp:
+        pruned, _ = mtp.prune(
+            model=copy.deepcopy(dense), dummy_input=task.example(),
+            mode=[("fastnas", {"nn.Conv2d": {"*": {"channel_divisor": 4}}, "nn.BatchNorm2d": {"*": {"feature_divisor": 4}}})],
+            constraints={"flops": "50%"},
+            config={"data_loader": calibration, "score_func": score, "checkpoint": str(Path(tmp) / "fastnas.pth")},
+        )
+    return pruned
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--final-epochs", type=float, default=5.0)
+    parser.add_argument("--search-seconds", type=float, default=360.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fastnas_comparison.json"))
+    args = parser.parse_args()
+    config = load_config(str(CONFIG))
+    task = make_task(config.task)
+    checkpoint = ensure_dense_checkpoint(config.task, task)
+    dense = load_dense(task, checkpoint).eval()
+    example = task.example()
+    dense_macs, _ = effective_macs_and_params(dense, example)
+    dense_accuracy = task.score(dense)["accuracy"]
+    rows = {"dense": {"macs": dense_macs, "accuracy": dense_accuracy}}
+    started = time.time()
+
+    model = fastnas(dense, task, args.threads)
+    macs, _ = effective_macs_and_params(model, example)
+    one_shot = task.score(model.eval())["accuracy"]
+    rows["fastnas"] = {"macs": macs, "mac_reduction": dense_macs / macs, "accuracy_one_shot": one_shot,
+                       "accuracy": fine_tune(model, task, config, args.final_epochs, args.threads)}
+    print(json.dumps(rows), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        search = load_config(str(CONFIG), [*SEARCH, f"search.time_budget_s={args.search_seconds}", f"search.seed={args.seed}",
+                                           f"search.storage_path={Path(tmp) / 'ray'}"])
+        result = run_search(search, config_name="fastnas-comparison", tracking_uri=uri, out=lambda line: None)
+        front = result.frontier
+        half = front[front["macs"] <= dense_macs / 2]
+        if len(half):
+            row = half.sort_values("accuracy", ascending=False).iloc[0]
+            policy = Policy.from_json(row["policy"])  # the policy the trial ran, rebuilt from the dense model as FastNAS's was
+            model, _ = prune_model(policy, task, checkpoint)
+            rows["secateurs"] = {"macs": int(row["macs"]), "mac_reduction": dense_macs / row["macs"], "accuracy_in_search": float(row["accuracy"]),
+                                 "accuracy_one_shot": task.score(model.eval())["accuracy"],
+                                 "accuracy": fine_tune(model, task, config, args.final_epochs, args.threads),
+                                 "search_wall_s": result.wall_s, "policy": policy.to_dict()}
+    for name in ("fastnas", "secateurs"):
+        if name in rows:
+            rows[name]["lost_points"] = 100 * (dense_accuracy - rows[name]["accuracy"])
+    result_json = {"date": time.strftime("%Y-%m-%d"), "final_epochs": args.final_epochs, "wall_s": time.time() - started, "rows": rows}
+    Path(args.out).write_text(json.dumps(result_json, indent=2, default=float) + "\n")
+    print(json.dumps(result_json, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
