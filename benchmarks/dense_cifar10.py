@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from evaluators.checkpoint import cached_checkpoint_path
+from evaluators.checkpoint import cached_checkpoint_path, dense_training
 from evaluators.measure import torch_threads
 from evaluators.tasks import make_task
 from evaluators.train import train
@@ -49,8 +49,8 @@ def main() -> None:
         print(f"epoch {epoch}/{config.dense_epochs}: loss {loss:.4f}, test accuracy {accuracy:.4f} ({seconds:.0f} s)", flush=True)
 
     with torch_threads(args.threads):
-        train(model, task.train_source, epochs=config.dense_epochs, lr=config.dense_lr, batch_size=config.batch_size,
-              seed=config.seed, loss=task.loss, transform=task.train_transform, on_epoch=on_epoch)
+        train(model, task.train_source, dense_training(config), seed=config.seed, loss=task.loss,
+              transform=task.train_transform, on_epoch=on_epoch)
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:

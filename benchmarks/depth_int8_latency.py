@@ -36,7 +36,7 @@ from evaluators.models import build_model
 from evaluators.onnx_backend import export_program, write_onnx
 from evaluators.quantize import OnnxRuntimeModel, cpu_int8_settings, file_size_mb, quantize_onnx, quantized_op_counts
 from evaluators.tasks import TaskConfig, make_task
-from evaluators.train import accuracy, train
+from evaluators.train import FinetuneConfig, accuracy, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def main() -> None:
     if args.checkpoint and Path(args.checkpoint).exists():
         model.load_state_dict(torch.load(args.checkpoint))
     else:
-        train(model, (x_train, y_train), epochs=args.epochs, lr=0.05, seed=0)
+        train(model, (x_train, y_train), FinetuneConfig(epochs=args.epochs, lr=0.05), seed=0)
         if args.checkpoint:
             torch.save(model.state_dict(), args.checkpoint)
     model.eval()

@@ -17,6 +17,7 @@ Needs the benchmark extra (``pip install -e ".[bench]"``: nvidia-modelopt, torch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import json
 import tempfile
@@ -44,9 +45,8 @@ SEARCH = ["search.sampler=tpe", "search.num_trials=1000", "search.sensitivity={}
 def fine_tune(model: torch.nn.Module, task, config, epochs: float, threads: int) -> float:
     """The final fine-tune both models get; returns the test accuracy after it."""
     with torch_threads(threads):
-        train(model, task.train_source, epochs=epochs, lr=config.finetune.lr, batch_size=config.finetune.batch_size,
-              momentum=config.finetune.momentum, weight_decay=config.finetune.weight_decay, seed=0, loss=task.loss,
-              transform=task.train_transform)
+        train(model, task.train_source, dataclasses.replace(config.finetune, epochs=epochs), seed=0,
+              loss=task.loss, transform=task.train_transform)
         model.eval()
         return task.score(model)["accuracy"]
 

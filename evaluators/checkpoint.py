@@ -30,7 +30,7 @@ from torch import nn
 
 from evaluators.measure import torch_threads
 from evaluators.tasks import Task, TaskConfig
-from evaluators.train import train
+from evaluators.train import FinetuneConfig, train
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -208,6 +208,12 @@ def load_dense(task: Task, source: str | Path | bytes) -> nn.Module:
 # ---------------------------------------------------------------- the cached dense model
 
 
+def dense_training(config: TaskConfig) -> FinetuneConfig:
+    """How the dense model is trained when secateurs trains it: ``task.dense_epochs`` at
+    ``task.dense_lr`` in batches of ``task.batch_size`` (SGD, cosine schedule, float32)."""
+    return FinetuneConfig(epochs=config.dense_epochs, lr=config.dense_lr, batch_size=config.batch_size, amp=False)
+
+
 def ensure_dense_checkpoint(config: TaskConfig, task: Task, log: Callable[[str], None] = print, *, threads: int | None = None) -> Path:
     """The checkpoint to prune: the user's if given, else the cached one, trained now if missing
     (or if ``config.retrain``). Training uses ``threads`` torch threads (as a trial does) when given,
@@ -235,8 +241,8 @@ def ensure_dense_checkpoint(config: TaskConfig, task: Task, log: Callable[[str],
             log(f"  dense epoch {epoch}/{config.dense_epochs}: loss {loss:.4f} ({seconds:.1f} s)")
 
     with torch_threads(threads) if threads else contextlib.nullcontext():
-        train(model, task.train_source, epochs=config.dense_epochs, lr=config.dense_lr, batch_size=config.batch_size,
-              seed=config.seed, loss=task.loss, transform=task.train_transform, on_epoch=progress)
+        train(model, task.train_source, dense_training(config), seed=config.seed, loss=task.loss,
+              transform=task.train_transform, on_epoch=progress)
         scores = task.score(model)
     log("dense model trained: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     path.parent.mkdir(parents=True, exist_ok=True)

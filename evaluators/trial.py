@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import time
 from pathlib import Path
 from typing import Any, Hashable, Mapping, TypeVar
@@ -29,58 +28,13 @@ from evaluators.checkpoint import load_dense
 from evaluators.checks import CHANGE_SUFFIX, MEASURED, check_scores, describe
 from evaluators.criteria import get_criterion
 from evaluators.tasks import FinetuneRun, Task
-from evaluators.train import OPTIMIZERS, budget, recalibrate_batchnorm, train
+from evaluators.train import FinetuneConfig, budget, recalibrate_batchnorm, train
 from spaces import Policy
 
 K = TypeVar("K", bound=Hashable)
 
 DEVICES = ("cpu", "cuda", "auto")
 BACKENDS = ("torch", "onnxruntime")
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """The ``finetune:`` section: the brief training each pruned model gets before it is measured.
-
-    >>> FinetuneConfig(epochs=0.5).epochs
-    0.5
-    """
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    epochs: float = 1.0        # passes over the training data (fractions allowed; 0 = no fine-tune)
-    lr: float = 0.01           # peak learning rate of SGD with a cosine schedule
-    batch_size: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    max_steps: int | None = None  # cap on optimizer steps, whatever the epochs
-    optimizer: str = "sgd"     # sgd (Nesterov when momentum > 0) or adamw
-    distill_alpha: float = 0.0  # weight of knowledge distillation from the dense model (0 = off)
-    distill_temperature: float = 4.0
-    bn_recalibration_batches: int = 0  # re-estimate BatchNorm statistics on this many batches before fine-tuning
-    amp: bool = True           # bfloat16 autocast when fine-tuning on CUDA (no effect on CPU)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.epochs < math.inf:
-            raise ValueError(f"epochs: must be a finite number >= 0, but got {self.epochs}")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr: must be a finite number > 0, but got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum: must satisfy 0 <= momentum < 1, but got {self.momentum}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"weight_decay: must be a finite number >= 0, but got {self.weight_decay}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, but got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, but got {self.optimizer!r}")
-        if not 0 <= self.distill_alpha <= 1:
-            raise ValueError(f"distill_alpha: must satisfy 0 <= alpha <= 1, but got {self.distill_alpha}")
-        if not 0 < self.distill_temperature < math.inf:
-            raise ValueError(f"distill_temperature: must be a finite number > 0, but got {self.distill_temperature}")
-        if self.bn_recalibration_batches < 0:
-            raise ValueError(f"bn_recalibration_batches: must be >= 0, but got {self.bn_recalibration_batches}")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"max_steps: must be >= 0 or null, but got {self.max_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,24 +192,8 @@ def finetune_model(model: torch.nn.Module, policy: Policy, task: Task, checkpoin
     if task.finetune is not None:
         steps = _run_hook(model, policy, task, finetune, device, teacher)
     else:
-        steps = train(
-            model,
-            task.train_source,
-            epochs=finetune.epochs,
-            lr=finetune.lr,
-            batch_size=finetune.batch_size,
-            momentum=finetune.momentum,
-            weight_decay=finetune.weight_decay,
-            seed=policy.seed,
-            max_steps=finetune.max_steps,
-            optimizer=finetune.optimizer,
-            teacher=teacher,
-            distill_alpha=finetune.distill_alpha,
-            distill_temperature=finetune.distill_temperature,
-            amp=finetune.amp,
-            loss=task.loss,
-            transform=task.train_transform,
-        )
+        steps = train(model, task.train_source, finetune, seed=policy.seed, teacher=teacher, loss=task.loss,
+                      transform=task.train_transform)
     model.eval()
     return {"finetune_steps": steps, "bn_recalibration_batches": recalibrated, "time_finetune_s": time.perf_counter() - start}
 

@@ -23,11 +23,11 @@ def digits_checkpoint(tmp_path_factory, digits_task):
     """A DigitsCNN trained for one epoch on digits, saved as a plain state dict (its path)."""
     import torch
 
-    from evaluators.train import train
+    from evaluators.train import FinetuneConfig, train
 
     torch.manual_seed(0)
     model = digits_task.build_model()
-    train(model, digits_task.train_data, epochs=1, lr=0.05, seed=0)
+    train(model, digits_task.train_data, FinetuneConfig(epochs=1, lr=0.05), seed=0)
     path = tmp_path_factory.mktemp("dense") / "digits_cnn.pt"
     torch.save(model.state_dict(), path)
     return path

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluators.train import recalibrate_batchnorm, train
-from evaluators.trial import FinetuneConfig
+from evaluators.train import FinetuneConfig, make_optimizer, recalibrate_batchnorm, train
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,7 +52,7 @@ def test_distillation_pulls_the_student_towards_the_teacher():
 
     before = gap()
     # alpha = 1: the labels (random here) do not matter, only the teacher does
-    train(student, (x, y_random), epochs=20, lr=0.05, batch_size=32, teacher=teacher, distill_alpha=1.0, distill_temperature=1.0)
+    train(student, (x, y_random), FinetuneConfig(epochs=20, lr=0.05, batch_size=32, distill_alpha=1.0, distill_temperature=1.0), teacher=teacher)
     assert gap() < 0.25 * before
 
 
@@ -61,10 +60,10 @@ def test_adamw_trains_and_unknown_optimizer_is_named():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     x, y = toy()
     loss_before = F.cross_entropy(model(x), y).item()
-    assert train(model, (x, y), epochs=5, lr=0.01, optimizer="adamw") > 0
+    assert train(model, (x, y), FinetuneConfig(epochs=5, lr=0.01, optimizer="adamw")) > 0
     assert F.cross_entropy(model(x), y).item() < loss_before
     with pytest.raises(ValueError, match="unknown optimizer 'lion'; valid: sgd, adamw"):
-        train(model, (x, y), epochs=1, lr=0.01, optimizer="lion")
+        make_optimizer(model, "lion", lr=0.01, momentum=0.9, weight_decay=0.0)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -78,7 +77,9 @@ def test_finetune_config_names_bad_fields(kwargs, field):
         FinetuneConfig(**kwargs)
 
 
-def test_policy_fine_tune_knobs_override_the_config(monkeypatch):
+def test_policy_fine_tune_knobs_override_the_config():
+    import io
+
     import evaluators.trial as trial_mod
     from evaluators.models import DigitsCNN
     from evaluators.tasks import Task
@@ -86,13 +87,15 @@ def test_policy_fine_tune_knobs_override_the_config(monkeypatch):
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
-    task = Task(model=lambda: DigitsCNN(width=4), train_data=(x, y), eval_data=(x, y), num_classes=10)
-    state = {k: v.clone() for k, v in task.build_model().state_dict().items()}
-    import io
+    calls = []  # what the fine-tune received: the task's own hook sees every knob
+
+    def finetune(run):
+        calls.append({"lr": run.lr, **run.settings})
+        return 0
+
+    task = Task(model=lambda: DigitsCNN(width=4), train_data=(x, y), eval_data=(x, y), num_classes=10, finetune=finetune)
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    calls = []
-    monkeypatch.setattr(trial_mod, "train", lambda model, data, **kw: calls.append(kw) or 0)
+    torch.save(task.build_model().state_dict(), buffer)
     config = FinetuneConfig(epochs=1, lr=0.01, optimizer="sgd")
     trial_mod.prune_and_finetune(Policy("l1", {}, finetune={"lr": 0.002, "optimizer": "adamw"}), task, buffer.getvalue(), config)
     trial_mod.prune_and_finetune(Policy("l1", {}), task, buffer.getvalue(), config)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from evaluators import pruning, zoo
 from evaluators.measure import state_dict_bytes
 from evaluators.sparsity import load_sparse_state_dict, nm_keep_mask, sparse_state_dict_bytes
-from evaluators.train import train
+from evaluators.train import FinetuneConfig, train
 from spaces import Policy
 
 
@@ -89,7 +89,7 @@ def test_masks_stay_zero_through_fine_tuning():
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(32, 1, 4, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
     before = copy.deepcopy(model.state_dict())
-    train(model, data, epochs=2, lr=0.1, batch_size=8, weight_decay=1e-3)
+    train(model, data, FinetuneConfig(epochs=2, lr=0.1, batch_size=8, weight_decay=1e-3))
     assert not torch.equal(before["5.weight"], model.state_dict()["5.weight"])  # it did train
     for n, mask in zeros.items():
         assert (model.get_submodule(n).weight[mask] == 0).all()
