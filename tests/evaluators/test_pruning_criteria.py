@@ -15,6 +15,7 @@ from evaluators.criteria import CRITERIA, _lamp, calibrate
 from evaluators.models import MLP, DigitsCNN
 from evaluators.pruning import PruningError
 from spaces import Policy, PrunableGroup
+from tests.models import TokenClassifier
 
 CHANNELS = ("channel", "structured")  # granularities of conv/linear groups, as discover_groups gives them
 WEIGHTS_ONLY = ("unstructured",)
@@ -219,24 +220,11 @@ def test_wanda_sees_the_attention_output_that_multihead_attention_feeds_out_proj
     assert torch.allclose(stats.input_norms[(mha, "query")], x.reshape(-1, 8).norm(dim=0))
 
 
-class _TwoInputs(nn.Module):
-    """Token ids and an attention mask, as Hugging Face models take them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding, self.fc1, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 16), nn.Linear(16, 3)
-
-    def forward(self, input_ids, attention_mask):
-        mask = attention_mask[..., None].float()
-        pooled = (self.embedding(input_ids) * mask).sum(1) / mask.sum(1)
-        return self.fc2(torch.relu(self.fc1(pooled)))
-
-
-@pytest.mark.parametrize("criterion, granularity, group", [("taylor", "channel", "fc1"), ("wanda", "channel", "fc1"),
-                                                            ("taylor", "unstructured", "fc1.weight")])
+@pytest.mark.parametrize("criterion, granularity, group", [("taylor", "channel", "fc"), ("wanda", "channel", "fc"),
+                                                            ("taylor", "unstructured", "fc.weight")])
 def test_tuple_and_dict_inputs_and_batches_prune_alike(criterion, granularity, group):
     torch.manual_seed(0)
-    dense = _TwoInputs().eval()
+    dense = TokenClassifier(num_classes=3).eval()
     g = torch.Generator().manual_seed(2)
     ids, mask, y = torch.randint(0, 20, (12, 5), generator=g), torch.ones(12, 5, dtype=torch.long), torch.randint(0, 3, (12,), generator=g)
     mask[3, 2:] = 0
@@ -247,8 +235,8 @@ def test_tuple_and_dict_inputs_and_batches_prune_alike(criterion, granularity, g
     for example, calibration in (((ids[:1], mask[:1]), as_tuple), ({"input_ids": ids[:1], "attention_mask": mask[:1]}, as_dict)):
         assert group in [g.name for g in pruning.discover_groups(dense, example, [granularity])]
         pruned.append(pruning.apply(policy, copy.deepcopy(dense), example, calibration=calibration))
-    assert pruned[0].fc1.weight.shape == pruned[1].fc1.weight.shape
-    assert torch.allclose(pruned[0].fc1.weight, pruned[1].fc1.weight)  # the same units, whichever form the data took
+    assert pruned[0].fc.weight.shape == pruned[1].fc.weight.shape
+    assert torch.allclose(pruned[0].fc.weight, pruned[1].fc.weight)  # the same units, whichever form the data took
     assert pruned[0](ids, mask).shape == (12, 3)
     if granularity == "channel":
-        assert pruned[0].fc1.out_features == 8
+        assert pruned[0].fc.out_features == 8

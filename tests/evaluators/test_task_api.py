@@ -18,6 +18,7 @@ from evaluators.models import MLP
 from evaluators.tasks import FinetuneRun, Task, TaskConfig, make_task
 from evaluators.trial import FinetuneConfig, MeasureConfig, Reference, evaluate, finetune_model
 from spaces import Policy
+from tests.models import TokenClassifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAST_MEASURE = MeasureConfig(batch_size=8, warmup=1, repeats=3)
@@ -167,17 +168,6 @@ def _task(**overrides) -> Task:
     return Task(**{**fields, **overrides})
 
 
-class TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(20, 8, padding_idx=0)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, input_ids, attention_mask):
-        mask = attention_mask.unsqueeze(-1).float()
-        return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1))
-
-
 def _dict_data(n: int = 12) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 20, (n, 7), generator=g)
@@ -210,13 +200,13 @@ def test_a_task_that_cannot_work_is_one_line_before_any_work(overrides, message)
 
 
 def test_dict_batches_with_two_inputs_pass_the_check_and_name_what_the_model_got():
-    check_task(_task(model=TwoInputs, train_data=_dict_data(), eval_data=_dict_data(6), num_classes=2))
+    check_task(_task(model=lambda: TokenClassifier(hidden=None), train_data=_dict_data(), eval_data=_dict_data(6), num_classes=2))
 
     with pytest.raises(TaskError, match=r"^train_data: the model cannot take its batches: it got inputs dict\(input_ids: int64 \(8, 7\), "
                                         r"mask: int64 \(8, 7\)\) and raised TypeError"):
         data = _dict_data()
         data["mask"] = data.pop("attention_mask")
-        check_task(_task(model=TwoInputs, train_data=data, eval_data=data))
+        check_task(_task(model=lambda: TokenClassifier(hidden=None), train_data=data, eval_data=data))
 
 
 def test_user_loss_and_evaluation_lift_the_classification_checks():
@@ -377,7 +367,7 @@ def test_calibration_is_a_fixed_draw_with_the_tasks_loss(files):
 
 
 def test_inputs_for_timing_repeat_the_evaluation_examples():
-    task = _task(model=TwoInputs, train_data=_dict_data(), eval_data=_dict_data(3))
+    task = _task(model=lambda: TokenClassifier(hidden=None), train_data=_dict_data(), eval_data=_dict_data(3))
     inputs = task.inputs(8)
     assert sorted(inputs) == ["attention_mask", "input_ids"] and inputs["input_ids"].shape == (8, 7)
     assert torch.equal(inputs["input_ids"][3:6], _dict_data(3)["input_ids"])

@@ -13,20 +13,9 @@ from evaluators import zoo
 from evaluators.onnx_backend import onnx_session
 from search.export import load_pruned, stage_export
 from spaces import Policy
+from tests.models import TokenClassifier
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integration]
-
-
-class TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(50, 8, padding_idx=0)
-        self.fc = nn.Linear(8, 16)
-        self.head = nn.Linear(16, 2)
-
-    def forward(self, input_ids, attention_mask):
-        mask = attention_mask.unsqueeze(-1).float()
-        return self.head(torch.relu(self.fc((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1))))
 
 
 def _tokens(n: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -36,7 +25,7 @@ def _tokens(n: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_a_two_input_text_model_exports_with_dynamic_batch_and_sequence(tmp_path):
     torch.manual_seed(0)
-    model = TwoInputs().eval()
+    model = TokenClassifier(vocab_size=50).eval()
     diffs, left_out = stage_export(tmp_path, model, Policy("l1", {}), _tokens(2, 12), _tokens(16, 12), tolerance=1e-4, meta={})
     assert left_out == [] and diffs["onnx_max_rel_diff"] < 1e-5 and diffs["pt2_max_rel_diff"] < 1e-5
     shorter = _tokens(3, 5, seed=1)  # another batch size and a shorter sequence than exported with
@@ -48,7 +37,7 @@ def test_a_two_input_text_model_exports_with_dynamic_batch_and_sequence(tmp_path
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
     got = session.run(None, {k: v.numpy() for k, v in shorter.items()})[0]
     assert np.allclose(got, expected, atol=1e-5)
-    assert torch.equal(load_pruned(TwoInputs, tmp_path / "model.pt")(**shorter), model(**shorter))  # zeros of the saved input spec trace it
+    assert torch.equal(load_pruned(lambda: TokenClassifier(vocab_size=50), tmp_path / "model.pt")(**shorter), model(**shorter))  # zeros of the saved input spec trace it
 
 
 def test_a_transformer_takes_a_shorter_sequence_after_export(tmp_path):
