@@ -69,8 +69,8 @@ def coarse_to_fine(levels: list[float]) -> list[float]:
 
 
 def methods(high: float, budget: float, long_epochs: float) -> dict[str, list[str]]:
-    fine = coarse_to_fine([round(x, 4) for x in np.arange(0.025, high + 1e-9, 0.025)])
-    coarse = coarse_to_fine([round(x, 4) for x in np.arange(0.05, high + 1e-9, 0.05)])
+    fine = coarse_to_fine([round(float(x), 4) for x in np.arange(0.025, high + 1e-9, 0.025)])
+    coarse = coarse_to_fine([round(float(x), 4) for x in np.arange(0.05, high + 1e-9, 0.05)])
     sweep = ["search.num_trials=0", "search.baselines=[uniform]"]
     return {
         "uniform_fine": [*sweep, "space.ratio.step=0.025", f"search.baseline_ratios={fine}", f"search.time_budget_s={budget}"],
@@ -92,9 +92,9 @@ def at_half_latency(front: pd.DataFrame, dense: dict) -> pd.Series | None:
     return fast.sort_values("accuracy", ascending=False).iloc[0] if len(fast) else None
 
 
-def one(method: str, overrides: list[str], seed: int, tmp: Path) -> dict:
+def one(method: str, overrides: list[str], seed: int, tmp: Path, config_path: Path = CONFIG) -> dict:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    config = load_config(str(CONFIG), [*overrides, f"search.seed={seed}", f"search.storage_path={tmp / 'ray'}",
+    config = load_config(str(config_path), [*overrides, f"search.seed={seed}", f"search.storage_path={tmp / 'ray'}",
                                        f"tracking.experiment=quality-{method}"])
     started, epoch = time.perf_counter(), time.time()
     result = run_search(config, config_name=f"{method}-s{seed}", tracking_uri=uri, out=lambda line: None)
@@ -104,7 +104,7 @@ def one(method: str, overrides: list[str], seed: int, tmp: Path) -> dict:
     full = trials[feasible_mask(trials)]
     front = result.frontier
     pick_row = at_half_latency(front, dense)
-    work = float((trials["time_prune_s"] + trials["time_finetune_s"] + trials["time_measure_s"]).sum())
+    work = float(sum(trials[c].sum() for c in ("time_prune_s", "time_finetune_s", "time_measure_s") if c in trials))
     return {
         "method": method, "seed": seed, "uri": uri, "run_id": result.parent_run_id,
         "trials": len(trials), "fine_tuned": len(full), "wall_s": wall, "in_trial_work_s": work,
@@ -115,7 +115,7 @@ def one(method: str, overrides: list[str], seed: int, tmp: Path) -> dict:
         "pick_trial": None if pick_row is None else int(pick_row["trial"]),
         "pick_latency_ms": None if pick_row is None else float(pick_row["latency_ms"]),
         "curve": curve(client, result.parent_run_id, epoch),
-        "frontier": front[["trial", "accuracy", "latency_ms", "size_mb", "macs"]].to_dict("records"),
+        "frontier": front[[c for c in ("trial", "accuracy", "latency_ms", "size_mb", "macs") if c in front]].to_dict("records"),
     }
 
 
@@ -180,10 +180,12 @@ def main() -> None:
     parser.add_argument("--final-epochs", type=float, default=5.0, help="the real fine-tune of the picked policies")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--config", type=Path, default=CONFIG, help="another config, e.g. configs/quickstart.yaml for a smoke run")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_quality_equal_compute.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "search_quality_hv_vs_compute.png"))
     args = parser.parse_args()
-    high = load_config(str(CONFIG)).space.ratio.high
+    config_path = args.config.resolve()
+    high = load_config(str(config_path)).space.ratio.high
     chosen = {k: v for k, v in methods(high, args.budget_s, args.long_epochs).items() if args.methods is None or k in args.methods}
     rows: list[dict] = []
     finals: list[dict] = []
@@ -191,7 +193,7 @@ def main() -> None:
 
     def save() -> None:
         Path(args.out).write_text(json.dumps({
-            "config": str(CONFIG.relative_to(ROOT)), "budget_s": args.budget_s, "long_epochs": args.long_epochs,
+            "config": str(config_path.relative_to(ROOT)), "budget_s": args.budget_s, "long_epochs": args.long_epochs,
             "final_epochs": args.final_epochs, "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"),
             "total_wall_s": time.time() - started, "rows": rows, "finals": finals, "summary": summary(rows, finals),
         }, indent=2) + "\n")
@@ -200,7 +202,7 @@ def main() -> None:
         for seed in args.seeds:
             seed_rows = []
             for method, overrides in chosen.items():
-                row = one(method, overrides, seed, Path(tmp) / f"{method}-{seed}")
+                row = one(method, overrides, seed, Path(tmp) / f"{method}-{seed}", config_path)
                 rows.append(row)
                 seed_rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("curve", "frontier")}), flush=True)
