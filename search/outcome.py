@@ -33,6 +33,7 @@ class SearchResult:
     num_failed: int
     wall_s: float
     status: str = "FINISHED"  # MLflow status of the parent run: FINISHED, KILLED or FAILED
+    first_error: str | None = None  # the error of the first failed trial (its secateurs.error tag)
 
 
 def format_frontier(table: pd.DataFrame, objectives: Objectives | None = None) -> str:
@@ -126,4 +127,14 @@ def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, st
         out(f"MLflow: open {tracker.tracking_uri.rstrip('/')}/{tracker.experiment_url()}")
     else:
         out(f"MLflow: {ui_command(tracker.tracking_uri)}\n  then open http://127.0.0.1:5000/{tracker.experiment_url()}")
-    return SearchResult(tracker.tracking_uri, tracker.experiment_id, tracker.parent_run_id, trials, front, dense, num_failed, wall_s, status)
+    return SearchResult(tracker.tracking_uri, tracker.experiment_id, tracker.parent_run_id, trials, front, dense, num_failed, wall_s, status,
+                        _first_error(tracker) if num_failed else None)
+
+
+def _first_error(tracker: SearchTracker) -> str | None:
+    runs = tracker.child_runs("trial", "baseline")
+    failed = runs[runs["status"] == "FAILED"] if len(runs) else runs
+    if not len(failed) or "tags.secateurs.error" not in failed:
+        return None
+    row = failed.iloc[0]
+    return f"trial {row.get('tags.secateurs.trial', '?')}: {row['tags.secateurs.error']}"
