@@ -141,17 +141,21 @@ def _check_local_resources(config: Config, address: str | None) -> None:
         ray_runtime.check_resources(config.search.cpus_per_trial, config.search.gpus_per_trial, ray_runtime.local_nodes(), "this machine")
 
 
-def _start_ray(config: Config, address: str | None) -> bool:
+def _start_ray(config: Config, address: str | None, out: Log) -> bool:
     """Start (or connect to) Ray and check that one of its nodes can run a trial; True if this call
     started it. Nothing is recorded before: a search that could never run a trial is refused."""
+    local = (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
     started = ray_runtime.init_ray(address)
     try:
-        where = "the local Ray" if (address or os.environ.get("RAY_ADDRESS") or "local") == "local" else "the Ray cluster"
+        where = "the local Ray" if local else "the Ray cluster"
         ray_runtime.check_resources(config.search.cpus_per_trial, config.search.gpus_per_trial, ray_runtime.cluster_nodes(), where)
     except ValueError as exc:
         if started:
             ray.shutdown()
         raise ConfigError(str(exc)) from None
+    if not local and not ray_runtime.token_auth():
+        out("warning: this Ray cluster does not use token authentication (RAY_AUTH_MODE=token): anyone who can reach "
+            "its ports can run code on it; see README, 'What listens where'")
     return started
 
 
@@ -226,7 +230,7 @@ def run_search(config: Config, *, config_name: str = "search", tracking_uri: str
     _check_criteria(config, prepared, out)
     dense = _measure_dense(config, prepared, out)
     objectives = _objectives(config, prepared, dense)
-    started_ray = _start_ray(config, address)
+    started_ray = _start_ray(config, address, out)
     try:
         tracker = SearchTracker(uri)
         tracker.group_names = [g.name for g in prepared.space.groups]
@@ -287,7 +291,7 @@ def resume_search(run_id: str, *, tracking_uri: str | None = None, out: Log | No
     checkpoint = records.row_values(finished_dense.iloc[0], "tags.").get("secateurs.checkpoint") if len(finished_dense) else None
     prepared = _prepare(config, out, checkpoint=checkpoint)
     _check_criteria(config, prepared, out)
-    started_ray = _start_ray(config, address)
+    started_ray = _start_ray(config, address, out)
     try:
         tracker.group_names = [g.name for g in prepared.space.groups]
         cut_off = tracker.remove_cut_off_runs()

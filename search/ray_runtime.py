@@ -63,6 +63,13 @@ def start_local_ray() -> str:
     return node_ip
 
 
+def token_auth() -> bool:
+    """Whether this process talks to Ray with token authentication (``RAY_AUTH_MODE=token``)."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return is_token_auth_enabled()
+
+
 def local_nodes() -> list[dict[str, float]]:
     """The resources the local Ray of :func:`start_local_ray` will have, known without starting it:
     this machine's CPUs (those this process may use) and the CUDA devices torch sees."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ from search.tracking import SearchTracker
 from spaces import Policy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = {
     "task": {"name": "digits", "checkpoint": "dense.pt", "dense_epochs": 1},
@@ -307,24 +309,32 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]]
     return found
 
 
-def run_case(case: Case, tmp_path: Path, store: dict[str, str], monkeypatch, capfd) -> tuple[int, str, Path]:
+def sandbox(case: Case, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The case's working directory, its files written, and the environment that points everything
+    a run could write outside it (home, temporary files, caches, data) into ``tmp_path``."""
     work, home, tmp = tmp_path / "work", tmp_path / "home", tmp_path / "tmp"
     for folder in (work, home, tmp):
         folder.mkdir()
     torch.save(DigitsCNN().state_dict(), work / "dense.pt")
     for name, write in case.files.items():
         write(work / name)
+    env = {"HOME": str(home), "TMPDIR": str(tmp), "SECATEURS_CACHE": str(home / ".cache" / "secateurs"),
+           "SECATEURS_DATA": str(home / "data")}
+    if case.id == "tracking-env-unwritable":
+        env["MLFLOW_TRACKING_URI"] = "sqlite:////proc/x/mlflow.db"
+    return work, env
+
+
+def run_in_process(case: Case, tmp_path: Path, store: dict[str, str], monkeypatch, capfd) -> tuple[int, str, Path]:
+    """Run the case through :func:`search.cli.main` in this process; returns its exit code and output."""
+    work, env = sandbox(case, tmp_path)
     monkeypatch.chdir(work)
     monkeypatch.syspath_prepend(str(work))  # user task modules, as `python -m` finds them in its directory
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    monkeypatch.setenv("SECATEURS_CACHE", str(home / ".cache" / "secateurs"))
-    monkeypatch.setenv("SECATEURS_DATA", str(home / "data"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if case.id == "tracking-env-unwritable":
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////proc/x/mlflow.db")
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(tempfile, "tempdir", env["TMPDIR"])
     argv = [a.format(**store) for a in case.argv]
     outside = snapshot(tmp_path, skip=work) | snapshot(Path(store["root"]))
     capfd.readouterr()
@@ -337,15 +347,13 @@ def run_case(case: Case, tmp_path: Path, store: dict[str, str], monkeypatch, cap
     return code, output, work
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
-def test_bad_input_gives_one_clean_line(case: Case, tmp_path, store, monkeypatch, capfd):
-    import ray
-
+def runs_in(store: dict[str, str]) -> dict[str, str]:
     client = MlflowClient(store["store"])
-    runs_before = {r.info.run_id: r.info.status for r in client.search_runs(
-        [e.experiment_id for e in client.search_experiments()], run_view_type=3)}
-    started = time.monotonic()
-    code, output, work = run_case(case, tmp_path, store, monkeypatch, capfd)
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=3)]
+    return {r.info.run_id: r.info.status for r in client.search_runs(experiments, run_view_type=3)}
+
+
+def check_one_clean_line(case: Case, code: int, output: str, work: Path, store: dict[str, str]) -> None:
     lines = output.strip().splitlines()
     assert code == 2, output[-3000:]
     assert "Traceback" not in output
@@ -353,12 +361,39 @@ def test_bad_input_gives_one_clean_line(case: Case, tmp_path, store, monkeypatch
     for part in case.expect:
         assert part.format(**store) in lines[0], f"{part!r} not in: {lines[0]}"
     assert not (work / "mlflow.db").exists() and not (work / "mlruns").exists()  # no MLflow store written here
-    runs_after = {r.info.run_id: r.info.status for r in client.search_runs(
-        [e.experiment_id for e in client.search_experiments()], run_view_type=3)}
-    assert runs_after == runs_before  # no run written or changed in the shared store
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_gives_one_clean_line(case: Case, tmp_path, store, monkeypatch, capfd):
+    import ray
+
+    before = runs_in(store)
+    started = time.monotonic()
+    code, output, work = run_in_process(case, tmp_path, store, monkeypatch, capfd)
+    check_one_clean_line(case, code, output, work, store)
+    assert runs_in(store) == before  # no run written or changed in the shared store
     assert not ray.is_initialized()
     assert time.monotonic() - started < 30, "a bad input must be found before any work"
 
 
 def test_the_corpus_is_large_enough():
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+
+
+SAMPLE = ("yaml-section-twice", "gpus-without-gpu", "tracking-server-down", "checkpoint-full-pickled-model",
+          "user-task-raises-on-import", "bn-scale-without-batchnorm", "resume-finished-search", "pick-out-is-a-file")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in SAMPLE], ids=lambda c: c.id)
+def test_bad_input_through_a_real_process(case: Case, tmp_path, store):
+    """The same, as a user runs it: ``python -m search.cli`` in its own process."""
+    work, env = sandbox(case, tmp_path)
+    environ = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    environ.update(env, PYTHONPATH=str(ROOT))
+    before, outside = runs_in(store), snapshot(tmp_path, skip=work) | snapshot(Path(store["root"]))
+    done = subprocess.run([sys.executable, "-m", "search.cli", *[a.format(**store) for a in case.argv]], cwd=work, env=environ,
+                          capture_output=True, text=True, timeout=120)
+    check_one_clean_line(case, done.returncode, done.stdout + done.stderr, work, store)
+    assert runs_in(store) == before
+    assert snapshot(tmp_path, skip=work) | snapshot(Path(store["root"])) == outside, "files outside the working directory changed"
