@@ -248,10 +248,11 @@ def run_search(config: Config, *, config_name: str = "search", tracking_uri: str
                 "searched_groups": len(prepared.space.searched_groups),
             },
             space=prepared.space.describe(),
+            tags={"secateurs.config_name": config_name, records.OBJECTIVES_TAG: json.dumps(objectives.mapping)},
         )
+        out(f"recording in MLflow run {tracker.parent_run_id}; if it stops, continue with "
+            f"`secateurs search --resume {tracker.parent_run_id}`")
         tracker.log_dense(trial_metrics(dense), prepared.checkpoint)
-        tracker.set_tags({"secateurs.config_name": config_name})
-        tracker.set_tags({records.OBJECTIVES_TAG: json.dumps(objectives.mapping)})
         session = _Session(config, config_name, tracker, prepared, dense, out, address, started,
                            ray_name=f"{config_name}-{tracker.parent_run_id[:8]}", objectives=objectives, started_ray=started_ray)
         session.log_elapsed()

@@ -67,7 +67,8 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
     it is compared with come from one measurement. Each policy is the one its trial ran (policy.json).
     ``dense`` is updated in place."""
     dense_run_id = tracker.child_runs("dense").iloc[0]["run_id"]
-    dense_in_search = dense["latency_ms"]
+    # a session killed while re-timing left some latencies re-timed: their in-search ones are kept aside
+    dense_in_search = dense.get("latency_ms_in_search", dense["latency_ms"])
     in_search: dict[str, float] = {}
     timed: set[str] = set()
     for _ in range(passes):
@@ -77,8 +78,9 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
             return
         out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
         policies = {"dense": Policy(criterion="l1", ratios={}), **tracker.policies(list(front["run_id"]))}
-        for row in front.itertuples():
-            in_search.setdefault(row.run_id, row.latency_ms)
+        for row in front.to_dict("records"):
+            earlier = row.get("latency_ms_in_search")
+            in_search.setdefault(row["run_id"], row["latency_ms"] if earlier is None or earlier != earlier else earlier)
         fresh = measure_latencies(policies, task, checkpoint, measure)
         dense_fresh = fresh.pop("dense")
         dense.update(dense_fresh)

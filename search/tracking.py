@@ -148,7 +148,11 @@ class SearchTracker:
         self.parent_run_id: str | None = None
         self.group_names: list[str] = []  # every prunable group, for ratio.<group> params
 
-    def start_search(self, experiment: str, run_name: str, *, config_yaml: str, params: Mapping[str, Any], space: list[dict] | None = None) -> str:
+    def start_search(self, experiment: str, run_name: str, *, config_yaml: str, params: Mapping[str, Any], space: list[dict] | None = None,
+                     tags: Mapping[str, str] | None = None) -> str:
+        """Create the search's parent run. It becomes a search (tag ``secateurs.kind``) only once its
+        params, ``config.yaml`` and ``space.json`` are written: a driver killed halfway leaves a run
+        that ``--resume`` and the readers do not take for a search, never one that cannot be resumed."""
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             self.experiment_id = self.client.create_experiment(
@@ -156,12 +160,13 @@ class SearchTracker:
             )
         else:
             self.experiment_id = found.experiment_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={KIND: "search"})
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
         self.parent_run_id = run.info.run_id
         self.client.log_batch(self.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
         self.client.log_text(self.parent_run_id, config_yaml, "config.yaml")
         if space is not None:
             self.client.log_text(self.parent_run_id, json.dumps(space, indent=2), "space.json")
+        self.client.set_tag(self.parent_run_id, KIND, "search")
         return self.parent_run_id
 
     def attach(self, parent_run_id: str) -> Any:

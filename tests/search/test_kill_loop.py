@@ -221,7 +221,7 @@ def test_a_search_killed_at_random_moments_ends_with_exactly_its_budget(tmp_path
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_screened_search_killed_again_and_again_fine_tunes_exactly_its_budget(tmp_path, env, seed):
-    config = write_config(tmp_path, num_trials=30, baseline_ratios=[], screening={"warmup": 2, "bn_batches": 2, "fine_tunes": 5})
+    config = write_config(tmp_path, num_trials=30, baseline_ratios=[], screening={"warmup": 2, "bn_batches": 2, "fine_tunes": 8})
     client, kills, walls = kill_loop(tmp_path, config, kills=5, seed=seed + 1, env=env)
     print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
     (parent,) = parents(client)
@@ -230,4 +230,4 @@ def test_a_screened_search_killed_again_and_again_fine_tunes_exactly_its_budget(
     assert sorted(int(r.data.tags["secateurs.trial"]) for r in runs) == list(range(1, len(runs) + 1))
     assert len({r.data.tags["secateurs.ray_trial_id"] for r in runs}) == len(runs) < 30
     fine_tuned = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("secateurs.screened_out") != "true"]
-    assert len(fine_tuned) == 5 and all(r.data.metrics["fidelity"] == 1 for r in fine_tuned)
+    assert len(fine_tuned) == 8 and all(r.data.metrics["fidelity"] == 1 for r in fine_tuned)
