@@ -34,7 +34,7 @@ from search.constraints import parse_all
 from search.objectives import DEFAULT, Objectives
 from search.outcome import SearchResult
 from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
-from search.refine import refine_frontier
+from search.refine import chosen_before, refine_frontier
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import RecordedTrial, SecateursSearch
@@ -457,6 +457,9 @@ def _refine(session: _Session) -> None:
     rows = session.tracker.trial_table()[0]
     table = pd.DataFrame(rows)
     front = table[frontier.feasible_frontier(table, session.objectives.mapping)] if len(table) else table
+    chosen = chosen_before(session.tracker.client.get_run(session.tracker.parent_run_id).data.tags)
+    if chosen:  # a resume after a kill while refining: the same candidates (refining changed the frontier)
+        front = table[table["run_id"].isin(chosen)]
     with open(session.prepared.checkpoint, "rb") as f:
         checkpoint = f.read()
     refine_frontier(session.tracker, front, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,

@@ -5,8 +5,8 @@ directory touched, and nothing started (no Ray).
 
 The cases run in this process, for speed: with HOME, TMPDIR, the dense-model cache and the data
 root pointed into the case's own sandbox, everything a run could write outside its working
-directory lands there, where the test sees it. ``tests/search/test_bad_input_cli.py`` runs a sample
-of the same cases as real ``python -m search.cli`` processes.
+directory lands there, where the test sees it. ``test_bad_input_through_a_real_process`` (an
+integration test) runs a sample of the same cases as real ``python -m search.cli`` processes.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ TASK_CHECK = pytest.mark.xfail(strict=True, reason="needs the task check of #16"
 
 @dataclasses.dataclass
 class Case:
-    """One bad input: the command line (``{store}``, ``{finished}``, ``{running}``, ``{trial}`` stand
-    for the shared MLflow store and runs in it), the files it needs in its working directory, and
-    what its one line must say."""
+    """One bad input: the command line (``{store}``, ``{finished}`` and ``{trial}`` stand for the
+    shared MLflow store, a finished search in it and one of its trial runs), the files it needs in
+    its working directory, and what its one line must say."""
 
     id: str
     argv: list[str]

@@ -23,13 +23,14 @@ pytestmark = pytest.mark.integration
 # Where a kill lands: after a line of the driver's output containing the marker (None: after the
 # start), a random delay in [low, high) seconds. Together they cover Ray's start-up, training and
 # measuring the dense model, creating the parent run, the sensitivity step, choosing the baselines,
-# trials running and being written to MLflow, the final re-timing and the report.
+# trials running and being written to MLflow, the refinement, the final re-timing and the report.
 PHASES = {
     "start-up": (None, 0.2, 10.0),
     "dense recorded": ("dense: acc", 0.0, 1.0),
     "sensitivity": ("sensitivity: pruning", 0.0, 3.0),
     "first trials": ("searching ", 0.0, 3.0),
     "trial recorded": ("] trial ", 0.0, 0.6),
+    "refining": ("refining ", 0.0, 4.0),
     "re-timing": ("re-measuring", 0.0, 1.5),
     "report": ("Pareto frontier", 0.0, 0.2),
 }
@@ -124,14 +125,18 @@ def children(client: MlflowClient, parent, kind: str) -> list:
                               max_results=1000)
 
 
-def reachable(client: MlflowClient, parent) -> list[str]:
-    """The phases a session can still reach: a search that chose its baselines does not measure the
-    dense model or run the sensitivity step again."""
+END = ("refining", "re-timing", "report")  # phases once every trial ran: a kill there lets the search end next time
+
+
+def reachable(client: MlflowClient, parent, end: bool) -> list[str]:
+    """The phases a session can still reach (a search that chose its baselines does not measure the
+    dense model or run the sensitivity step again), the last ones only if ``end``."""
+    phases = [p for p in sorted(PHASES) if end or p not in END]
     if parent is None:
-        return sorted(PHASES)
+        return phases
     chosen = "baselines.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     dense = any(r.info.status == "FINISHED" for r in children(client, parent, "dense"))
-    return sorted(p for p in PHASES if not ((chosen and p == "sensitivity") or (dense and p == "dense recorded")))
+    return [p for p in phases if not ((chosen and p == "sensitivity") or (dense and p == "dense recorded"))]
 
 
 def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict) -> tuple[MlflowClient, list[tuple[str, float, bool]], list[float]]:
@@ -146,9 +151,11 @@ def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict) ->
     while len(made) < kills:
         found = parents(client)
         assert len(found) <= 1, f"{len(found)} parent runs after {len(made)} kills"
+        if found and found[0].info.status == "FINISHED":
+            break  # killed after it ended its parent run (printing the report)
         args = ["--resume", found[0].info.run_id] if found else [str(config)]
         driver = Driver([*args, "--tracking-uri", uri], tmp_path, env, tmp_path / f"session-{len(walls) + 1}.log")
-        phase = rng.choice(reachable(client, found[0] if found else None))
+        phase = rng.choice(reachable(client, found[0] if found else None, end=len(made) >= kills - 3))
         marker, low, high = PHASES[phase]
         delay = rng.uniform(low, high)
         reached = driver.wait_for(marker, deadline_s=300)
@@ -203,7 +210,8 @@ SEEDS = [int(seed) for seed in os.environ.get("KILL_LOOP_SEEDS", "19").split(","
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_search_killed_at_random_moments_ends_with_exactly_its_budget(tmp_path, env, seed):
-    config = write_config(tmp_path, num_trials=8, sensitivity={"ratios": [0.5], "samples": 200, "bn_batches": 2, "seed_drops": [0.05]})
+    config = write_config(tmp_path, num_trials=8, sensitivity={"ratios": [0.5], "samples": 200, "bn_batches": 2, "seed_drops": [0.05]},
+                          refine={"epochs": 0.6, "candidates": 2})
     client, kills, walls = kill_loop(tmp_path, config, kills=7, seed=seed, env=env)
     print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
     assert sum(killed for _, _, killed in kills) >= 5, kills  # the search was really broken, again and again
@@ -212,6 +220,12 @@ def test_a_search_killed_at_random_moments_ends_with_exactly_its_budget(tmp_path
     baselines = [r for r in runs if r.data.tags["secateurs.kind"] == "baseline"]
     assert sorted(r.data.tags["secateurs.baseline"] for r in baselines) == ["global_magnitude 0.5", "uniform 0.5"]
     assert {"sensitivity.csv", "baselines.json", "frontier.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    for run in runs:  # what the search measured is kept aside, however often the end was cut off and done again
+        for metric in ("accuracy", "latency_ms"):
+            if f"{metric}_in_search" in run.data.metrics:
+                first = min(client.get_metric_history(run.info.run_id, metric), key=lambda m: (m.step, m.timestamp))
+                assert run.data.metrics[f"{metric}_in_search"] == first.value, (run.info.run_name, metric)
+    assert sum(r.data.tags.get("secateurs.refined") == "true" for r in runs) == 2
     elapsed = [m.value for m in client.get_metric_history(parent.info.run_id, "elapsed_s")]
     assert elapsed == sorted(elapsed)  # each session goes on counting from the time the earlier ones spent
     # every session's time is counted but what a kill cut off since the last record (at most 10 s
@@ -224,6 +238,7 @@ def test_a_screened_search_killed_again_and_again_fine_tunes_exactly_its_budget(
     config = write_config(tmp_path, num_trials=30, baseline_ratios=[], screening={"warmup": 2, "bn_batches": 2, "fine_tunes": 8})
     client, kills, walls = kill_loop(tmp_path, config, kills=5, seed=seed + 1, env=env)
     print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
+    assert sum(killed for _, _, killed in kills) >= 3, kills
     (parent,) = parents(client)
     assert parent.info.status == "FINISHED"
     runs = children(client, parent, "trial")
