@@ -128,10 +128,10 @@ def children(client: MlflowClient, parent, kind: str) -> list:
 END = ("refining", "re-timing", "report")  # phases once every trial ran: a kill there lets the search end next time
 
 
-def reachable(client: MlflowClient, parent, end: bool) -> list[str]:
-    """The phases a session can still reach (a search that chose its baselines does not measure the
-    dense model or run the sensitivity step again), the last ones only if ``end``."""
-    phases = [p for p in sorted(PHASES) if end or p not in END]
+def reachable(client: MlflowClient, parent, phases: tuple[str, ...], end: bool) -> list[str]:
+    """Which of ``phases`` a session can still reach (a search that chose its baselines does not
+    measure the dense model or run the sensitivity step again), the last ones only if ``end``."""
+    phases = [p for p in phases if end or p not in END]
     if parent is None:
         return phases
     chosen = "baselines.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -139,11 +139,12 @@ def reachable(client: MlflowClient, parent, end: bool) -> list[str]:
     return [p for p in phases if not ((chosen and p == "sensitivity") or (dense and p == "dense recorded"))]
 
 
-def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict) -> tuple[MlflowClient, list[tuple[str, float, bool]], list[float]]:
-    """Start the search, SIGKILL it ``kills`` times at seeded random moments (each time going on with
-    ``--resume``, or starting again if no parent run was made yet), then let it finish. Returns the
-    client, the kills made (phase, delay, whether it landed before the driver ended) and the wall
-    seconds of each session."""
+def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict,
+              phases: tuple[str, ...] = tuple(sorted(PHASES))) -> tuple[MlflowClient, list[tuple[str, float, bool]], list[float]]:
+    """Start the search, SIGKILL it ``kills`` times at seeded random moments of ``phases`` (each time
+    going on with ``--resume``, or starting again if no parent run was made yet), then let it
+    finish. Returns the client, the kills made (phase, delay, whether it landed before the driver
+    ended) and the wall seconds of each session."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     rng = random.Random(seed)
@@ -155,7 +156,7 @@ def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict) ->
             break  # killed after it ended its parent run (printing the report)
         args = ["--resume", found[0].info.run_id] if found else [str(config)]
         driver = Driver([*args, "--tracking-uri", uri], tmp_path, env, tmp_path / f"session-{len(walls) + 1}.log")
-        phase = rng.choice(reachable(client, found[0] if found else None, end=len(made) >= kills - 3))
+        phase = rng.choice(reachable(client, found[0] if found else None, phases, end=len(made) >= kills - 3))
         marker, low, high = PHASES[phase]
         delay = rng.uniform(low, high)
         reached = driver.wait_for(marker, deadline_s=300)
@@ -236,7 +237,8 @@ def test_a_search_killed_at_random_moments_ends_with_exactly_its_budget(tmp_path
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_screened_search_killed_again_and_again_fine_tunes_exactly_its_budget(tmp_path, env, seed):
     config = write_config(tmp_path, num_trials=30, baseline_ratios=[], screening={"warmup": 2, "bn_batches": 2, "fine_tunes": 8})
-    client, kills, walls = kill_loop(tmp_path, config, kills=5, seed=seed + 1, env=env)
+    phases = tuple(p for p in sorted(PHASES) if p not in ("sensitivity", "refining"))  # neither is configured here
+    client, kills, walls = kill_loop(tmp_path, config, kills=5, seed=seed + 1, env=env, phases=phases)
     print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
     assert sum(killed for _, _, killed in kills) >= 3, kills
     (parent,) = parents(client)
