@@ -12,8 +12,9 @@ import resource
 
 import torch
 
+from evaluators.builtin_tasks import make_digits_task
 from evaluators.models import DigitsCNN
-from evaluators.tasks import TaskConfig, make_digits_task
+from evaluators.tasks import TaskConfig
 
 HEADROOM = 256 * 2**20
 
@@ -40,4 +41,4 @@ class HungryCNN(DigitsCNN):
 
 def make_task(config: TaskConfig):
     task = make_digits_task(TaskConfig(dense_epochs=config.dense_epochs))
-    return dataclasses.replace(task, name="memory_hungry", model_factory=HungryCNN)
+    return dataclasses.replace(task, name="memory_hungry", model=HungryCNN)

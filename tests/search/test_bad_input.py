@@ -39,7 +39,6 @@ BASE = {
     "measure": {"warmup": 1, "repeats": 2},
     "search": {"num_trials": 2, "baseline_ratios": [], "max_concurrent": 1},
 }
-TASK_CHECK = pytest.mark.xfail(strict=True, reason="needs the task check of #16")
 
 
 @dataclasses.dataclass
@@ -96,12 +95,13 @@ def pickled_model(path: Path) -> None:
 
 
 def module(body: str) -> Callable[[Path], None]:
-    return text("import torch\nfrom torch import nn\nfrom evaluators.tasks import TensorTask\n" + body)
+    return text("import torch\nfrom torch import nn\nfrom evaluators.tasks import Task\n" + body)
 
 
 def tensor_task(x: str, y: str, model: str = "nn.Sequential(nn.Flatten(), nn.Linear(64, 10))", classes: int = 10) -> str:
+    """A user module whose ``make_task`` returns a Task of these tensors (as the README shows one)."""
     return (f"def make_task(config):\n    g = torch.Generator().manual_seed(0)\n    x = {x}\n    y = {y}\n"
-            f"    return TensorTask('user', {classes}, lambda: {model}, (x, y), (x[:40], y[:40]))\n")
+            f"    return Task(model=lambda: {model}, train_data=(x, y), eval_data=(x[:40], y[:40]), num_classes={classes}, name='user')\n")
 
 
 GOOD_X, GOOD_Y = "torch.randn(200, 1, 8, 8, generator=g)", "torch.randint(0, 10, (200,), generator=g)"
@@ -193,15 +193,14 @@ CASES = [
            id="user-task-factory-raises",
            files={"user_factory_raises.py": text("def make_task(config):\n    open('/nonexistent/x.npy')\n")}),
     search({"task": {"name": "user_none:make_task"}}, expect=("task.name", "user_none", "None"), id="user-task-returns-none",
-           files={"user_none.py": text("def make_task(config):\n    return None\n")}, marks=(TASK_CHECK,)),
-    search({"task": {"name": "user_classes:make_task", "checkpoint": None}}, expect=("user_classes", "3", "10"),
+           files={"user_none.py": text("def make_task(config):\n    return None\n")}),
+    search({"task": {"name": "user_classes:make_task", "checkpoint": None}}, expect=("Task.model", "(8, 3)", "10 classes"),
            id="user-task-wrong-number-of-classes",
-           files={"user_classes.py": module(tensor_task(GOOD_X, GOOD_Y, "nn.Sequential(nn.Flatten(), nn.Linear(64, 3))"))}, marks=(TASK_CHECK,)),
-    search({"task": {"name": "user_nan:make_task", "checkpoint": None}}, expect=("user_nan", "NaN"), id="nan-in-the-data",
-           files={"user_nan.py": module(tensor_task(GOOD_X + ".index_fill(0, torch.tensor([7]), float('nan'))", GOOD_Y))},
-           marks=(TASK_CHECK,)),
-    search({"task": {"name": "user_labels:make_task", "checkpoint": None}}, expect=("user_labels", "label", "12"),
-           id="labels-out-of-range", files={"user_labels.py": module(tensor_task(GOOD_X, "torch.full((200,), 12)"))}, marks=(TASK_CHECK,)),
+           files={"user_classes.py": module(tensor_task(GOOD_X, GOOD_Y, "nn.Sequential(nn.Flatten(), nn.Linear(64, 3))"))}),
+    search({"task": {"name": "user_nan:make_task", "checkpoint": None}}, expect=("train_data", "NaN", "finite"), id="nan-in-the-data",
+           files={"user_nan.py": module(tensor_task(GOOD_X + ".index_fill(0, torch.tensor([7]), float('nan'))", GOOD_Y))}),
+    search({"task": {"name": "user_labels:make_task", "checkpoint": None}}, expect=("train_data", "labels", "[0, 9]", "12"),
+           id="labels-out-of-range", files={"user_labels.py": module(tensor_task(GOOD_X, "torch.full((200,), 12)"))}),
     # --- data files of the built-in tasks
     search({"task": {"name": "cifar10", "checkpoint": None, "data_root": "cifar10.npz"}}, expect=("cifar10", "cifar10.npz", "npz"),
            id="cifar-npz-corrupt", files={"cifar10.npz": text(b"PK\x03\x04 not really a zip")}),
@@ -214,13 +213,13 @@ CASES = [
     search({"task": {"checkpoint": "missing.pt"}}, expect=("task.checkpoint", "missing.pt", "does not exist"), id="checkpoint-missing"),
     search({"task": {"checkpoint": "ckpt"}}, expect=("task.checkpoint", "ckpt"), id="checkpoint-is-a-directory", files={"ckpt": lambda p: p.mkdir()}),
     search(None, expect=("task.checkpoint", "dense.pt", "state dict"), id="checkpoint-empty", files={"dense.pt": text(b"")}),
-    search(None, expect=("task.checkpoint", "dense.pt", "state dict"), id="checkpoint-corrupt", files={"dense.pt": text(os.urandom(4096))}),
+    search(None, expect=("task.checkpoint", "dense.pt", "state_dict"), id="checkpoint-corrupt", files={"dense.pt": text(bytes(range(256)) * 16)}),
     search(None, expect=("task.checkpoint", "dense.pt", "state dict"), id="checkpoint-truncated", files={"dense.pt": truncated}),
     search(None, expect=("task.checkpoint", "dense.pt", "DigitsCNN"), id="checkpoint-of-another-model",
            files={"dense.pt": state_dict(build_model("mlp", num_classes=10, in_features=64))}),
-    search(None, expect=("task.checkpoint", "dense.pt", "DigitsCNN", "state dict"), id="checkpoint-full-pickled-model",
+    search(None, expect=("task.checkpoint", "dense.pt", "DigitsCNN", "state_dict()"), id="checkpoint-full-pickled-model",
            files={"dense.pt": pickled_model}),
-    search(None, expect=("task.checkpoint", "dense.pt", "state dict"), id="checkpoint-is-json", files={"dense.pt": text('{"weights": [1, 2]}')}),
+    search(None, expect=("task.checkpoint", "dense.pt", "state_dict"), id="checkpoint-is-json", files={"dense.pt": text('{"weights": [1, 2]}')}),
     search(None, expect=("task.checkpoint", "dense.pt", "list", "state dict"), id="checkpoint-a-list-of-tensors",
            files={"dense.pt": lambda p: torch.save([torch.zeros(3)], p)}),
     # --- what the model and the space allow (checked before any work)
