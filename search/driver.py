@@ -25,13 +25,13 @@ import yaml
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
 from evaluators.checks import check_objectives
 from evaluators.pruning import PruningError, check_space, discover_groups
-from evaluators.tasks import Task, make_task
+from evaluators.tasks import Task, make_task, top1_accuracy
 from evaluators.trial import FinetuneConfig, Reference, evaluate, prune_model
 from search import frontier, outcome, ray_runtime, records, sensitivity
 from search.baselines import Baseline, reference_points
 from search.config import Config, ConfigError, validate
 from search.constraints import parse_all
-from search.objectives import DEFAULT, Objectives
+from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
 from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
 from search.refine import chosen_before, refine_frontier
@@ -104,6 +104,7 @@ class _Session:
 def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepared:
     """Everything that can fail on bad input, done before any record is made."""
     task = make_task(config.task)  # checked: one forward pass, outputs, labels, lengths, finite values
+    _check_names(config, task)
     config.measure.resolve_device()
     config.measure.check_inputs(task.example())
     # the dense model trains with the torch threads a trial gets (Ray sets OMP_NUM_THREADS to its CPUs)
@@ -169,22 +170,37 @@ def _measure_dense(config: Config, prepared: _Prepared, out: Log) -> dict[str, f
     return dense
 
 
-def _objectives(config: Config, prepared: _Prepared, dense: dict[str, float]) -> Objectives:
+def _objectives(config: Config, task: Task, scores: list[str], metrics: list[str]) -> Objectives:
     """The search's objectives (``search.objectives``, else the task's scores + latency_ms and size_mb),
-    checked against what the dense model's evaluation returned, with the constraints' metric names."""
+    checked against the ``scores`` the task's evaluation returns, and the constraints' metric names
+    against the ``metrics`` a trial records."""
     try:
-        objectives = Objectives.resolve(config.search.objectives, getattr(prepared.task, "objectives", None))
+        objectives = Objectives.resolve(config.search.objectives, getattr(task, "objectives", None))
     except ValueError as exc:
         raise ConfigError(f"search.{exc}") from None
     try:
-        objectives.check_scores(Reference.from_record(dense).scores)
+        objectives.check_scores(scores)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        parse_all(config.search.constraints, metrics=sorted(trial_metrics(dense)))
+        parse_all(config.search.constraints, metrics=metrics)
     except ValueError as exc:
         raise ConfigError(f"search.constraints: {exc}") from None
     return objectives
+
+
+def _check_names(config: Config, task: Task) -> None:
+    """``search.objectives`` and the constraints' metric names, checked before any work where the
+    scores of the task's evaluation are known without running it: the default evaluation returns
+    exactly ``accuracy``. A task's own ``evaluate`` may return more than it declares, so its names
+    are checked once the dense model is measured (:func:`_measured_objectives`)."""
+    if task.evaluate is top1_accuracy:
+        _objectives(config, task, ["accuracy"], recorded_metrics(["accuracy"]))
+
+
+def _measured_objectives(config: Config, prepared: _Prepared, dense: dict[str, float]) -> Objectives:
+    """:func:`_objectives` against what the dense model's evaluation returned and recorded."""
+    return _objectives(config, prepared.task, list(Reference.from_record(dense).scores), sorted(trial_metrics(dense)))
 
 
 def _first_points(session: _Session) -> None:
@@ -229,7 +245,7 @@ def run_search(config: Config, *, config_name: str = "search", tracking_uri: str
     prepared = _prepare(config, out)
     _check_criteria(config, prepared, out)
     dense = _measure_dense(config, prepared, out)
-    objectives = _objectives(config, prepared, dense)
+    objectives = _measured_objectives(config, prepared, dense)
     started_ray = _start_ray(config, address, out)
     try:
         tracker = SearchTracker(uri)

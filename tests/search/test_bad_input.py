@@ -164,9 +164,11 @@ CASES = [
     search({"tracking": {"experiment": " "}}, expect=("tracking.experiment", "non-empty"), id="experiment-blank"),
     # --- constraints
     search({"search": {"constraints": ["accuracy >>= 0.9"]}}, expect=("search.constraints", "accuracy >>= 0.9"), id="constraint-operator"),
-    search({"search": {"constraints": ["acuracy >= 0.9"]}}, expect=("search.constraints", "acuracy", "accuracy"), id="constraint-unknown-metric",
-           marks=(pytest.mark.xfail(strict=True, reason="metric names are checked against the dense record (search.objectives): "
-                                                        "before anything is recorded, but after the dense model is measured"),)),
+    search({"search": {"constraints": ["acuracy >= 0.9"]}}, expect=("search.constraints", "acuracy", "accuracy"), id="constraint-unknown-metric"),
+    search({"search": {"objectives": {"acuracy": "max", "latency_ms": "min"}}}, expect=("search.objectives", "acuracy", "accuracy"),
+           id="objective-unknown-score"),
+    search({"search": {"objectives": {"accuracy": "max", "latency_ms": "max"}}}, expect=("objectives.latency_ms", "cost", "max"),
+           id="objective-cost-maximised"),
     search({"search": {"constraints": ["latency_ms <="]}}, expect=("search.constraints", "latency_ms <="), id="constraint-no-bound"),
     search({"search": {"constraints": ["macs <= 0.5 * dens"]}}, expect=("search.constraints", "dens"), id="constraint-bad-reference"),
     search({"search": {"constraints": "accuracy >= 0.9"}}, expect=("search.constraints", "list"), id="constraints-not-a-list"),
