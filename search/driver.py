@@ -190,11 +190,12 @@ def _objectives(config: Config, task: Task, scores: list[str], metrics: list[str
 
 
 def _check_names(config: Config, task: Task) -> None:
-    """``search.objectives`` and the constraints' metric names, checked before any work where the
+    """``Task.objectives``, ``search.objectives`` and the constraints' metric names, checked before any work where the
     scores of the task's evaluation are known without running it: the default evaluation returns
     exactly ``accuracy``. A task's own ``evaluate`` may return more than it declares, so its names
     are checked once the dense model is measured (:func:`_measured_objectives`)."""
     if task.evaluate is top1_accuracy:
+        check_objectives(task.objectives, {"accuracy": 0.0}, field="Task.objectives")
         _objectives(config, task, ["accuracy"], recorded_metrics(["accuracy"]))
 
 
