@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a download is no line of the command's output
 
 STARTED = time.perf_counter()  # the command's start, where search.time_budget_s counts from (before torch and Ray load)
 PROG = "secateurs"
