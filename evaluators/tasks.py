@@ -319,6 +319,8 @@ def _load_factory(path: str) -> Callable[[TaskConfig], Any]:
     except ImportError as exc:
         raise ValueError(f"task.name: cannot import {module_name!r} from {path!r}: {exc} (is its folder on PYTHONPATH? "
                          "Ray workers must import it too)") from None
+    except Exception as exc:  # whatever the module raises as it is imported
+        raise ValueError(f"task.name: cannot import {module_name!r} from {path!r}: {type(exc).__name__}: {exc}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"task.name: {path!r} names no callable {attr!r} in module {module_name!r}")
@@ -330,7 +332,12 @@ def _make_task_cached(config: TaskConfig) -> Task:
     from evaluators.builtin_tasks import TASKS
 
     factory = TASKS.get(config.name) or _load_factory(config.name)
-    task = factory(config)
+    try:
+        task = factory(config)
+    except (ValueError, MemoryError):
+        raise
+    except Exception as exc:  # a user factory failing (a file missing, ...): bad input, said in one line
+        raise TaskError(f"task.name: {config.name!r} failed to build its task: {type(exc).__name__}: {exc}") from None
     if not isinstance(task, Task):
         task = _from_legacy(task) or task
     if not isinstance(task, Task):

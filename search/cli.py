@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a download is no line of the command's output
+
+STARTED = time.perf_counter()  # the command's start, where search.time_budget_s counts from (before torch and Ray load)
 PROG = "secateurs"
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
 
@@ -95,14 +100,20 @@ def _search(args: argparse.Namespace) -> int:
 
     try:
         if args.resume:
-            result = resume_search(args.resume, tracking_uri=args.tracking_uri, address=args.address)
+            result = resume_search(args.resume, tracking_uri=args.tracking_uri, address=args.address, started=STARTED)
         else:
-            result = run_search(config, config_name=Path(args.config).stem, tracking_uri=args.tracking_uri, address=args.address)
+            result = run_search(config, config_name=Path(args.config).stem, tracking_uri=args.tracking_uri, address=args.address,
+                                started=STARTED)
     except ValueError as exc:
         # ConfigError, SpaceError, CheckpointError, PruningError and task/data errors: bad input,
         # reported before anything is recorded.
         return _fail(str(exc))
-    return 0 if result.status == "FINISHED" else 130
+    if result.status != "FINISHED":
+        return 130
+    if result.num_failed and not len(result.trials):
+        print(f"{PROG}: error: every trial failed ({result.num_failed}); the first: {result.first_error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _production(handler):

@@ -216,6 +216,11 @@ def _format_error(error: dict[str, Any]) -> str:
         valid = _valid_keys(loc)
         return f"unknown key `{path}`; valid keys here: {', '.join(valid)}"
     message = error["msg"]
+    if kind in ("dataclass_type", "model_type", "dict_type"):  # a section (or a nested one) that is not a mapping
+        value = error.get("input")
+        valid = ", ".join(_valid_keys([*loc, None]))
+        got = "nothing (null)" if value is None else f"{type(value).__name__} {value!r}"
+        return f"`{path}`: must be a mapping of its fields ({valid}), but got {got}"
     if kind == "value_error":
         message = message.removeprefix("Value error, ")
         head, sep, rest = message.partition(": ")
@@ -261,11 +266,26 @@ def validate(data: Any) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config: the top level must be a mapping of sections, but got {type(data).__name__}")
+        raise ConfigError(f"config: the top level must be a mapping of sections ({', '.join(Config.model_fields)}), "
+                          f"but got {type(data).__name__}")
     try:
         return Config.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(_format_error(exc.errors()[0])) from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key!r} is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -275,14 +295,32 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     4
     """
     path = Path(path)
+    where = f"config file {str(path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a directory, not a file; name a YAML config such as configs/quickstart.yaml")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{where} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read ({exc.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: the top level must be a mapping of sections")
-    return validate(_merge(data or {}, parse_overrides(overrides)))
+        where_in = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        if "'\\t'" in problem:  # PyYAML: "found character '\\t' that cannot start any token"
+            problem = "a tab character; YAML indents with spaces only"
+        raise ConfigError(f"{where} is not valid YAML{where_in}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{where} is empty; it needs at least one section ({', '.join(Config.model_fields)}), "
+                          "e.g. start from configs/quickstart.yaml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections ({', '.join(Config.model_fields)}), "
+                          f"but got {type(data).__name__}")
+    return validate(_merge(data, parse_overrides(overrides)))

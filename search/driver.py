@@ -24,23 +24,24 @@ import yaml
 
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
 from evaluators.checks import check_objectives
-from evaluators.pruning import check_space, discover_groups
-from evaluators.tasks import Task, make_task
-from evaluators.trial import FinetuneConfig, Reference, evaluate
+from evaluators.pruning import PruningError, check_space, discover_groups
+from evaluators.tasks import Task, make_task, top1_accuracy
+from evaluators.trial import FinetuneConfig, Reference, evaluate, prune_model
 from search import frontier, outcome, ray_runtime, records, sensitivity
 from search.baselines import Baseline, reference_points
 from search.config import Config, ConfigError, validate
 from search.constraints import parse_all
-from search.objectives import DEFAULT, Objectives
+from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
 from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
-from search.refine import refine_frontier
+from search.refine import chosen_before, refine_frontier
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import RecordedTrial, SecateursSearch
-from search.tracking import SearchTracker
+from search.tracking import SearchTracker, check_tracking_uri
 from search.trainable import TrialContext, run_trial
 from spaces import Policy, SearchSpace
+from spaces.space import RATIO_PREFIX
 
 Log = Callable[[str], None]
 __all__ = ["SearchResult", "resume_search", "run_search"]
@@ -73,6 +74,7 @@ class _Session:
     spent_before_s: float = 0.0   # wall seconds earlier sessions of this search spent (a resume)
     ray_name: str = "search"      # Tune's experiment name for this session
     objectives: Objectives = DEFAULT  # what the search optimises (search.objectives, else the task's + costs)
+    started_ray: bool = False     # this session started (or connected) Ray, and shuts it down
 
     @property
     def budget(self) -> int:
@@ -94,10 +96,15 @@ class _Session:
                             refine_epochs=search.refine.epochs if search.refine else 0.0,
                             finetune_epochs=self.config.finetune.epochs, concurrency=search.max_concurrent, objectives=self.objectives)
 
+    def log_elapsed(self) -> None:
+        """Record the time spent so far (parent metric ``elapsed_s``), which a resume starts from."""
+        self.tracker.log_elapsed(self.elapsed_s())
+
 
 def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepared:
     """Everything that can fail on bad input, done before any record is made."""
     task = make_task(config.task)  # checked: one forward pass, outputs, labels, lengths, finite values
+    _check_names(config, task)
     config.measure.resolve_device()
     config.measure.check_inputs(task.example())
     # the dense model trains with the torch threads a trial gets (Ray sets OMP_NUM_THREADS to its CPUs)
@@ -106,8 +113,51 @@ def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepar
     groups = discover_groups(load_dense(task, checkpoint), task.example(), config.space.granularity, config.space.nm_block)
     check_space(config.space.granularity, config.space.criteria, groups)
     space = SearchSpace(config.space, groups, seed=config.search.seed)
-    out(f"{len(groups)} prunable groups, {len(space.searched_groups)} searched: {', '.join(space.searched_groups)}")
     return _Prepared(task, checkpoint, space)
+
+
+def _check_criteria(config: Config, prepared: _Prepared, out: Log) -> None:
+    """Prune the dense model once with each granularity and criterion the space can sample (every
+    searched ratio at the middle of its range), so that a pairing that cannot prune this model
+    (``bn_scale`` on a model without BatchNorm, ...) stops the search now, not in every trial.
+    Then says what will be searched: every input check has passed."""
+    space = prepared.space
+    for granularity in config.space.granularity:
+        for criterion in config.space.criteria:
+            params = {"granularity": granularity, "criterion": criterion, **space.default_params()}
+            for d in space.dimensions(granularity):
+                if d.range is not None:
+                    steps = round((d.range.high - d.range.low) / d.range.step) if d.range.step else 2
+                    params[RATIO_PREFIX + d.group] = d.range.low + (steps // 2) * (d.range.step or (d.range.high - d.range.low) / 2)
+            try:
+                prune_model(space.policy(params), prepared.task, prepared.checkpoint)
+            except PruningError as exc:
+                raise ConfigError(f"space.criteria: {criterion!r} cannot prune this model at granularity {granularity!r}: {exc}") from None
+    out(f"{len(space.groups)} prunable groups, {len(space.searched_groups)} searched: {', '.join(space.searched_groups)}")
+
+
+def _check_local_resources(config: Config, address: str | None) -> None:
+    """Before any work, for a search on a local Ray: does this machine have what one trial asks for?"""
+    if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+        ray_runtime.check_resources(config.search.cpus_per_trial, config.search.gpus_per_trial, ray_runtime.local_nodes(), "this machine")
+
+
+def _start_ray(config: Config, address: str | None, out: Log) -> bool:
+    """Start (or connect to) Ray and check that one of its nodes can run a trial; True if this call
+    started it. Nothing is recorded before: a search that could never run a trial is refused."""
+    local = (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    started = ray_runtime.init_ray(address)
+    try:
+        where = "the local Ray" if local else "the Ray cluster"
+        ray_runtime.check_resources(config.search.cpus_per_trial, config.search.gpus_per_trial, ray_runtime.cluster_nodes(), where)
+    except ValueError as exc:
+        if started:
+            ray.shutdown()
+        raise ConfigError(str(exc)) from None
+    if not local and not ray_runtime.token_auth():
+        out("warning: this Ray cluster does not use token authentication (RAY_AUTH_MODE=token): anyone who can reach "
+            "its ports can run code on it; see README, 'What listens where'")
+    return started
 
 
 def _measure_dense(config: Config, prepared: _Prepared, out: Log) -> dict[str, float]:
@@ -120,22 +170,38 @@ def _measure_dense(config: Config, prepared: _Prepared, out: Log) -> dict[str, f
     return dense
 
 
-def _objectives(config: Config, prepared: _Prepared, dense: dict[str, float]) -> Objectives:
+def _objectives(config: Config, task: Task, scores: list[str], metrics: list[str]) -> Objectives:
     """The search's objectives (``search.objectives``, else the task's scores + latency_ms and size_mb),
-    checked against what the dense model's evaluation returned, with the constraints' metric names."""
+    checked against the ``scores`` the task's evaluation returns, and the constraints' metric names
+    against the ``metrics`` a trial records."""
     try:
-        objectives = Objectives.resolve(config.search.objectives, getattr(prepared.task, "objectives", None))
+        objectives = Objectives.resolve(config.search.objectives, getattr(task, "objectives", None))
     except ValueError as exc:
         raise ConfigError(f"search.{exc}") from None
     try:
-        objectives.check_scores(Reference.from_record(dense).scores)
+        objectives.check_scores(scores)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        parse_all(config.search.constraints, metrics=sorted(trial_metrics(dense)))
+        parse_all(config.search.constraints, metrics=metrics)
     except ValueError as exc:
         raise ConfigError(f"search.constraints: {exc}") from None
     return objectives
+
+
+def _check_names(config: Config, task: Task) -> None:
+    """``Task.objectives``, ``search.objectives`` and the constraints' metric names, checked before any work where the
+    scores of the task's evaluation are known without running it: the default evaluation returns
+    exactly ``accuracy``. A task's own ``evaluate`` may return more than it declares, so its names
+    are checked once the dense model is measured (:func:`_measured_objectives`)."""
+    if task.evaluate is top1_accuracy:
+        check_objectives(task.objectives, {"accuracy": 0.0}, field="Task.objectives")
+        _objectives(config, task, ["accuracy"], recorded_metrics(["accuracy"]))
+
+
+def _measured_objectives(config: Config, prepared: _Prepared, dense: dict[str, float]) -> Objectives:
+    """:func:`_objectives` against what the dense model's evaluation returned and recorded."""
+    return _objectives(config, prepared.task, list(Reference.from_record(dense).scores), sorted(trial_metrics(dense)))
 
 
 def _first_points(session: _Session) -> None:
@@ -165,43 +231,57 @@ def _first_points(session: _Session) -> None:
 
 
 def run_search(config: Config, *, config_name: str = "search", tracking_uri: str | None = None, out: Log | None = None,
-               address: str | None = None) -> SearchResult:
+               address: str | None = None, started: float | None = None) -> SearchResult:
     """Run the whole search a validated config describes and return where it was recorded.
 
-    Input problems (task, checkpoint, space rules) raise before anything is written to MLflow.
+    Input problems (tracking store, resources, task, checkpoint, space rules, criteria) raise
+    before anything is written to MLflow. ``started``: ``time.perf_counter()`` when the command
+    started (default: now), where ``search.time_budget_s`` counts from.
     """
     out = out or _stderr
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     _quiet()
+    uri = check_tracking_uri(tracking_uri)
+    _check_local_resources(config, address)
     prepared = _prepare(config, out)
+    _check_criteria(config, prepared, out)
     dense = _measure_dense(config, prepared, out)
-    objectives = _objectives(config, prepared, dense)
-    tracker = SearchTracker(tracking_uri)
-    tracker.group_names = [g.name for g in prepared.space.groups]
-    tracker.start_search(
-        config.tracking.experiment,
-        config.tracking.run_name or config_name,
-        config_yaml=config.to_yaml(),
-        params={
-            "task": config.task.name,
-            "sampler": config.search.sampler,
-            "seed": config.search.seed,
-            "num_trials": config.search.num_trials,
-            "finetune.epochs": config.finetune.epochs,
-            "criteria": ",".join(config.space.criteria),
-            "searched_groups": len(prepared.space.searched_groups),
-        },
-        space=prepared.space.describe(),
-    )
-    tracker.log_dense(trial_metrics(dense), prepared.checkpoint)
-    tracker.set_tags({"secateurs.config_name": config_name})
-    tracker.set_tags({records.OBJECTIVES_TAG: json.dumps(objectives.mapping)})
-    session = _Session(config, config_name, tracker, prepared, dense, out, address, started,
-                       ray_name=f"{config_name}-{tracker.parent_run_id[:8]}", objectives=objectives)
+    objectives = _measured_objectives(config, prepared, dense)
+    started_ray = _start_ray(config, address, out)
+    try:
+        tracker = SearchTracker(uri)
+        tracker.group_names = [g.name for g in prepared.space.groups]
+        tracker.start_search(
+            config.tracking.experiment,
+            config.tracking.run_name or config_name,
+            config_yaml=config.to_yaml(),
+            params={
+                "task": config.task.name,
+                "sampler": config.search.sampler,
+                "seed": config.search.seed,
+                "num_trials": config.search.num_trials,
+                "finetune.epochs": config.finetune.epochs,
+                "criteria": ",".join(config.space.criteria),
+                "searched_groups": len(prepared.space.searched_groups),
+            },
+            space=prepared.space.describe(),
+            tags={"secateurs.config_name": config_name, records.OBJECTIVES_TAG: json.dumps(objectives.mapping)},
+        )
+        out(f"recording in MLflow run {tracker.parent_run_id}; if it stops, continue with "
+            f"`secateurs search --resume {tracker.parent_run_id}`")
+        tracker.log_dense(trial_metrics(dense), prepared.checkpoint)
+        session = _Session(config, config_name, tracker, prepared, dense, out, address, started,
+                           ray_name=f"{config_name}-{tracker.parent_run_id[:8]}", objectives=objectives, started_ray=started_ray)
+        session.log_elapsed()
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     return _run(session)
 
 
-def resume_search(run_id: str, *, tracking_uri: str | None = None, out: Log | None = None, address: str | None = None) -> SearchResult:
+def resume_search(run_id: str, *, tracking_uri: str | None = None, out: Log | None = None, address: str | None = None,
+                  started: float | None = None) -> SearchResult:
     """Continue a search whose driver died (or was interrupted) from its MLflow parent run.
 
     MLflow is the record: completed and failed trials are kept, counted once and told to the
@@ -210,9 +290,9 @@ def resume_search(run_id: str, *, tracking_uri: str | None = None, out: Log | No
     and the final frontier. Ray's own experiment snapshot is not needed.
     """
     out = out or _stderr
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     _quiet()
-    tracker = SearchTracker(tracking_uri)
+    tracker = SearchTracker(check_tracking_uri(tracking_uri, existing=True))
     try:
         parent = tracker.attach(run_id)
     except LookupError as exc:
@@ -223,32 +303,54 @@ def resume_search(run_id: str, *, tracking_uri: str | None = None, out: Log | No
         config = validate(yaml.safe_load(records.read_artifact(tracker.client, run_id, "config.yaml")))
     except LookupError as exc:
         raise ConfigError(f"--resume: {exc}; cannot resume: start the search again") from None
+    _check_local_resources(config, address)
     dense_runs = tracker.child_runs("dense")
     finished_dense = dense_runs[dense_runs["status"] == "FINISHED"] if len(dense_runs) else dense_runs
     checkpoint = records.row_values(finished_dense.iloc[0], "tags.").get("secateurs.checkpoint") if len(finished_dense) else None
     prepared = _prepare(config, out, checkpoint=checkpoint)
-    tracker.group_names = [g.name for g in prepared.space.groups]
-    cut_off = tracker.remove_cut_off_runs()
-    if cut_off:
-        out(f"resume: removed {cut_off} run(s) the driver was writing when it stopped; their trials are run again")
-    if len(finished_dense):
-        dense = {k: float(v) for k, v in records.row_values(finished_dense.iloc[0], "metrics.").items()}
-    else:  # the driver stopped before the dense reference was recorded
-        dense = _measure_dense(config, prepared, out)
-        tracker.log_dense(trial_metrics(dense), prepared.checkpoint)
+    _check_criteria(config, prepared, out)
+    started_ray = _start_ray(config, address, out)
     try:
-        prepared.first = [Baseline.from_dict(b) for b in json.loads(records.read_artifact(tracker.client, run_id, "baselines.json"))]
-    except LookupError:
-        prepared.first = None  # stopped before the baselines were chosen: chosen again
-    resumes = int(parent.data.tags.get("secateurs.resumes", "0")) + 1
-    tracker.set_tags({"secateurs.resumes": str(resumes)})
-    config_name = parent.data.tags.get("secateurs.config_name", "search")
-    session = _Session(config, config_name, tracker, prepared, dense, out, address, started,
-                       spent_before_s=float(parent.data.metrics.get("elapsed_s", 0.0)),
-                       ray_name=f"{config_name}-{run_id[:8]}-resume{resumes}",
-                       objectives=records.search_objectives(parent.data.tags, config))
-    tracker.set_running()
+        tracker.group_names = [g.name for g in prepared.space.groups]
+        cut_off = tracker.remove_cut_off_runs()
+        if cut_off:
+            out(f"resume: removed {cut_off} run(s) the driver was writing when it stopped; their trials are run again")
+        if len(finished_dense):
+            dense = {k: float(v) for k, v in records.row_values(finished_dense.iloc[0], "metrics.").items()}
+        else:  # the driver stopped before the dense reference was recorded
+            dense = _measure_dense(config, prepared, out)
+            tracker.log_dense(trial_metrics(dense), prepared.checkpoint)
+        _read_first_points(tracker, prepared)
+        resumes = int(parent.data.tags.get("secateurs.resumes", "0")) + 1
+        tracker.set_tags({"secateurs.resumes": str(resumes)})
+        config_name = parent.data.tags.get("secateurs.config_name", "search")
+        session = _Session(config, config_name, tracker, prepared, dense, out, address, started,
+                           spent_before_s=float(parent.data.metrics.get("elapsed_s", 0.0)),
+                           ray_name=f"{config_name}-{run_id[:8]}-resume{resumes}",
+                           objectives=records.search_objectives(parent.data.tags, config), started_ray=started_ray)
+        tracker.set_running()
+        session.log_elapsed()
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     return _run(session)
+
+
+def _read_first_points(tracker: SearchTracker, prepared: _Prepared) -> None:
+    """The baselines and seeds an earlier session chose (``baselines.json``), on the space it chose
+    them on (narrowed by ``narrowed.json`` if the sensitivity step narrowed it); left None if that
+    session stopped before choosing them, so that they are chosen again."""
+    try:
+        first = [Baseline.from_dict(b) for b in json.loads(records.read_artifact(tracker.client, tracker.parent_run_id, "baselines.json"))]
+    except LookupError:
+        return
+    try:
+        highs = json.loads(records.read_artifact(tracker.client, tracker.parent_run_id, "narrowed.json"))
+    except LookupError:
+        highs = {}
+    prepared.space = sensitivity.narrowed_to(prepared.space, highs)
+    prepared.first = first
 
 
 def _history(tracker: SearchTracker) -> tuple[list[dict], int, list[RecordedTrial], set[str]]:
@@ -266,11 +368,10 @@ def _run(session: _Session) -> SearchResult:
     tracker.set_tags({"secateurs.hypervolume_reference": session.objectives.reference_description(),
                       "secateurs.ray_experiment": f"{ray_runtime.storage_path(config.search.storage_path).rstrip('/')}/{session.ray_name}"})
     status = "FAILED"
-    started_ray = False
     try:
-        started_ray = ray_runtime.init_ray(session.address)
         if prepared.first is None:
             _first_points(session)
+            session.log_elapsed()
         rows, failed, history, evaluated = _history(tracker)
         recorded = len(rows) + failed
 
@@ -323,7 +424,8 @@ def _run(session: _Session) -> SearchResult:
             fit_started = time.perf_counter()
             tuner.fit()
             fit_wall = time.perf_counter() - fit_started
-        tracker.log_search_metrics({"fit_wall_s": fit_wall, "elapsed_s": session.elapsed_s()})
+        tracker.log_search_metrics({"fit_wall_s": fit_wall})
+        session.log_elapsed()
         status = _status(session, stoppers, recorder)
         if status == "FINISHED" and config.search.refine is not None:
             _refine(session)
@@ -331,10 +433,11 @@ def _run(session: _Session) -> SearchResult:
         status = "KILLED"
         out(f"interrupted: resume with `secateurs search --resume {tracker.parent_run_id}`")
     finally:
-        if started_ray:
+        if session.started_ray:
             ray.shutdown()
         if status == "FINISHED" and config.search.remeasure:
             _remeasure(session)
+            session.log_elapsed()
         result = outcome.finish(tracker, session.dense, session.config_name, status, session.started, out, session.objectives)
     return result
 
@@ -371,6 +474,9 @@ def _refine(session: _Session) -> None:
     rows = session.tracker.trial_table()[0]
     table = pd.DataFrame(rows)
     front = table[frontier.feasible_frontier(table, session.objectives.mapping)] if len(table) else table
+    chosen = chosen_before(session.tracker.client.get_run(session.tracker.parent_run_id).data.tags)
+    if chosen:  # a resume after a kill while refining: the same candidates (refining changed the frontier)
+        front = table[table["run_id"].isin(chosen)]
     with open(session.prepared.checkpoint, "rb") as f:
         checkpoint = f.read()
     refine_frontier(session.tracker, front, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,

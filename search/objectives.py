@@ -20,6 +20,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from evaluators.checks import RESERVED, derived_names
+
 SENSES = ("min", "max")
 COSTS = {"latency_ms": "min", "size_mb": "min", "macs": "min", "params": "min"}  # measured on the pruned model itself
 DEFAULT_COSTS = ("latency_ms", "size_mb")
@@ -137,6 +139,18 @@ class Objectives:
 
 
 DEFAULT = Objectives.resolve(None)
+
+
+def recorded_metrics(scores: Iterable[str]) -> list[str]:
+    """Every metric name a trial can record when the task's evaluation returns ``scores``: the
+    scores, the measurements and timings, and what derives from the scores (``<score>_change``,
+    ``accuracy_drop``); the names constraints may use.
+
+    >>> recorded_metrics(["rmse"])[:3], "rmse_change" in recorded_metrics(["rmse"])
+    (['rmse', 'latency_ms', 'latency_p10_ms'], True)
+    """
+    scores = list(scores)
+    return list(dict.fromkeys([*scores, *RESERVED, *derived_names(scores)]))
 
 
 def ordered(objectives: Objectives, prefer: str) -> tuple[list[str], list[bool]]:

@@ -33,6 +33,7 @@ class SearchResult:
     num_failed: int
     wall_s: float
     status: str = "FINISHED"  # MLflow status of the parent run: FINISHED, KILLED or FAILED
+    first_error: str | None = None  # the error of the first failed trial (its secateurs.error tag)
 
 
 def format_frontier(table: pd.DataFrame, objectives: Objectives | None = None) -> str:
@@ -66,7 +67,8 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
     it is compared with come from one measurement. Each policy is the one its trial ran (policy.json).
     ``dense`` is updated in place."""
     dense_run_id = tracker.child_runs("dense").iloc[0]["run_id"]
-    dense_in_search = dense["latency_ms"]
+    # a session killed while re-timing left some latencies re-timed: their in-search ones are kept aside
+    dense_in_search = dense.get("latency_ms_in_search", dense["latency_ms"])
     in_search: dict[str, float] = {}
     timed: set[str] = set()
     for _ in range(passes):
@@ -76,8 +78,9 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
             return
         out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
         policies = {"dense": Policy(criterion="l1", ratios={}), **tracker.policies(list(front["run_id"]))}
-        for row in front.itertuples():
-            in_search.setdefault(row.run_id, row.latency_ms)
+        for row in front.to_dict("records"):
+            earlier = row.get("latency_ms_in_search")
+            in_search.setdefault(row["run_id"], row["latency_ms"] if earlier is None or earlier != earlier else earlier)
         fresh = measure_latencies(policies, task, checkpoint, measure)
         dense_fresh = fresh.pop("dense")
         dense.update(dense_fresh)
@@ -126,4 +129,14 @@ def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, st
         out(f"MLflow: open {tracker.tracking_uri.rstrip('/')}/{tracker.experiment_url()}")
     else:
         out(f"MLflow: {ui_command(tracker.tracking_uri)}\n  then open http://127.0.0.1:5000/{tracker.experiment_url()}")
-    return SearchResult(tracker.tracking_uri, tracker.experiment_id, tracker.parent_run_id, trials, front, dense, num_failed, wall_s, status)
+    return SearchResult(tracker.tracking_uri, tracker.experiment_id, tracker.parent_run_id, trials, front, dense, num_failed, wall_s, status,
+                        _first_error(tracker) if num_failed else None)
+
+
+def _first_error(tracker: SearchTracker) -> str | None:
+    runs = tracker.child_runs("trial", "baseline")
+    failed = runs[runs["status"] == "FAILED"] if len(runs) else runs
+    if not len(failed) or "tags.secateurs.error" not in failed:
+        return None
+    row = failed.iloc[0]
+    return f"trial {row.get('tags.secateurs.trial', '?')}: {row['tags.secateurs.error']}"

@@ -95,10 +95,10 @@ def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str =
         raise ProductionError(f"--finetune-epochs must be >= 0, but got {finetune_epochs}")
     if not onnx_tolerance > 0:
         raise ProductionError(f"--onnx-tolerance must be > 0, but got {onnx_tolerance}")
+    out_dir = check_out_dir(out, force) if out is not None else None
     record = load_search(run_id, tracking_uri)
     row = find_trial(record, trial) if trial is not None else choose(record.frontier, constraints, prefer, dense=record.dense,
                                                                       objectives=record.objectives)
-    out_dir = check_out_dir(out, force) if out is not None else None
     client = MlflowClient(record.tracking_uri)
     config = record.config
     task = make_task(config.task)

@@ -3,6 +3,8 @@ hypervolume and prints progress; and the stoppers that end a search whose fronti
 or whose time budget is spent."""
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -32,6 +34,22 @@ def trial_metrics(result: Mapping) -> dict[str, float]:
 
 def _short(score: str) -> str:
     return "acc" if score == "accuracy" else score
+
+
+HEARTBEAT_S = 10.0  # how often the time spent is recorded while trials run
+OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|MemoryError|OutOfMemoryError|\bOOM\b", re.I)
+
+
+def failure_kind(error: str) -> str:
+    """``out_of_memory`` when a trial's error says it ran out of memory (host or GPU, torch's
+    allocator, Python, or Ray's memory monitor killing it), else ``error``.
+
+    >>> failure_kind("RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 67108864 bytes")
+    'out_of_memory'
+    >>> failure_kind("RuntimeError: fragile model: only 16 filters left")
+    'error'
+    """
+    return "out_of_memory" if OUT_OF_MEMORY.search(error) else "error"
 
 
 class TrialRecorder(tune.Callback):
@@ -65,6 +83,7 @@ class TrialRecorder(tune.Callback):
         self.baselines = {b.name: b for b in baselines}
         self.clock = clock  # wall seconds the search has taken (earlier sessions included), logged as elapsed_s
         self.objectives = objectives or DEFAULT
+        self._elapsed_logged = time.monotonic()
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
         self.best_hypervolume, self.since_improvement = self._plateau()
 
@@ -143,18 +162,19 @@ class TrialRecorder(tune.Callback):
                 policy = self.space.policy(trial.config)
             except Exception:
                 policy = None
+            failure = {"secateurs.failure": failure_kind(error)}
             try:
-                kind, tags = self._tags(trial, {})
+                kind, tags = self._tags(trial, failure)
             except Exception:
-                kind, tags = "trial", {"secateurs.ray_trial_id": trial.trial_id}
+                kind, tags = "trial", {"secateurs.ray_trial_id": trial.trial_id, **failure}
             self.tracker.log_failed_trial(index, policy, error, tags=tags, kind=kind, sampled=sampled_params(trial.config))
             self.recorded.add(trial.trial_id)
             self.num_failed += 1
             self.since_improvement += 1
-            if self.clock:
-                self.tracker.log_search_metrics({"elapsed_s": self.clock()}, step=index)
+            self._log_elapsed()
             reason = error.strip().splitlines()[-1] if error.strip() else "unknown error"
-            self._progress(index, f"FAILED: {reason[:120]}")
+            oom = " (out of memory)" if failure["secateurs.failure"] == "out_of_memory" else ""
+            self._progress(index, f"FAILED{oom}: {reason[:120]}")
         except Exception as exc:
             self.out(f"warning: could not record failed trial {trial.trial_id}: {exc!r}")
 
@@ -164,7 +184,22 @@ class TrialRecorder(tune.Callback):
             self.best_hypervolume, self.since_improvement = hv, 0
         else:
             self.since_improvement += 1
-        self.tracker.log_search_metrics({"hypervolume": hv, **({"elapsed_s": self.clock()} if self.clock else {})}, step=step)
+        self.tracker.log_search_metrics({"hypervolume": hv}, step=step)
+        self._log_elapsed()
+
+    def _log_elapsed(self) -> None:
+        if self.clock:
+            self.tracker.log_elapsed(self.clock())
+            self._elapsed_logged = time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        """Every ``HEARTBEAT_S`` while trials run, record the time spent (``elapsed_s``): a driver
+        killed between two trials loses at most that much of ``search.time_budget_s``."""
+        try:
+            if time.monotonic() - self._elapsed_logged >= HEARTBEAT_S:
+                self._log_elapsed()
+        except Exception as exc:
+            self.out(f"warning: could not record the time spent: {exc!r}")
 
     def _progress(self, index: int, what: str) -> None:
         done = len(self.rows) + self.num_failed

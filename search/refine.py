@@ -24,6 +24,14 @@ from evaluators.trial import FinetuneConfig, MeasureConfig, Reference, evaluate
 from spaces import Policy
 
 
+CANDIDATES_TAG = "secateurs.refine_candidates"  # parent run: the run ids chosen for refinement, comma-separated
+
+
+def chosen_before(tags: dict[str, str]) -> list[str]:
+    """The run ids an earlier session of the search chose to refine (from the parent run's tags)."""
+    return [run_id for run_id in tags.get(CANDIDATES_TAG, "").split(",") if run_id]
+
+
 @dataclasses.dataclass(frozen=True)
 class RefineSettings:
     """``search.refine``: a longer fine-tune for the best frontier candidates (null = off)."""
@@ -62,6 +70,11 @@ def _refine_one(policy: Policy, task: TaskConfig, checkpoint: bytes, finetune: F
             "time_refine_s": time.perf_counter() - started}
 
 
+def _in_search(row: dict[str, Any], score: str) -> float:
+    earlier = row.get(f"{score}_in_search")
+    return float(row[score] if earlier is None or earlier != earlier else earlier)
+
+
 def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings, *, task: TaskConfig, checkpoint: bytes,
                     finetune: FinetuneConfig, measure: MeasureConfig, dense: dict[str, float], resources: dict[str, float],
                     out: Callable[[str], None], scores: list[str] = ("accuracy",)) -> list[str]:
@@ -71,16 +84,21 @@ def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings,
     chosen = candidates(front, settings.candidates)
     if not chosen:
         return []
+    tracker.set_tags({CANDIDATES_TAG: ",".join(chosen)})  # chosen once: a resume refines these, whatever the frontier became
     out(f"refining {len(chosen)} frontier policies: {settings.epochs:g} epochs of fine-tuning each (search.refine)")
+    # a resumed search whose driver was killed while refining: runs already refined keep their
+    # result, and each score in search of every run is the one the search measured
+    rows = front.set_index("run_id").to_dict("index")
+    done = {run_id for run_id in chosen if rows[run_id].get("refine_epochs") == settings.epochs}
     policies = tracker.policies(chosen)
     longer = dataclasses.replace(finetune, epochs=settings.epochs, max_steps=None)
     remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(_refine_one)
     checkpoint_ref = ray.put(checkpoint)
-    futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, Reference.from_record(dense)) for run_id in chosen}
-    rows = front.set_index("run_id")
+    futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, Reference.from_record(dense))
+               for run_id in chosen if run_id not in done}
     for run_id, future in futures.items():
         refined = ray.get(future)
-        kept = {f"{q}_in_search": float(rows.at[run_id, q]) for q in scores}
+        kept = {f"{q}_in_search": _in_search(rows[run_id], q) for q in scores}
         tracker.update_metrics(run_id, {**refined, **kept, "refine_epochs": settings.epochs}, step=2)
         q = scores[0]
         out(f"  {run_id[:12]}: {q} {kept[f'{q}_in_search']:.4f} after the search's fine-tune, {refined[q]:.4f} after {settings.epochs:g} epochs")

@@ -121,7 +121,7 @@ def narrowed(space: SearchSpace, rows: list[dict[str, Any]], max_drop: float) ->
     """``space`` with each single group's upper ratio lowered to where its proxy drop reaches ``max_drop``
     (rounded down to the step, never below the range's low). Returns the new space and the new highs."""
     safe = sensitivity.safe_ratios(rows, max_drop)
-    rules, highs = list(space.config.rules), {}
+    highs = {}
     for d in space.dimensions(space.config.granularity[0]):
         if d.range is None or d.joint or d.members != (d.group,) or d.group not in safe:
             continue
@@ -129,10 +129,19 @@ def narrowed(space: SearchSpace, rows: list[dict[str, Any]], max_drop: float) ->
         high = max(low, low + math.floor((safe[d.group] - low) / step + 1e-9) * step if step else safe[d.group])
         high = round(min(high, d.range.high), 10)
         if high < d.range.high:
-            rules.append(Rule(regex=re.escape(d.group), high=high, granularity=space.config.granularity[0]))
             highs[d.group] = high
-    config = dataclasses.replace(space.config, rules=rules)
-    return SearchSpace(config, space.groups, seed=space.seed), highs
+    return narrowed_to(space, highs), highs
+
+
+def narrowed_to(space: SearchSpace, highs: dict[str, float]) -> SearchSpace:
+    """``space`` with the upper ratio of each group in ``highs`` lowered to its value (what
+    :func:`narrowed` chose, as ``narrowed.json`` records it: a resumed search narrows again with it)."""
+    if not highs:
+        return space
+    granularity = space.config.granularity[0]
+    rules = [*space.config.rules, *(Rule(regex=re.escape(group), high=high, granularity=granularity) for group, high in highs.items())]
+    return SearchSpace(dataclasses.replace(space.config, rules=rules), space.groups, seed=space.seed, blocks=space.blocks,
+                       block_order=space.block_order)
 
 
 def latency_seed_points(config: Config, space: SearchSpace, rows: list[dict[str, Any]], checkpoint: bytes,

@@ -6,9 +6,13 @@ the sqlite store.
 from __future__ import annotations
 
 import json
+import os
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
@@ -16,8 +20,94 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from search import records
+from search.config import ConfigError
 from search.records import KIND, PARENT, PARETO, POLICY, SAMPLED, resolve_tracking_uri
 from spaces import Policy
+
+
+SCHEMES = "sqlite:///PATH, http(s)://HOST:PORT, postgresql://, mysql://, mssql:// or databricks"
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_tracking_uri(uri: str | None, *, existing: bool = False, timeout_s: float = 5.0) -> str:
+    """The tracking URI a search will write to (``uri``, else ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///mlflow.db`` here), probed before any work without writing anything: a sqlite file
+    must be a database (or not exist yet, unless ``existing``) in a writable directory; a server
+    must answer within ``timeout_s``; any other scheme must be one MLflow can open.
+    Raises :class:`ConfigError` naming the setting, the URI and what is wrong.
+
+    >>> check_tracking_uri("sqlit:///mlflow.db")
+    Traceback (most recent call last):
+    search.config.ConfigError: --tracking-uri 'sqlit:///mlflow.db': unknown scheme 'sqlit'; valid: sqlite:///PATH, http(s)://HOST:PORT, postgresql://, mysql://, mssql:// or databricks
+    """
+    source = "--tracking-uri" if uri else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking URI"
+    resolved = resolve_tracking_uri(uri)
+    where = f"{source} {resolved!r}"
+    scheme = urlparse(resolved).scheme
+    if scheme == "sqlite":
+        _check_sqlite(resolved, where, existing)
+    elif scheme in ("http", "https"):
+        _check_server(resolved, where, timeout_s)
+    elif scheme in ("", "file"):
+        raise ConfigError(f"{where}: MLflow 3 no longer writes to a file store (a plain path or file://); "
+                          f"use a database, e.g. sqlite:///{Path(resolved.removeprefix('file://')).name or 'mlflow'}.db")
+    elif scheme in ("postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc") or "+" in scheme:
+        try:
+            MlflowClient(resolved).search_experiments(max_results=1)
+        except Exception as exc:  # a driver missing, a server down, credentials refused
+            raise ConfigError(f"{where}: cannot open the store ({type(exc).__name__}: {_first_line(exc)})") from None
+    else:
+        raise ConfigError(f"{where}: unknown scheme {scheme!r}; valid: {SCHEMES}")
+    return resolved
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def _check_sqlite(uri: str, where: str, existing: bool) -> None:
+    if not uri.startswith("sqlite:///"):
+        raise ConfigError(f"{where}: a sqlite URI needs a file path, sqlite:///relative.db or sqlite:////absolute/path.db")
+    path = Path(uri.removeprefix("sqlite:///"))
+    folder = path.parent
+    if path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{where}: {str(path)!r} is not a file")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigError(f"{where}: {str(path)!r} cannot be read and written by this user")
+        with path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+        if header and header != SQLITE_HEADER:
+            raise ConfigError(f"{where}: {str(path)!r} is not a sqlite database; name a new file or an MLflow database")
+    elif existing:
+        raise ConfigError(f"{where}: no MLflow store at {str(path)!r}; pass the --tracking-uri the search was recorded in")
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{where}: {str(parent)!r} is not a directory")
+            break
+    if not folder.is_dir():
+        raise ConfigError(f"{where}: the directory {str(folder)!r} does not exist")
+    try:  # an unnamed file (O_TMPFILE): nothing is left in the directory, even if we are killed
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot write in the directory {str(folder)!r} ({exc.strerror})") from None
+
+
+def _check_server(uri: str, where: str, timeout_s: float) -> None:
+    import requests
+
+    try:
+        status = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).status_code
+    except requests.RequestException as exc:
+        errno = re.search(r"\[Errno -?\d+\] ([^\"')]+)", str(exc))  # urllib3 nests the socket's error deep in its message
+        reason = errno.group(1).strip() if errno else type(exc).__name__
+        raise ConfigError(f"{where}: cannot reach the MLflow server within {timeout_s:g} s ({reason}); "
+                          "start it (mlflow server ...) or pass another --tracking-uri") from None
+    if status not in (200, 401, 403):  # an MLflow server answers its /health (which may sit behind a login)
+        raise ConfigError(f"{where}: the server answers HTTP {status} at /health; it is not an MLflow tracking server")
 
 
 def ui_command(uri: str) -> str:
@@ -58,7 +148,11 @@ class SearchTracker:
         self.parent_run_id: str | None = None
         self.group_names: list[str] = []  # every prunable group, for ratio.<group> params
 
-    def start_search(self, experiment: str, run_name: str, *, config_yaml: str, params: Mapping[str, Any], space: list[dict] | None = None) -> str:
+    def start_search(self, experiment: str, run_name: str, *, config_yaml: str, params: Mapping[str, Any], space: list[dict] | None = None,
+                     tags: Mapping[str, str] | None = None) -> str:
+        """Create the search's parent run. It becomes a search (tag ``secateurs.kind``) only once its
+        params, ``config.yaml`` and ``space.json`` are written: a driver killed halfway leaves a run
+        that ``--resume`` and the readers do not take for a search, never one that cannot be resumed."""
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             self.experiment_id = self.client.create_experiment(
@@ -66,12 +160,13 @@ class SearchTracker:
             )
         else:
             self.experiment_id = found.experiment_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={KIND: "search"})
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
         self.parent_run_id = run.info.run_id
         self.client.log_batch(self.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
         self.client.log_text(self.parent_run_id, config_yaml, "config.yaml")
         if space is not None:
             self.client.log_text(self.parent_run_id, json.dumps(space, indent=2), "space.json")
+        self.client.set_tag(self.parent_run_id, KIND, "search")
         return self.parent_run_id
 
     def attach(self, parent_run_id: str) -> Any:
@@ -190,6 +285,12 @@ class SearchTracker:
 
     def log_search_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         self._log_metrics(self.parent_run_id, metrics, step=step)
+
+    def log_elapsed(self, seconds: float) -> None:
+        """Record the wall seconds the search has taken so far, earlier sessions included (metric
+        ``elapsed_s`` of the parent run; a resume starts counting from its latest value). Always at
+        step 0, so that the latest value is the last one written (MLflow's latest is by step first)."""
+        self._log_metrics(self.parent_run_id, {"elapsed_s": seconds}, step=0)
 
     def log_json(self, data: Any, name: str) -> None:
         self.client.log_text(self.parent_run_id, json.dumps(data, indent=2), name)

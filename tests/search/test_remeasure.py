@@ -58,3 +58,22 @@ def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_
     assert metrics["slower"]["latency_ms"] == 6.5 and metrics["slower"]["latency_ms_in_search"] == 6.0
     dense_metrics = tracker.client.get_run(tracker.child_runs("dense").iloc[0]["run_id"]).data.metrics
     assert dense_metrics["latency_ms"] == 11.0 and dense_metrics["latency_ms_in_search"] == 10.0
+
+
+def test_a_re_timing_cut_off_by_a_kill_keeps_the_in_search_latencies(recorded, monkeypatch):
+    """A driver killed while writing the re-timed latencies left some runs re-timed; the resumed
+    re-timing must keep the latencies the search measured, not take the half-written ones for them."""
+    tracker, ids, _ = recorded
+    dense_run = tracker.child_runs("dense").iloc[0]["run_id"]
+    tracker.update_metrics(dense_run, {"latency_ms": 12.0, "latency_ms_in_search": 10.0})  # written before the kill
+    tracker.update_metrics(ids["fast"], {"latency_ms": 5.5, "latency_ms_in_search": 5.0})
+    fresh = {"dense": 11.0, ids["fast"]: 5.2, ids["best"]: 8.1}
+    monkeypatch.setattr(outcome, "measure_latencies", lambda policies, *args: {
+        key: {"latency_ms": fresh[key], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies})
+    dense = {k: float(v) for k, v in tracker.client.get_run(dense_run).data.metrics.items()}  # as a resume reads it back
+    outcome.remeasure_frontier(tracker, None, "dense.pt", None, dense, lambda line: None)
+
+    assert tracker.client.get_run(ids["fast"]).data.metrics["latency_ms_in_search"] == 5.0
+    assert tracker.client.get_run(ids["best"]).data.metrics["latency_ms_in_search"] == 8.0
+    dense_metrics = tracker.client.get_run(dense_run).data.metrics
+    assert dense_metrics["latency_ms"] == 11.0 and dense_metrics["latency_ms_in_search"] == 10.0

@@ -167,6 +167,24 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, store, mon
     assert experiment.startswith("file://") and any((tmp_path / "ray-uri").iterdir())
 
 
+def test_a_search_whose_every_trial_failed_exits_1_naming_the_first_error(tmp_path, store, capfd):
+    from search.cli import main
+
+    raw = tiny_config(tmp_path, name="tests.fragile_task:make_task")
+    raw["space"]["criteria"] = ["l1"]
+    raw["space"]["rules"] = [{"match": "classifier.*", "exclude": True}, {"match": "features.0", "low": 0.5, "high": 0.6}]
+    raw["search"].update(num_trials=3, baseline_ratios=[])  # features.0 keeps at most 16 filters: every fine-tune raises
+    (tmp_path / "all_fail.yaml").write_text(yaml.safe_dump(raw))
+    code = main(["search", "all_fail.yaml", "--tracking-uri", store])
+    err = capfd.readouterr().err
+    assert code == 1, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("secateurs: error:")]
+    assert "every trial failed (3)" in line and "fragile model: only" in line
+    client = MlflowClient(store)
+    (parent,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.`secateurs.kind` = 'search'")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_failed"] == 3
+
+
 def test_constraints_and_patience(tmp_path, store):
     raw = tiny_config(tmp_path)
     raw["search"].update({"num_trials": 30, "patience": 3, "baseline_ratios": [0.3, 0.6],
