@@ -93,6 +93,7 @@ def at_half_latency(front: pd.DataFrame, dense: dict) -> pd.Series | None:
 
 
 def one(method: str, overrides: list[str], seed: int, tmp: Path, config_path: Path = CONFIG) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     config = load_config(str(config_path), [*overrides, f"search.seed={seed}", f"search.storage_path={tmp / 'ray'}",
                                        f"tracking.experiment=quality-{method}"])
