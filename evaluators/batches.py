@@ -23,7 +23,7 @@ positional inputs, or a dict of keyword inputs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -192,3 +192,19 @@ class Calibration:
         n = min(len(x), samples)
         return cls(tuple((x[i:i + batch_size], y[i:i + batch_size]) if y is not None else x[i:i + batch_size]
                          for i in range(0, n, batch_size)), loss)
+
+
+def leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf of a nested batch (dicts, tuples, lists) with its path, for error messages.
+
+    >>> list(leaves({"input_ids": 1, "pair": (2, 3)}))
+    [("['input_ids']", 1), ("['pair'][0]", 2), ("['pair'][1]", 3)]
+    """
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from leaves(v, f"{path}[{k!r}]")
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from leaves(v, f"{path}[{i}]")
+    else:
+        yield path, value

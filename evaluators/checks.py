@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from evaluators.batches import Batch, batch_size_of, cross_entropy_loss, forward, inputs_of, logits_of, targets_of
+from evaluators.batches import Batch, batch_size_of, leaves, cross_entropy_loss, forward, inputs_of, logits_of, targets_of
 
 DIRECTIONS = ("min", "max")
 # What a trial measures besides the task's evaluation: each may be an objective too.
@@ -56,17 +56,6 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _leaves(value: Any, path: str = "") -> Iterable[tuple[str, Any]]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, f"{path}[{k!r}]")
-    elif isinstance(value, (tuple, list)):
-        for i, v in enumerate(value):
-            yield from _leaves(v, f"{path}[{i}]")
-    else:
-        yield path, value
-
-
 def _first_batch(source: Any, field: str) -> Batch:
     try:
         batch = next(iter(source.batches(CHECK_EXAMPLES)), None)
@@ -80,7 +69,7 @@ def _first_batch(source: Any, field: str) -> Batch:
         raise TaskError(f"{field}: is empty; expected at least one example")
     if not isinstance(batch, (torch.Tensor, tuple, list, dict)):
         raise TaskError(f"{field}: a batch must be a tensor, a tuple (inputs..., targets) or a dict, but got {describe(batch)}")
-    for path, leaf in _leaves(batch):
+    for path, leaf in leaves(batch):
         if isinstance(leaf, np.ndarray):
             raise TaskError(f"{field}: batches must hold torch tensors, but {path or 'the batch'} is a numpy array; "
                             "convert with torch.from_numpy (a Dataset's examples are converted by its DataLoader)")
@@ -89,7 +78,7 @@ def _first_batch(source: Any, field: str) -> Batch:
 
 def _check_finite(batch: Batch, field: str, whole: Any = None) -> None:
     """Every floating-point model input finite (over all of ``whole`` when the data is in memory)."""
-    for path, leaf in _leaves(inputs_of(whole if whole is not None else batch)):
+    for path, leaf in leaves(inputs_of(whole if whole is not None else batch)):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
             where = "the data" if whole is not None else "the first batch"
             raise TaskError(f"{field}: {where} has non-finite values (NaN or inf) in its inputs{path}; expected finite numbers")

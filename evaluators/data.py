@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from evaluators.batches import LABELS, Batch, batch_size_of, concat_batches, map_tensors, slice_batch, to_device
+from evaluators.batches import LABELS, Batch, batch_size_of, concat_batches, leaves, map_tensors, slice_batch, to_device
 
 
 class DataError(ValueError):
@@ -85,17 +85,6 @@ def _update_digest(digest: Any, value: Any) -> None:
     map_tensors(value, add)
 
 
-def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, f"{path}[{k!r}]")
-    elif isinstance(value, (tuple, list)):
-        for i, v in enumerate(value):
-            yield from _leaves(v, f"{path}[{i}]")
-    else:
-        yield path, value
-
-
 class InMemory(DataSource):
     """Tensors already in memory (a tensor, a tuple or a dict of tensors of one length), sliced into
     batches: the fast path of the built-in tasks.
@@ -108,7 +97,7 @@ class InMemory(DataSource):
     def __init__(self, data: Batch, name: str = "data") -> None:
         self.name = name
         lengths = {}
-        for path, leaf in _leaves(data):
+        for path, leaf in leaves(data):
             if isinstance(leaf, np.ndarray):
                 raise DataError(f"{name}{path}: is a numpy array; give torch tensors (torch.from_numpy(array)), "
                                 "a torch Dataset or a DataLoader")
