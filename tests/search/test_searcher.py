@@ -83,12 +83,21 @@ def test_the_enqueued_points_and_only_they_carry_their_names():
     assert [c.get(ORIGIN) for c in configs] == ["uniform 0.5", "uniform 0.2", None, None]
     assert configs[0]["ratio.a"] == 0.5 and configs[1]["ratio.a"] == 0.2
     # the recorder labels by origin: a sampled trial whose policy equals a baseline is still a trial
-    tracker = SimpleNamespace(trial_table=lambda: ([], 0, set()))
-    recorder = TrialRecorder(tracker, s, 4, print, dense=DENSE, baselines=first)
+    logged: dict[int, tuple[str, dict]] = {}
+
+    def log_trial(index, policy, metrics, *, tags, kind, sampled):
+        logged[index] = (kind, tags)
+        return f"run-{index}"
+
+    tracker = SimpleNamespace(trial_table=lambda: ([], 0, set()), log_trial=log_trial,
+                              log_search_metrics=lambda metrics, step: None, log_elapsed=lambda seconds: None)
+    recorder = TrialRecorder(tracker, s, 4, lambda line: None, dense=DENSE, baselines=first)
     twin = {k: v for k, v in configs[0].items() if k != ORIGIN}
-    assert recorder._tags(SimpleNamespace(trial_id="t0", config=configs[0]), {}) == (
-        "baseline", {"secateurs.ray_trial_id": "t0", "secateurs.baseline": "uniform 0.5"})
-    assert recorder._tags(SimpleNamespace(trial_id="t9", config=twin), {})[0] == "trial"
+    result = {"accuracy": 0.9, "latency_ms": 1.0, "size_mb": 0.1, "node_id": "n1"}
+    for trial_id, config in (("t0", configs[0]), ("t9", twin)):
+        recorder.on_trial_complete(0, [], SimpleNamespace(trial_id=trial_id, config=config, last_result=result))
+    assert logged[1] == ("baseline", {"secateurs.ray_trial_id": "t0", "secateurs.node_id": "n1", "secateurs.baseline": "uniform 0.5"})
+    assert logged[2][0] == "trial" and "secateurs.baseline" not in logged[2][1]
 
 
 def test_a_budget_of_fine_tunes_counts_only_sampled_trials_that_were_fine_tuned():
