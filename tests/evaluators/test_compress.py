@@ -16,7 +16,7 @@ from evaluators.blocks import BlockError, analyse_blocks
 from evaluators.deploy import INT8_FILE, check_model, check_quantization
 from evaluators.quantize import OnnxRuntimeModel, QuantizationError, file_size_mb, quantized_op_counts
 from evaluators.tasks import TaskConfig, make_task
-from evaluators.train import train
+from evaluators.train import FinetuneConfig, train
 from evaluators.trial import (
     FinetuneConfig, MeasureConfig, Reference, evaluate, measure_latencies, measure_model, promote, prune_and_finetune, prune_model,
     screen,
@@ -40,7 +40,7 @@ def task():
 def checkpoint(task, tmp_path_factory):
     torch.manual_seed(0)
     model = task.build_model()
-    train(model, task.train_data, epochs=2, lr=0.05, seed=0)
+    train(model, task.train_data, FinetuneConfig(epochs=2, lr=0.05), seed=0)
     path = tmp_path_factory.mktemp("dense") / "residual_mlp.pt"
     torch.save(model.state_dict(), path)
     return path
