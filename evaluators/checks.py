@@ -27,7 +27,7 @@ MEASURED: tuple[str, ...] = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "
 CHANGE_SUFFIX = "_change"  # <name>_change = trial value - dense value, for every score and for macs and params
 # Names a trial records beside the scores; an evaluation may not return them.
 RESERVED: tuple[str, ...] = (*MEASURED, "accuracy_drop", "finetune_steps", "bn_recalibration_batches", "time_prune_s",
-                             "time_finetune_s", "time_measure_s", "onnx_max_abs_diff", "fidelity")
+                             "time_finetune_s", "time_measure_s", "onnx_max_abs_diff", "fidelity", "blocks_dropped", "quantized_ops")
 CHECK_EXAMPLES = 8
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from evaluators import blocks as residual
 from evaluators.batches import Calibration
+from evaluators.blocks import BlockError
 from spaces import Block
 
 BLOCK_CRITERIA = ("block_influence", "loss")  # block_influence: 1 - cos(input, output); loss: the loss increase when dropped
@@ -41,6 +42,9 @@ class DepthHandler(Protocol):
     def importance(self, model: nn.Module, calibration: Calibration, names: Sequence[str], criterion: str) -> dict[str, float]:
         """Per block, how much it matters (low: removed first)."""
 
+    # Optional: ``rejected(model, example_inputs) -> {module name: why it is not removable}``, for
+    # the errors that name a block which cannot be removed (see :func:`rejected`).
+
 
 class ResidualBlocks:
     """Any model: residual blocks found by tracing, each replaced by what is left without its branch."""
@@ -59,6 +63,9 @@ class ResidualBlocks:
     def importance(self, model: nn.Module, calibration: Calibration, names: Sequence[str], criterion: str) -> dict[str, float]:
         return residual.block_importance(model, calibration, names, criterion="cosine" if criterion == "block_influence" else criterion)
 
+    def rejected(self, model: nn.Module, example_inputs: Any) -> dict[str, str]:
+        return residual.analyse_blocks(model, example_inputs)[1]
+
 
 HANDLERS: list[DepthHandler] = [ResidualBlocks()]
 
@@ -75,6 +82,29 @@ def handler_for(model: nn.Module) -> DepthHandler:
 def discover(model: nn.Module, example_inputs: Any) -> list[Block]:
     """The removable blocks of ``model``, as its handler finds them."""
     return handler_for(model).discover(model, example_inputs)
+
+
+def rejected(model: nn.Module, example_inputs: Any) -> dict[str, str]:
+    """The modules of ``model`` that could have been removable blocks and are not, each with why
+    (empty when its handler does not say)."""
+    handler = handler_for(model)
+    explain = getattr(handler, "rejected", None)
+    return dict(explain(model, example_inputs)) if explain is not None else {}
+
+
+def check(model: nn.Module, names: Iterable[str], example_inputs: Any) -> None:
+    """Raise :class:`~evaluators.blocks.BlockError` unless every one of ``names`` is a removable
+    block of ``model``; the message says why the first one is not and lists the removable blocks.
+    Leaves the model as it is (call it before changing anything else)."""
+    names = list(names)
+    if not names:
+        return
+    removable = [b.name for b in discover(model, example_inputs)]
+    bad = [n for n in names if n not in removable]
+    if bad:
+        reasons = rejected(model, example_inputs)
+        why = f": {reasons[bad[0]]}" if bad[0] in reasons else " (no module of that name can be a block)"
+        raise BlockError(f"block {bad[0]!r} cannot be dropped{why}; removable blocks: {', '.join(removable) or 'none'}")
 
 
 def drop(model: nn.Module, names: Iterable[str], example_inputs: Any) -> nn.Module:

@@ -141,24 +141,33 @@ class OnnxMismatchError(RuntimeError):
     """The ONNX program does not compute what the torch model computes."""
 
 
-@contextlib.contextmanager
-def onnxruntime_call(model: nn.Module, inputs: Any, *, threads: int, tolerance: float = 1e-3):
-    """Export ``model`` to ONNX, check its outputs against torch on ``inputs`` (relative to each
-    output's largest magnitude, see :func:`max_rel_diff`), and yield ``(run, max_abs_diff)``:
-    ``run()`` runs ONNX Runtime (CPU) on ``inputs`` once."""
+def export_checked(model: nn.Module, inputs: Any, path: Path, *, threads: int = 1, tolerance: float = 1e-3) -> tuple[Any, float]:
+    """Export ``model`` (moved to the CPU, eval mode) to the ONNX file ``path`` and check its outputs
+    against torch on ``inputs`` (relative to each output's largest magnitude, see :func:`max_rel_diff`;
+    above ``tolerance``: :class:`OnnxMismatchError`). Returns the checked session (``threads``) and
+    the largest absolute difference."""
     model = model.cpu().eval()
     inputs = to_device(inputs, "cpu")
     with torch.no_grad():
         expected = flat_outputs(call(model, inputs))
+    write_onnx(export_program(model, inputs), Path(path))
+    session = onnx_session(Path(path), threads)
+    got = list(session.run(None, session_feed(session, inputs)))
+    relative = max_rel_diff(expected, got)
+    if relative > tolerance:
+        raise OnnxMismatchError(f"ONNX outputs differ from torch by {relative:.3g} (relative to the largest output), above {tolerance:g}")
+    return session, max_abs_diff(expected, got)
+
+
+@contextlib.contextmanager
+def onnxruntime_call(model: nn.Module, inputs: Any, *, threads: int, tolerance: float = 1e-3):
+    """Export ``model`` to ONNX, check its outputs against torch on ``inputs`` (see
+    :func:`export_checked`), and yield ``(run, max_abs_diff)``: ``run()`` runs ONNX Runtime (CPU)
+    on ``inputs`` once."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_onnx(export_program(model, inputs), Path(tmp) / "model.onnx")
-        session = onnx_session(path, threads)
-        feed = session_feed(session, inputs)
-        got = list(session.run(None, feed))
-        relative = max_rel_diff(expected, got)
-        if relative > tolerance:
-            raise OnnxMismatchError(f"ONNX outputs differ from torch by {relative:.3g} (relative to the largest output), above {tolerance:g}")
-        yield (lambda: session.run(None, feed)), max_abs_diff(expected, got)
+        session, diff = export_checked(model, inputs, Path(tmp) / "model.onnx", threads=threads, tolerance=tolerance)
+        feed = session_feed(session, to_device(inputs, "cpu"))
+        yield (lambda: session.run(None, feed)), diff
 
 
 def onnxruntime_latency_ms(model: nn.Module, inputs: Any, *, warmup: int, repeats: int, threads: int,

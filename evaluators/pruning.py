@@ -17,13 +17,14 @@ fault and what to do; a policy that cannot apply is refused before the model cha
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Mapping
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from evaluators import units
+from evaluators import depth, units
 from evaluators.batches import Calibration, Inputs
 from evaluators.criteria import CRITERIA, Criterion, Stats, calibrate, get_criterion, register_criterion
 from evaluators.granularities import GRANULARITIES, Granularity, get_granularity, register_granularity
@@ -104,11 +105,14 @@ def prune(policy: Policy, model: nn.Module, example_inputs: Inputs, calibration:
     ``calibration`` (a :class:`~evaluators.batches.Calibration`) is what data-dependent criteria
     run: ``taylor`` takes the gradients of ``calibration.loss``, ``wanda`` the norms of the inputs
     each layer sees. Every group named in ``policy.ratios`` must exist in the model; groups it does
-    not name are kept. Gradients left by calibration are cleared.
+    not name are kept. Then the whole blocks ``policy.drop_blocks`` names (module names of the dense
+    model) are removed through :mod:`evaluators.depth`. Gradients left by calibration are cleared.
     """
     criterion = get_criterion(policy.criterion)
     granularity = get_granularity(policy.granularity)
+    depth.check(model, policy.drop_blocks, example_inputs)  # a block that cannot go is refused before anything changes
     if not policy.ratios:
+        depth.drop(model, policy.drop_blocks, example_inputs)
         return PruneReport(policy.granularity, {}, model)
     needs = criterion.needs_gradients or criterion.needs_activations
     if needs and calibration is None:
@@ -130,6 +134,7 @@ def prune(policy: Policy, model: nn.Module, example_inputs: Inputs, calibration:
                 p.grad = None
     if granularity.engine.reshapes:
         check_runs(model, example_inputs, f"{policy.granularity} pruning")
+    depth.drop(model, policy.drop_blocks, example_inputs)  # whole blocks go after the widths (names are the dense model's)
     return report
 
 
@@ -164,8 +169,15 @@ def restore(policy: Policy, model: nn.Module, example_inputs: Inputs, state_dict
     """Rebuild a saved pruned model: give the dense ``model`` the shapes ``state_dict`` has (as
     ``policy`` pruned them), load the weights, return it. Needs no calibration data: which units
     were kept is in the weights (and for masks, the zeros in ``state_dict`` become the masks again).
+    The blocks ``policy.drop_blocks`` names go first here (their weights are not in ``state_dict``,
+    and a residual stream's width is read from layers that may be inside them); the widths of the
+    groups left are then read from ``state_dict``: the same shapes as :func:`prune` (widths, then
+    blocks) made.
     """
     get_criterion(policy.criterion)
+    if policy.drop_blocks:
+        depth.drop(model, policy.drop_blocks, example_inputs)
+        policy = _outside(policy, policy.drop_blocks)
     if policy.ratios:
         get_granularity(policy.granularity).engine.prune(_context(model, example_inputs, policy.nm_block), policy, None,
                                                          lambda: None, shapes=state_dict)
@@ -175,3 +187,12 @@ def restore(policy: Policy, model: nn.Module, example_inputs: Inputs, state_dict
         first = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
         raise PruningError(f"the saved weights do not fit {type(model).__name__} pruned by their policy: {first}") from None
     return model
+
+
+def _outside(policy: Policy, blocks: Iterable[str]) -> Policy:
+    """``policy`` without the ratios of groups inside ``blocks`` (removed whole, nothing left to prune)."""
+    inside = [g for g in policy.ratios if any(g == b or g.startswith(b + ".") for b in blocks)]
+    if not inside:
+        return policy
+    return dataclasses.replace(policy, ratios={g: r for g, r in policy.ratios.items() if g not in inside},
+                               global_groups=tuple(g for g in policy.global_groups if g not in inside))

@@ -1,7 +1,11 @@
 """One trial: rebuild the dense model, apply a policy, fine-tune briefly, measure.
 
 Pure function of its inputs; returns a :class:`Metrics` record. Runs unchanged in a Ray
-worker or in-process.
+worker or in-process. The policy's widths are pruned first, then the whole blocks it drops are
+removed (:mod:`evaluators.depth`), then the model is fine-tuned, and only then quantized when the
+policy ships int8: its scores, latency and size are measured on the artifact that ships
+(:mod:`evaluators.deploy`; ``blocks_dropped``, ``quantized_ops`` and the tags of
+:meth:`Metrics.tags` say what ran).
 
 What a trial records (:meth:`Metrics.to_dict`): every score the task's evaluation returns (e.g.
 ``accuracy``, ``rmse``), the measured ``latency_ms`` (with ``latency_p10_ms`` / ``latency_p90_ms``),
@@ -22,8 +26,8 @@ from typing import Any, Hashable, Mapping, TypeVar
 
 import torch
 
-from evaluators import measure, pruning
-from evaluators.batches import Calibration, Inputs, call, first_tensor, to_device
+from evaluators import deploy, measure, pruning
+from evaluators.batches import Calibration, Inputs, first_tensor, to_device
 from evaluators.checkpoint import load_dense
 from evaluators.checks import CHANGE_SUFFIX, MEASURED, check_scores, describe
 from evaluators.criteria import get_criterion
@@ -137,13 +141,20 @@ class Metrics:
     time_finetune_s: float
     time_measure_s: float
     bn_recalibration_batches: int = 0
-    onnx_max_abs_diff: float | None = None  # with measure.backend onnxruntime: ONNX vs torch outputs
+    onnx_max_abs_diff: float | None = None  # with measure.backend onnxruntime: ONNX vs torch outputs (the float export)
+    blocks_dropped: int = 0    # whole blocks the policy removed
+    quantized_ops: int = 0     # int8 nodes of the measured ONNX file, or int8 layers of the torch model (0: float)
     changes: dict[str, float] = dataclasses.field(default_factory=dict)
+    settings: dict[str, str] = dataclasses.field(default_factory=dict)  # how the artifact ran (evaluators.deploy.settings)
 
     def to_dict(self) -> dict[str, float]:
         """One flat record: the scores, the measurements and the changes (see the module docstring)."""
-        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("scores", "changes")}
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("scores", "changes", "settings")}
         return {**self.scores, **flat, **self.changes}
+
+    def tags(self) -> dict[str, str]:
+        """How the measured artifact ran, as MLflow tags: ``secateurs.quantization``, ``secateurs.runtime``, ..."""
+        return {f"secateurs.{k}": v for k, v in self.settings.items()}
 
 
 def _changes(scores: Mapping[str, float], macs: int, params: int, dense: Reference | None) -> dict[str, float]:
@@ -162,8 +173,9 @@ def _calibration(policy: Policy, task: Task) -> Calibration | None:
 
 def prune_with_task(policy: Policy, model: torch.nn.Module, task: Task) -> torch.nn.Module:
     """Apply ``policy`` to ``model`` in place with the task's example inputs and (when the criterion
-    needs them) its calibration batches and loss; returns the model."""
-    if policy.ratios:
+    needs them) its calibration batches and loss: the widths, then the whole blocks it removes;
+    returns the model."""
+    if policy.ratios or policy.drop_blocks:
         pruning.apply(policy, model, task.example(), calibration=_calibration(policy, task))
     return model
 
@@ -232,27 +244,12 @@ def prune_and_finetune(
     return model, {"time_prune_s": time_prune, **finetune_model(model, policy, task, checkpoint, finetune, device)}
 
 
-def _time(model: torch.nn.Module, inputs: Inputs, config: MeasureConfig) -> dict[str, float]:
-    if config.backend == "onnxruntime":
-        from evaluators.onnx_backend import onnxruntime_latency_ms
-
-        return onnxruntime_latency_ms(model, inputs, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
-    with _layout(model, inputs, config) as inputs:
-        return measure.latency_ms(model, inputs, warmup=config.warmup, repeats=config.repeats, threads=config.threads)
-
-
-@contextlib.contextmanager
-def _layout(model: torch.nn.Module, inputs: Inputs, config: MeasureConfig):
-    """With ``measure.channels_last``: the model's weights and the (image) inputs in channels-last
-    memory format while timing (yields the inputs to time); the weights go back to contiguous after."""
-    if not config.channels_last:
-        yield inputs
-        return
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield inputs.contiguous(memory_format=torch.channels_last)
-    finally:
-        model.to(memory_format=torch.contiguous_format)
+def _deployed(model: torch.nn.Module, quantization: str, task: Task, inputs: Inputs, config: MeasureConfig,
+              keep: Path | None = None):
+    """The artifact ``model`` ships as with ``quantization`` (:func:`evaluators.deploy.deployed`),
+    int8 calibrated on the task's calibration batches."""
+    return deploy.deployed(model, quantization, inputs, backend=config.backend, threads=config.threads,
+                           channels_last=config.channels_last, calibration=task.calibration, keep=keep)
 
 
 def _timing_inputs(task: Task, measure_config: MeasureConfig, device: torch.device) -> Inputs:
@@ -265,34 +262,49 @@ def _score(model: torch.nn.Module, task: Task, device: torch.device, dense: Refe
     return check_scores(scores, dense.scores if dense is not None else None)
 
 
-def _measure(model: torch.nn.Module, task: Task, measure_config: MeasureConfig, dense: Reference | None) -> tuple[dict[str, float], dict[str, Any]]:
+def _measure(model: torch.nn.Module, task: Task, measure_config: MeasureConfig, dense: Reference | None,
+             quantization: str = "none", keep: Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Scores, latency and size of the artifact ``model`` ships as (float, or int8: then all three
+    are the int8 artifact's), MACs and parameters of ``model``; ``measured["settings"]``: how it ran."""
     device = measure_config.resolve_device()
     start = time.perf_counter()
     model.to(device).eval()
-    scores = _score(model, task, device, dense)
-    timing = _time(model, _timing_inputs(task, measure_config, device), measure_config)
+    inputs = _timing_inputs(task, measure_config, device)
+    with _deployed(model, quantization, task, inputs, measure_config, keep) as artifact:
+        scores = _score(artifact.model, task, device, dense)
+        with artifact.timer() as run:
+            timing = measure.interleaved_latency_ms({0: run}, rounds=1, warmup=measure_config.warmup, repeats=measure_config.repeats,
+                                                    threads=measure_config.threads, cuda=first_tensor(inputs).is_cuda)[0]
     model.cpu()
     macs, params = pruning.effective_macs_and_params(model, task.example())  # zeros of unstructured/N:M masks do not count
+    # the file export writes: the int8 artifact; else the dense state dict, or the compressed sparse one when that is smaller
+    size = artifact.size_mb if artifact.size_mb is not None else min(measure.size_mb(model), len(pruning.sparse_state_dict_bytes(model)) / 1e6)
     return scores, {
-        # the file export writes: the dense state dict, or the compressed sparse one when that is smaller
-        "size_mb": min(measure.size_mb(model), len(pruning.sparse_state_dict_bytes(model)) / 1e6),
+        "size_mb": size,
         "macs": macs,
         "params": params,
         "time_measure_s": time.perf_counter() - start,
         **timing,
+        "quantized_ops": 0,
+        **artifact.metrics,
+        "settings": artifact.settings,
     }
 
 
-def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureConfig, *, dense: Reference | None = None) -> dict[str, float]:
+def measure_model(model: torch.nn.Module, task: Task, measure_config: MeasureConfig, *, dense: Reference | None = None,
+                  quantization: str = "none", keep: Path | None = None) -> dict[str, float]:
     """The task's scores (e.g. ``accuracy``), latency, size, MACs and parameters of ``model`` as it
     is (moved to the measure device), as one flat dict. With ``dense``, a score the dense model had
-    and this one lacks is an :class:`~evaluators.checks.EvaluationError`."""
-    scores, measured = _measure(model, task, measure_config, dense)
+    and this one lacks is an :class:`~evaluators.checks.EvaluationError`. With ``quantization``
+    (``int8``, ``int8_dynamic``) the scores, latency and size are those of the int8 artifact
+    (:mod:`evaluators.deploy`), whose ONNX file is copied into the folder ``keep`` when given."""
+    scores, measured = _measure(model, task, measure_config, dense, quantization, keep)
+    measured.pop("settings")
     return {**scores, **measured}
 
 
 def _metrics(scores: Mapping[str, float], measured: dict[str, Any], dense: Reference | None, **fields: Any) -> Metrics:
-    values = {**measured, **fields}
+    values = {**measured, **fields}  # measured: see _measure
     params = values["params"]
     return Metrics(
         scores=dict(scores),
@@ -314,8 +326,8 @@ def evaluate(
     """Prune the dense checkpoint with ``policy``, fine-tune, and measure the result; ``dense`` (the
     dense model's :class:`Reference`) gives the changes, and without it the result is the reference."""
     model, timings = prune_and_finetune(policy, task, checkpoint, finetune, measure_config.resolve_device())
-    scores, measured = _measure(model, task, measure_config, dense)
-    return _metrics(scores, measured, dense, **timings)
+    scores, measured = _measure(model, task, measure_config, dense, policy.quantization)  # fine-tuned, then quantized
+    return _metrics(scores, measured, dense, blocks_dropped=len(policy.drop_blocks), **timings)
 
 
 def screen(
@@ -339,20 +351,25 @@ def screen(
     torch.manual_seed(policy.seed)
     recalibrated = recalibrate_batchnorm(model, task.calibration_source, batches=bn_batches, batch_size=batch_size)
     time_recalibrate = time.perf_counter() - start
-    scores, measured = _measure(model, task, measure_config, dense)
+    scores, measured = _measure(model, task, measure_config, dense, policy.quantization)
     model.to(device)
-    return model, _metrics(scores, measured, dense, finetune_steps=0, time_prune_s=time_prune,
+    return model, _metrics(scores, measured, dense, finetune_steps=0, time_prune_s=time_prune, blocks_dropped=len(policy.drop_blocks),
                            time_finetune_s=time_recalibrate, bn_recalibration_batches=recalibrated)
 
 
 def promote(model: torch.nn.Module, screened: Metrics, policy: Policy, task: Task, checkpoint: str | Path | bytes,
             finetune: FinetuneConfig, measure_config: MeasureConfig, *, dense: Reference) -> Metrics:
-    """The full fidelity of a screened trial: fine-tune the screened model, then score it again (its
-    latency, size and MACs are those :func:`screen` measured)."""
+    """The full fidelity of a screened trial: fine-tune the screened model, then score it again (an
+    int8 policy: its fine-tuned model quantized again, and that artifact scored; its latency, size and
+    MACs are those :func:`screen` measured)."""
     device = measure_config.resolve_device()
     timings = finetune_model(model, policy, task, checkpoint, finetune, device)
     start = time.perf_counter()
-    scores = _score(model, task, device, dense)
+    if policy.quantization == "none":
+        scores = _score(model, task, device, dense)
+    else:
+        with _deployed(model.eval(), policy.quantization, task, _timing_inputs(task, measure_config, device), measure_config) as artifact:
+            scores = _score(artifact.model, task, device, dense)
     return dataclasses.replace(
         screened,
         scores=scores,
@@ -365,8 +382,8 @@ def promote(model: torch.nn.Module, screened: Metrics, policy: Policy, task: Tas
 
 def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str | Path | bytes,
                       measure_config: MeasureConfig, *, rounds: int = 5) -> dict[K, dict[str, float]]:
-    """Latency of the model each policy makes, without fine-tuning it (on dense kernels the time
-    depends on the shapes alone), timed together: round-robin over ``rounds`` rounds, so that all
+    """Latency of the artifact each policy ships as (float or int8, see :mod:`evaluators.deploy`),
+    without fine-tuning it (on dense kernels the time depends on the shapes alone), timed together: round-robin over ``rounds`` rounds, so that all
     see the same machine (see :func:`evaluators.measure.interleaved_latency_ms`). ``measure.warmup``
     and ``measure.repeats`` are spread over the rounds (rounded up), so a model costs about what one
     in-search timing does. Used to re-time the frontier, with the dense model (an empty policy), at
@@ -377,13 +394,9 @@ def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str 
         calls, extra = {}, {}
         for key, policy in policies.items():
             model = prune_with_task(policy, load_dense(task, checkpoint), task).to(device).eval()
-            if measure_config.backend == "onnxruntime":
-                from evaluators.onnx_backend import onnxruntime_call
-
-                calls[key], diff = stack.enter_context(onnxruntime_call(model, inputs, threads=measure_config.threads))
-                extra[key] = {"onnx_max_abs_diff": diff}
-            else:
-                calls[key], extra[key] = functools.partial(call, model, stack.enter_context(_layout(model, inputs, measure_config))), {}
+            artifact = stack.enter_context(_deployed(model, policy.quantization, task, inputs, measure_config))
+            calls[key] = stack.enter_context(artifact.timer())
+            extra[key] = {k: v for k, v in artifact.metrics.items() if k == "onnx_max_abs_diff"}
         stats = measure.interleaved_latency_ms(calls, rounds=rounds, warmup=-(-measure_config.warmup // rounds),
                                                repeats=-(-measure_config.repeats // rounds), threads=measure_config.threads,
                                                cuda=first_tensor(inputs).is_cuda)

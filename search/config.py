@@ -9,6 +9,7 @@ import pydantic
 import yaml
 
 from evaluators.pruning import CRITERIA
+from evaluators.deploy import check_quantization
 from evaluators.tasks import TaskConfig
 from evaluators.train import OPTIMIZERS
 from evaluators.trial import FinetuneConfig, MeasureConfig
@@ -168,6 +169,7 @@ class Config(pydantic.BaseModel):
             raise ValueError(f"search.{exc}") from None
         if self.search.num_trials == 0 and not (self.baseline_kinds() and self.search.baseline_ratios):
             raise ValueError("search.num_trials: is 0 and there are no baselines (search.baselines, search.baseline_ratios): nothing to run")
+        check_quantization(self.space.quantization, self.measure.backend, self.measure.device)  # int8 the backend cannot run
         return self
 
     def baseline_kinds(self) -> list[str]:

@@ -20,8 +20,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import optuna
 import pandas as pd
 import ray
+import torch
 import yaml
 
+from evaluators import depth, deploy
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
 from evaluators.checks import check_objectives
 from evaluators.pruning import PruningError, check_space, discover_groups
@@ -40,7 +42,8 @@ from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_scr
 from search.searcher import RecordedTrial, SecateursSearch
 from search.tracking import SearchTracker, check_tracking_uri
 from search.trainable import TrialContext, run_trial
-from spaces import Policy, SearchSpace
+from spaces import Block, Policy, SearchSpace, SpaceError
+from spaces.depth import resolve as resolve_depth
 from spaces.space import RATIO_PREFIX
 
 Log = Callable[[str], None]
@@ -105,14 +108,17 @@ def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepar
     """Everything that can fail on bad input, done before any record is made."""
     task = make_task(config.task)  # checked: one forward pass, outputs, labels, lengths, finite values
     _check_names(config, task)
-    config.measure.resolve_device()
+    device = config.measure.resolve_device()
     config.measure.check_inputs(task.example())
+    blocks = _quantization_and_blocks(config, task, device.type)  # before the dense model trains: it may take minutes
     # the dense model trains with the torch threads a trial gets (Ray sets OMP_NUM_THREADS to its CPUs)
     threads = max(1, int(config.search.cpus_per_trial))
     checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out, threads=threads))
-    groups = discover_groups(load_dense(task, checkpoint), task.example(), config.space.granularity, config.space.nm_block)
+    dense_model = load_dense(task, checkpoint)
+    groups = discover_groups(dense_model, task.example(), config.space.granularity, config.space.nm_block)
     check_space(config.space.granularity, config.space.criteria, groups)
-    space = SearchSpace(config.space, groups, seed=config.search.seed)
+    order = _block_order(config, task, dense_model, blocks)
+    space = SearchSpace(config.space, groups, seed=config.search.seed, blocks=blocks, block_order=order)
     return _Prepared(task, checkpoint, space)
 
 
@@ -134,6 +140,13 @@ def _check_criteria(config: Config, prepared: _Prepared, out: Log) -> None:
             except PruningError as exc:
                 raise ConfigError(f"space.criteria: {criterion!r} cannot prune this model at granularity {granularity!r}: {exc}") from None
     out(f"{len(space.groups)} prunable groups, {len(space.searched_groups)} searched: {', '.join(space.searched_groups)}")
+    if space.depth is not None:
+        searched = (f"how many to drop, 0..{space.depth.max_drop}, least important ({config.space.depth.criterion}) first: "
+                    f"{', '.join(space.depth.droppable)}" if config.space.depth.choice == "count"
+                    else f"each kept or dropped: {', '.join(space.depth.decisions)}")
+        out(f"{len(space.blocks)} removable blocks ({', '.join(b.name for b in space.blocks)}); searched: {searched}")
+    if config.space.quantization != ["none"]:
+        out(f"quantization: {', '.join(config.space.quantization)} (measured on the artifact, {config.measure.backend})")
 
 
 def _check_local_resources(config: Config, address: str | None) -> None:
@@ -158,6 +171,39 @@ def _start_ray(config: Config, address: str | None, out: Log) -> bool:
         out("warning: this Ray cluster does not use token authentication (RAY_AUTH_MODE=token): anyone who can reach "
             "its ports can run code on it; see README, 'What listens where'")
     return started
+
+
+def _quantization_and_blocks(config: Config, task: Task, device: str) -> list[Block]:
+    """The quantization choices checked against the measure device and the model (one line each),
+    and with ``space.depth`` the model's removable blocks (found on a fresh model: which modules can
+    go does not depend on the weights), its rules checked against them, saying why a module they
+    match is not removable."""
+    model = task.build_model().eval()
+    try:
+        deploy.check_quantization(config.space.quantization, config.measure.backend, device)
+        deploy.check_model(config.space.quantization, config.measure.backend, model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.space.depth is None:
+        return []
+    blocks = depth.discover(model, task.example())
+    names = [b.name for b in blocks]
+    try:
+        resolve_depth(config.space.depth, blocks, names)
+    except SpaceError:  # again, with why the modules it names are not removable
+        resolve_depth(config.space.depth, blocks, names, not_removable=depth.rejected(model, task.example()))
+    return blocks
+
+
+def _block_order(config: Config, task: Task, model: torch.nn.Module, blocks: list[Block]) -> list[str]:
+    """``space.depth.choice: count``: the blocks least important first, by its criterion on the
+    trained dense model and the task's calibration batches (else no order)."""
+    if config.space.depth is None or config.space.depth.choice != "count":
+        return []
+    try:
+        return depth.order(model, task.calibration(), [b.name for b in blocks], config.space.depth.criterion)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _measure_dense(config: Config, prepared: _Prepared, out: Log) -> dict[str, float]:

@@ -9,6 +9,9 @@ failure overwrites nothing):
 - ``model.pt2`` — a ``torch.export`` program (``torch.export.load(path).module()``), the batch
   dimension dynamic, and the sequence dimension of integer inputs (token ids, masks) too;
 - ``model.onnx`` — one self-contained file, its outputs checked against torch with onnxruntime;
+- ``model.int8.onnx`` — for a policy that ships int8 with ONNX Runtime: the quantized file its
+  metrics were measured on (``model.pt``, ``model.pt2`` and ``model.onnx`` are then the float model
+  it was quantized from);
 - ``metrics.json`` and ``MODEL_CARD.md``.
 
 ``model.pt2`` and ``model.onnx`` are checked against the torch model on test inputs, relative to
@@ -33,12 +36,13 @@ from torch import nn
 
 from evaluators import pruning
 from evaluators.batches import batch_size_of, call
+from evaluators.deploy import INT8_FILE
 from evaluators.onnx_backend import call_program, export_program, flat_outputs, max_abs_diff, max_rel_diff, onnx_outputs, write_onnx
 from search.records import ProductionError
 from spaces import Policy
 
 FORMAT = "secateurs.pruned-model/1"
-EXPORT_FILES = ("policy.json", "model.pt", "model.pt2", "model.onnx", "metrics.json", "MODEL_CARD.md")
+EXPORT_FILES = ("policy.json", "model.pt", "model.pt2", "model.onnx", INT8_FILE, "metrics.json", "MODEL_CARD.md")
 TASK_TAG = "secateurs.task"
 MODEL_CLASS_TAG = "secateurs.model_class"
 

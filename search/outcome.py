@@ -39,10 +39,13 @@ class SearchResult:
 def format_frontier(table: pd.DataFrame, objectives: Objectives | None = None) -> str:
     objectives = objectives or DEFAULT
     scores = [c for q in objectives.quality for c in (q, _change(q)) if c in table]
-    columns = ["trial", "criterion", *scores, "latency_ms", "size_mb", "macs", "params", "run_id"]
+    compress = [c for c, used in (("blocks_dropped", lambda s: s.fillna(0) > 0), ("quantization", lambda s: s.fillna("none") != "none"))
+                if c in table and used(table[c]).any()]  # shown when the search dropped blocks or quantized
+    columns = ["trial", "criterion", *compress, *scores, "latency_ms", "size_mb", "macs", "params", "run_id"]
     shown = table.sort_values("latency_ms")[columns].copy()
     shown["run_id"] = shown["run_id"].str[:12]
-    shown[["trial", "macs", "params"]] = shown[["trial", "macs", "params"]].astype(int)
+    integers = ["trial", "macs", "params", *(["blocks_dropped"] if "blocks_dropped" in compress else [])]
+    shown[integers] = shown[integers].fillna(0).astype(int)
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,9 +20,13 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from evaluators.batches import batch_size_of
+from evaluators import deploy
+from evaluators.batches import batch_size_of, call
 from evaluators.checkpoint import CheckpointError, load_dense
+from evaluators.deploy import INT8_FILE
 from evaluators.measure import torch_threads
+from evaluators.onnx_backend import flat_outputs, max_abs_diff, max_rel_diff
+from evaluators.quantize import OnnxRuntimeModel
 from evaluators.tasks import make_task
 from evaluators.trial import Reference, measure_model, prune_and_finetune
 from search import records
@@ -66,6 +71,8 @@ class PickResult:
     model_uri: str | None = None
     registered: tuple[str, str, str] | None = None  # name, version, alias
     model: torch.nn.Module | None = None
+    int8_onnx: bytes | None = None  # an int8 policy's quantized ONNX file: the artifact ``final`` measured
+    int8_diffs: dict[str, float] = dataclasses.field(default_factory=dict)  # that file's outputs vs the float model's
 
 
 def trial_policy(client: MlflowClient, run_id: str) -> Policy:
@@ -123,7 +130,7 @@ def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str =
         dense_model = load_dense(task, record.checkpoint)
     except CheckpointError as exc:
         raise ProductionError(str(exc)) from None
-    final = measure_model(model, task, config.measure)
+    final, result.int8_onnx = _measure_shipped(model, task, config.measure, policy.quantization)
     dense_now = measure_model(dense_model, task, config.measure)
     reference = Reference.from_record(record.dense)  # the search's dense record: changes as the trials recorded them
     for measured in (final, dense_now):
@@ -160,6 +167,7 @@ def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[st
             result.warnings += result.export_notes
         else:
             (stage / "policy.json").write_text(result.policy.to_json() + "\n")
+        _stage_int8(stage, result, check, log)
         run_id = start_export_run(
             client, record.experiment_id, record.run_id, f"export-{row['kind']}-{int(row['trial']):04d}",
             tags={"secateurs.source_run": row["run_id"], "secateurs.trial": str(int(row["trial"])), **identity},
@@ -168,22 +176,26 @@ def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[st
         )
         result.export_run_id = run_id
         try:
-            log_metrics(client, run_id, {**{k: v for k, v in result.final.items() if isinstance(v, (int, float))}, **result.check_diffs})
+            log_metrics(client, run_id, {**{k: v for k, v in result.final.items() if isinstance(v, (int, float))}, **result.check_diffs,
+                                         **result.int8_diffs})
             log("logging the model to MLflow (pt2)" + (f" and registering it as {register!r}" if register else ""))
             result.model_uri = log_model(record.tracking_uri, run_id, model, example)
             if register is not None:
                 version = register_model(client, register, result.model_uri, run_id, registry_uri=record.tracking_uri,
                                          identity=identity, alias=alias,
                                          version_tags={"secateurs.search_run": record.run_id, "secateurs.trial_run": row["run_id"],
-                                                       **{q: f"{result.final[q]:.6f}" for q in record.objectives.quality}},
-                                         description=f"Pruned {identity['secateurs.model_class']} for task {identity['secateurs.task']} (secateurs).")
+                                                       **{q: f"{result.final[q]:.6f}" for q in record.objectives.quality},
+                                                       **_quantization_tags(result)},
+                                         description=f"Pruned {identity['secateurs.model_class']} for task {identity['secateurs.task']} "
+                                                     f"(secateurs){_quantization_note(result)}.")
                 result.registered = (register, version, alias)
             write_json(stage / "metrics.json", {"final": result.final, "dense_measured_now": result.dense_now,
                                                 "search_trial": _row_metrics(row, record.objectives.quality), "dense_search": record.dense,
-                                                "checks": result.check_diffs})
+                                                "checks": {**result.check_diffs, **result.int8_diffs}})
             (stage / "MODEL_CARD.md").write_text(_card(result, command, onnx_tolerance))
-            for name in ("policy.json", "metrics.json", "MODEL_CARD.md"):
-                client.log_artifact(run_id, str(stage / name))
+            for name in ("policy.json", "metrics.json", "MODEL_CARD.md", INT8_FILE):
+                if (stage / name).is_file():
+                    client.log_artifact(run_id, str(stage / name))
             if out_dir is not None:
                 result.files = publish(stage, out_dir)
                 result.out_dir = out_dir
@@ -191,6 +203,99 @@ def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[st
         except BaseException:
             client.set_terminated(run_id, "FAILED")
             raise
+
+
+# --- depth and int8: what ships beside the float files ----------------------------------------
+
+def _measure_shipped(model: torch.nn.Module, task: Any, measure: Any, quantization: str) -> tuple[dict[str, float], bytes | None]:
+    """The chosen model measured as it ships (an int8 policy: its int8 artifact, see
+    :mod:`evaluators.deploy`) and that int8 ONNX file (None: a float policy, or torch's dynamic
+    int8, which is applied to the loaded model)."""
+    if quantization == "none":
+        return measure_model(model, task, measure), None
+    with tempfile.TemporaryDirectory(prefix="secateurs-int8-") as tmp:
+        final = measure_model(model, task, measure, quantization=quantization, keep=Path(tmp))
+        path = Path(tmp) / INT8_FILE
+        return final, (path.read_bytes() if path.is_file() else None)
+
+
+def _stage_int8(stage: Path, result: PickResult, check_inputs: Any, log: Log) -> None:
+    """Put the int8 ONNX file the final metrics were measured on into ``stage``, run it in ONNX
+    Runtime on ``check_inputs`` and record how far its outputs are from the float model's (int8
+    rounds: information for the card, not a failed check; its accuracy is measured on it)."""
+    if result.int8_onnx is None:
+        return
+    path = stage / INT8_FILE
+    path.write_bytes(result.int8_onnx)
+    log(f"exporting: {INT8_FILE} (the int8 model the final metrics were measured on, ONNX Runtime)")
+    model = result.model.cpu().eval()
+    with torch.no_grad():
+        expected, got = flat_outputs(call(model, check_inputs)), flat_outputs(call(OnnxRuntimeModel(path), check_inputs))
+    result.int8_diffs = {"int8_max_abs_diff": max_abs_diff(expected, got), "int8_max_rel_diff": max_rel_diff(expected, got),
+                         "int8_check_inputs": batch_size_of(check_inputs)}
+
+
+def _timed_with(result: PickResult) -> tuple[str, str]:
+    """The card's line on the runtime (and execution provider) the latency was timed with, and on what."""
+    backend = result.record.config.measure.backend
+    settings = deploy.settings(result.policy.quantization, backend)
+    provider = f", execution provider {settings['execution_provider']}" if "execution_provider" in settings else ""
+    if backend == "onnxruntime":
+        what = INT8_FILE if result.policy.quantization != "none" else "model.onnx"
+    else:
+        what = "the torch model, its nn.Linear/nn.LSTM layers dynamic int8" if result.policy.quantization != "none" else "the torch model"
+    return "timed with", f"{settings['runtime']}{provider}, on {what}"
+
+
+def _quantization_facts(result: PickResult) -> list[tuple[str, str]]:
+    """The model card's lines on what ships: the runtime, the removed blocks, and for an int8 policy
+    which file is int8 and how it was quantized."""
+    policy, facts = result.policy, [_timed_with(result)]
+    if policy.drop_blocks:
+        facts.append(("blocks removed", f"{', '.join(policy.drop_blocks)} (each replaced by what it computes without its branch; "
+                                        "their weights are gone from model.pt, model.pt2 and model.onnx)"))
+    if policy.quantization == "none":
+        return facts
+    settings = deploy.settings(policy.quantization, result.record.config.measure.backend)
+    shipped = f"`{INT8_FILE}`" if result.int8_onnx is not None else "the torch model with torch's dynamic int8 applied at load"
+    facts.append(("int8", f"{policy.quantization}: {settings['int8_format']}; activations {settings['int8_activations']}; weights "
+                          f"{settings['int8_weights']}" + (f" ({settings['int8_why']})" if "int8_why" in settings else "")
+                          + f". The final metrics are those of {shipped}; model.pt, model.pt2 and model.onnx are the float model it was "
+                          "quantized from, fine-tuned before quantization (no quantization-aware training)"))
+    if result.int8_diffs:
+        facts.append(("int8 vs float", f"{INT8_FILE} outputs differ from the float model by {result.int8_diffs['int8_max_rel_diff']:.3g} "
+                                       f"relative ({result.int8_diffs['int8_max_abs_diff']:.3g} max abs) on "
+                                       f"{int(result.int8_diffs['int8_check_inputs'])} test inputs: int8 rounding, which the accuracy above includes"))
+    return facts
+
+
+def _quantization_loading(result: PickResult) -> list[str]:
+    if result.int8_onnx is not None:
+        return [f"- `{INT8_FILE}` (int8: the model the final metrics measured): `onnxruntime.InferenceSession(\"{INT8_FILE}\", "
+                "providers=[\"CPUExecutionProvider\"])`, inputs and output as `model.onnx`."]
+    if result.policy.quantization != "none":
+        return ["- int8 as measured: `evaluators.quantize.quantize_torch_dynamic(load_pruned(...))` (torch's dynamic int8 of "
+                "nn.Linear and nn.LSTM, CPU)."]
+    return []
+
+
+def _quantization_tags(result: PickResult) -> dict[str, str]:
+    """Tags of the registered version of an int8 policy: ``secateurs.quantization`` and where the int8 file is."""
+    if result.policy.quantization == "none":
+        return {}
+    tags = {"secateurs.quantization": result.policy.quantization,
+            "secateurs.runtime": deploy.settings(result.policy.quantization, result.record.config.measure.backend)["runtime"]}
+    if result.int8_onnx is not None:
+        tags["secateurs.int8_artifact"] = f"runs:/{result.export_run_id}/{INT8_FILE}"
+    return tags
+
+
+def _quantization_note(result: PickResult) -> str:
+    if result.policy.quantization == "none":
+        return ""
+    where = (f"the int8 ONNX model is the export run's artifact {INT8_FILE}" if result.int8_onnx is not None
+             else "apply evaluators.quantize.quantize_torch_dynamic to the loaded model")
+    return f"; ships {result.policy.quantization} ({where}; the registered program is the float model it was quantized from)"
 
 
 def _name(row: pd.Series) -> str:
@@ -234,12 +339,14 @@ def _card(result: PickResult, command: str | None, tolerance: float) -> str:
         facts.append(("export checks", f"output diff vs torch on {int(result.check_diffs['check_inputs'])} test inputs: "
                                        f"{', '.join(checked) or 'none checked'} (tolerance {tolerance:g}, relative to the largest output)"))
         facts += [("export note", line) for line in result.export_notes]
+    facts += _quantization_facts(result)
     loading = [
         "- `model.pt` (weights + policy, `torch.load(weights_only=True)`): "
         "`search.export.load_pruned(task_or_model_factory, \"model.pt\")` rebuilds the dense model, applies the policy, loads the weights.",
         "- `model.pt2`: `torch.export.load(\"model.pt2\").module()` (no Python class needed).",
         "- `model.onnx`: `onnxruntime.InferenceSession(\"model.onnx\")`, input `input` (several inputs: the names of `forward`'s arguments), dynamic batch (and sequence, for token ids), output `output`.",
     ]
+    loading += _quantization_loading(result)
     if result.registered:
         name, version, alias = result.registered
         facts.append(("registered", f"`{name}` version {version}, alias `{alias}`"))
@@ -259,7 +366,9 @@ def format_pick(result: PickResult) -> str:
     lines = [
         f"search {record.label}: {len(record.trials)} trials, {len(record.frontier)} on the frontier",
         f"chosen: {_name(row)} (run {row['run_id']}), {result.reason}",
-        f"policy: criterion {result.policy.criterion}; fraction of channels removed: {ratios}",
+        f"policy: criterion {result.policy.criterion}; fraction of channels removed: {ratios}"
+        + (f"; blocks removed: {', '.join(result.policy.drop_blocks)}" if result.policy.drop_blocks else "")
+        + (f"; ships {result.policy.quantization}" if result.policy.quantization != "none" else ""),
         "",
     ]
     scores = record.objectives.quality

@@ -32,6 +32,16 @@ def trial_metrics(result: Mapping) -> dict[str, float]:
             if k not in RAY_RESULT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def artifact_tags(result: Mapping) -> dict[str, str]:
+    """The tags a trial reported beside its metrics (``secateurs.quantization``, ``secateurs.runtime``,
+    ...: how its measured artifact ran, see :meth:`evaluators.trial.Metrics.tags`).
+
+    >>> artifact_tags({"accuracy": 0.9, "secateurs.quantization": "int8", "trial_id": "a"})
+    {'secateurs.quantization': 'int8'}
+    """
+    return {k: v for k, v in result.items() if k.startswith("secateurs.") and isinstance(v, str)}
+
+
 def _short(score: str) -> str:
     return "acc" if score == "accuracy" else score
 
@@ -130,7 +140,7 @@ class TrialRecorder(tune.Callback):
             index = self._index()
             policy = self.space.policy(trial.config)
             metrics = trial_metrics(result)
-            kind, tags = self._tags(trial, {"secateurs.node_id": str(result.get("node_id", ""))})
+            kind, tags = self._tags(trial, {"secateurs.node_id": str(result.get("node_id", "")), **artifact_tags(result)})
             screened_out = result.get("fidelity") == 0
             if screened_out:
                 tags["secateurs.screened_out"] = "true"

@@ -87,7 +87,7 @@ def _missing(value: Any) -> bool:
 def trial_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """The completed trials of ``runs`` (trial and baseline runs) and how many failed.
 
-    One row per completed run: ``run_id``, ``trial``, ``kind``, ``criterion``, every metric it
+    One row per completed run: ``run_id``, ``trial``, ``kind``, ``criterion``, ``quantization``, every metric it
     logged (latest value), its ``ratio.<group>`` params as floats and ``pareto_tag`` (the
     ``secateurs.pareto`` tag, None before the search tagged its frontier)."""
     if not len(runs):
@@ -101,6 +101,7 @@ def trial_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
             "trial": int(tags.get(TRIAL, 0)),
             "kind": tags.get(KIND, "trial"),
             "criterion": params.get("policy.criterion", ""),
+            "quantization": params.get("policy.quantization", "none"),
             **{k: float(v) for k, v in row_values(run, "metrics.").items()},
             **{k: float(v) for k, v in sorted(params.items()) if k.startswith("ratio.")},
             "pareto_tag": tags.get(PARETO),

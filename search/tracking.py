@@ -127,7 +127,8 @@ def _default_artifact_location(uri: str, experiment: str) -> str | None:
 def _params(policy: Policy, groups: list[str]) -> list[Param]:
     """The policy as MLflow params: one ``ratio.<group>`` for every group (0.0 = kept whole), so
     that the runs table and parallel-coordinates view show every dimension."""
-    items = {"policy.criterion": policy.criterion, "policy.granularity": policy.granularity, "policy.round_to": policy.round_to}
+    items = {"policy.criterion": policy.criterion, "policy.granularity": policy.granularity, "policy.round_to": policy.round_to,
+             "policy.quantization": policy.quantization, "policy.drop_blocks": ",".join(policy.drop_blocks) or "none"}
     items.update({f"ratio.{group}": repr(float(policy.ratios.get(group, 0.0))) for group in groups})
     items.update({f"finetune.{knob}": repr(value) if isinstance(value, float) else value for knob, value in policy.finetune.items()})
     return [Param(k, str(v)) for k, v in items.items()]

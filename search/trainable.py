@@ -37,11 +37,12 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     if context.screening_bn_batches is None:
         metrics = evaluate(policy, task, context.checkpoint, context.finetune, context.measure, dense=context.dense)
-        tune.report({**metrics.to_dict(), **node, "time_trial_s": time.perf_counter() - started})
+        tune.report({**metrics.to_dict(), **metrics.tags(), **node, "time_trial_s": time.perf_counter() - started})
         return
     model, screened = screen(policy, task, context.checkpoint, context.measure, bn_batches=context.screening_bn_batches,
                              batch_size=context.finetune.batch_size, dense=context.dense)
-    tune.report({**screened.to_dict(), "fidelity": 0, **node, "time_trial_s": time.perf_counter() - started})  # the scheduler may stop it here
+    tune.report({**screened.to_dict(), **screened.tags(), "fidelity": 0, **node,
+                 "time_trial_s": time.perf_counter() - started})  # the scheduler may stop it here
     final = promote(model, screened, policy, task, context.checkpoint, context.finetune, context.measure, dense=context.dense)
-    tune.report({**final.to_dict(), "fidelity": 1, **{f"screening_{k}": v for k, v in screened.scores.items()}, **node,
+    tune.report({**final.to_dict(), **final.tags(), "fidelity": 1, **{f"screening_{k}": v for k, v in screened.scores.items()}, **node,
                  "time_trial_s": time.perf_counter() - started})

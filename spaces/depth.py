@@ -13,7 +13,7 @@ plus a branch (it becomes the identity), or a transformer layer (removed from it
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 DEPTH_CHOICES = ("per_block", "count")
 QUANTIZATIONS = ("none", "int8", "int8_dynamic")
@@ -125,21 +125,41 @@ class ResolvedDepth:
         return {DROP_PREFIX + name: False for name in self.decisions}
 
 
-def resolve(config: DepthSpace, blocks: Sequence[Block], order: Sequence[str] = ()) -> ResolvedDepth:
+def _why_not(not_removable: Mapping[str, str], names: Sequence[str], limit: int = 4) -> str:
+    """``names`` with the reason each is not removable (the first ``limit``)."""
+    shown = [f"{n}: {not_removable[n]}" for n in names[:limit]]
+    more = f"; and {len(names) - limit} more" if len(names) > limit else ""
+    return "; ".join(shown) + more
+
+
+def resolve(config: DepthSpace, blocks: Sequence[Block], order: Sequence[str] = (),
+            not_removable: Mapping[str, str] | None = None) -> ResolvedDepth:
     """Apply ``config`` to the model's ``blocks``; ``order``: the block names, least important first
-    (needed for ``choice: count``). Every rule must match a block; the error lists the removable ones."""
+    (needed for ``choice: count``). Every rule must match a block; the error lists the removable ones,
+    and says why the modules it matched are not removable when ``not_removable`` (module name -> why)
+    knows it.
+
+    >>> resolve(DepthSpace(rules=[DepthRule(match="layer2.0", exclude=True)]), [Block("layer1.0")],
+    ...         not_removable={"layer2.0": "it maps (1, 16) to (1, 32)"})
+    Traceback (most recent call last):
+    spaces.space.SpaceError: space.depth.rules[0]: 'layer2.0' matches no removable block (layer2.0: it maps (1, 16) to (1, 32)); removable blocks: layer1.0
+    """
     from spaces.space import SpaceError
 
+    not_removable = dict(not_removable or {})
     names = [b.name for b in blocks]
     if not names:
+        why = f"; why its candidates are not: {_why_not(not_removable, list(not_removable))}" if not_removable else ""
         raise SpaceError("space.depth: the model has no removable block (a residual block whose output is its input plus a "
-                         "branch of the same shape, or a transformer layer)")
+                         f"branch of the same shape, or a transformer layer){why}; remove space.depth")
     excluded: set[str] = set()
     tie_of: dict[str, str] = {}
     for i, rule in enumerate(config.rules):
         hits = [n for n in names if rule.matches(n)]
         if not hits:
-            raise SpaceError(f"space.depth.rules[{i}]: {rule.match or rule.regex!r} matches no removable block; "
+            matched = [n for n in not_removable if rule.matches(n)]
+            why = f" ({_why_not(not_removable, matched)})" if matched else ""
+            raise SpaceError(f"space.depth.rules[{i}]: {rule.match or rule.regex!r} matches no removable block{why}; "
                              f"removable blocks: {', '.join(names)}")
         for n in hits:
             if rule.exclude:

@@ -73,3 +73,36 @@ def digits_nan_always(config: TaskConfig) -> Task:
     """Digits whose evaluation returns NaN even for the dense model."""
     digits = make_digits_task(TaskConfig(name="digits", dense_epochs=config.dense_epochs))
     return dataclasses.replace(digits, name="nan_always", evaluate=lambda model, batches: {"accuracy": math.nan, "f1": 0.5})
+
+
+class ResidualMLP(torch.nn.Module):
+    """A user's own residual model, written without any library block: a linear stem, ``depth``
+    blocks ``relu(x + fc2(relu(fc1(x))))`` and a linear head, on flattened 8x8 digits."""
+
+    def __init__(self, width: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU())
+        self.blocks = torch.nn.ModuleList(ResidualLayer(width) for _ in range(depth))
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class ResidualLayer(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(width, 2 * width)
+        self.fc2 = torch.nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def digits_residual_mlp(config: TaskConfig) -> Task:
+    """Digits with :class:`ResidualMLP`: three removable blocks, found by tracing."""
+    digits = make_digits_task(TaskConfig(name="digits", dense_epochs=config.dense_epochs))
+    return dataclasses.replace(digits, name="digits_residual_mlp", model=ResidualMLP)
