@@ -307,7 +307,7 @@ def _row_metrics(row: pd.Series, scores: list[str]) -> dict[str, float]:
                                         "size_mb", "macs", "params") if k in row}
 
 
-def _runtime(measure: Any) -> str:
+def runtime_label(measure: Any) -> str:
     """How the latency was timed, as the card states it: the runtime and, for channels-last, what
     the user must do to run the exported weights (stored contiguous) the same way."""
     if measure.backend == "onnxruntime":
@@ -329,7 +329,7 @@ def _card(result: PickResult, command: str | None, tolerance: float) -> str:
         ("task / model", f"{config.task.name} / {result.model.__class__.__module__}.{type(result.model).__qualname__}"),
         ("dense reference", f"`{record.checkpoint}`"),
         ("fine-tune", f"{epochs:g} epoch(s) (search: {config.finetune.epochs:g}), lr {config.finetune.lr:g}, batch {config.finetune.batch_size}"),
-        ("measured on", f"{config.measure.device}, {_runtime(config.measure)}, batch {config.measure.batch_size}, "
+        ("measured on", f"{config.measure.device}, {runtime_label(config.measure)}, batch {config.measure.batch_size}, "
                         f"{config.measure.threads} thread(s), {config.measure.repeats} timed passes after {config.measure.warmup} warm-up"),
         ("export run", f"`{result.export_run_id}` (tag secateurs.kind=export)"),
     ]

@@ -376,8 +376,8 @@ def test_ui_serves_the_store_and_stops_on_ctrl_c(search):
 
 def test_model_card_names_the_runtime_the_latency_was_timed_with():
     from evaluators.trial import MeasureConfig
-    from search.pick import _runtime
+    from search.pick import runtime_label
 
-    assert _runtime(MeasureConfig()) == "torch eager"
-    assert _runtime(MeasureConfig(backend="onnxruntime")) == "ONNX Runtime (model.onnx)"
-    assert "model.to(memory_format=torch.channels_last)" in _runtime(MeasureConfig(channels_last=True))
+    assert runtime_label(MeasureConfig()) == "torch eager"
+    assert runtime_label(MeasureConfig(backend="onnxruntime")) == "ONNX Runtime (model.onnx)"
+    assert "model.to(memory_format=torch.channels_last)" in runtime_label(MeasureConfig(channels_last=True))
