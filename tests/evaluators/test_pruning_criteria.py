@@ -11,7 +11,7 @@ from torch import nn
 
 from evaluators import pruning, zoo
 from evaluators.batches import Calibration
-from evaluators.criteria import CRITERIA, _lamp, calibrate
+from evaluators.criteria import CRITERIA, calibrate
 from evaluators.models import MLP, DigitsCNN
 from evaluators.pruning import PruningError
 from spaces import Policy, PrunableGroup
@@ -110,7 +110,8 @@ def test_lamp_scores_follow_the_definition():
     w = torch.tensor([3.0, -1.0, 2.0, 0.5])
     # squared: 9, 1, 4, 0.25; each over the sum of those not smaller than it
     expected = torch.tensor([9 / 9, 1 / (1 + 4 + 9), 4 / (4 + 9), 0.25 / 14.25])
-    assert torch.allclose(_lamp(w.pow(2)), expected)
+    assert torch.allclose(CRITERIA["lamp"].weight_scores(w, None, None), expected)
+    assert torch.allclose(CRITERIA["lamp"].unit_scores(w[:, None], None), expected)  # one weight per unit: the same
 
 
 def test_global_lamp_spreads_sparsity_where_global_magnitude_empties_a_small_layer():
