@@ -26,7 +26,7 @@ import yaml
 from evaluators import depth, deploy
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
 from evaluators.checks import check_objectives
-from evaluators.pruning import PruningError, check_space, discover_groups
+from evaluators.pruning import PruningError, check_ratios, check_space, discover_groups
 from evaluators.tasks import Task, make_task, top1_accuracy
 from evaluators.trial import FinetuneConfig, Reference, evaluate, prune_model
 from search import frontier, outcome, ray_runtime, records, sensitivity
@@ -119,6 +119,7 @@ def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepar
     check_space(config.space.granularity, config.space.criteria, groups)
     order = _block_order(config, task, dense_model, blocks)
     space = SearchSpace(config.space, groups, seed=config.search.seed, blocks=blocks, block_order=order)
+    check_ratios(dense_model, task.example(), space)  # e.g. a head ratio that breaks grouped-query attention
     return _Prepared(task, checkpoint, space)
 
 
@@ -247,7 +248,12 @@ def _check_names(config: Config, task: Task) -> None:
 
 def _measured_objectives(config: Config, prepared: _Prepared, dense: dict[str, float]) -> Objectives:
     """:func:`_objectives` against what the dense model's evaluation returned and recorded."""
-    return _objectives(config, prepared.task, list(Reference.from_record(dense).scores), sorted(trial_metrics(dense)))
+    objectives = _objectives(config, prepared.task, list(Reference.from_record(dense).scores), sorted(trial_metrics(dense)))
+    try:
+        objectives.check_measured(dense)  # e.g. tokens_per_s of a model that takes no token ids
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return objectives
 
 
 def _first_points(session: _Session) -> None:
