@@ -113,6 +113,13 @@ def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepar
     blocks = _quantization_and_blocks(config, task, device.type)  # before the dense model trains: it may take minutes
     # the dense model trains with the torch threads a trial gets (Ray sets OMP_NUM_THREADS to its CPUs)
     threads = max(1, int(config.search.cpus_per_trial))
+    # the space against the model's structure first (an untrained copy), so that a bad ratio, e.g. a head
+    # ratio that breaks grouped-query attention, stops the search before the dense model trains
+    fresh = task.build_model().eval()
+    fresh_groups = discover_groups(fresh, task.example(), config.space.granularity, config.space.nm_block)
+    check_space(config.space.granularity, config.space.criteria, fresh_groups)
+    check_ratios(fresh, task.example(), SearchSpace(dataclasses.replace(config.space, depth=None), fresh_groups, seed=config.search.seed))
+    del fresh
     checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out, threads=threads))
     dense_model = load_dense(task, checkpoint)
     groups = discover_groups(dense_model, task.example(), config.space.granularity, config.space.nm_block)
