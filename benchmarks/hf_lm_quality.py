@@ -172,7 +172,7 @@ def main() -> None:
             shrink = [dense["params"] / p["params"] for s in args.seeds for p in runs[s][method]]
             summary[method].update(speedup_mean=statistics.mean(speed), param_reduction_mean=statistics.mean(shrink),
                                    speedup_per_param_reduction=statistics.mean(a / b for a, b in zip(speed, shrink)))
-    report = {"args": vars(args), "dense": dense, "layer_order": order, "runs": runs, "summary": summary,
+    report = {"args": vars(args), "dense": dense, "dense_latencies_ms": [p["latency_ms"] for p in timed], "layer_order": order, "runs": runs, "summary": summary,
               "search_replay_max_ppl_diff": max(replay_diffs, default=0.0), "wall_s": time.perf_counter() - started,
               "torch": torch.__version__}
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
