@@ -44,7 +44,7 @@ def check_declared(objectives: Mapping[str, str] | None) -> None:
         if sense not in SENSES:
             raise ValueError(f"objectives.{name}: direction must be min or max, but got {sense!r}")
         if name in COSTS and sense != COSTS[name]:
-            raise ValueError(f"objectives.{name}: is measured, {COSTS[name]}imised; got {sense!r}")
+            raise ValueError(f"objectives.{name}: is {'a cost' if COSTS[name] == 'min' else 'measured'}, {COSTS[name]}imised; got {sense!r}")
     if not any(name not in COSTS for name in objectives):
         raise ValueError(f"objectives: name at least one score of the task besides the costs {', '.join(COSTS)}, but got {dict(objectives)!r}")
     if not any(name in COSTS for name in objectives):
