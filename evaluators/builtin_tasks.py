@@ -6,6 +6,10 @@
 - ``cifar10``: CIFAR-10 npz or batches; default model ``resnet20``; ``options.augment`` adds random
   crops (padding 4) and horizontal flips to the training batches.
 - ``sst2``: SST-2 sentences as padded token ids; default model ``text_lstm``.
+- ``hf_causal_lm`` / ``hf_text_classification``: a Hugging Face model (``task.model``: a
+  ``save_pretrained`` directory, or ``task.model_options``: a config to build and train) on the SST-2
+  sentences with a tokenizer trained here: perplexity, or sentiment accuracy
+  (:mod:`evaluators.hf.tasks`; transformers is imported only for these).
 """
 from __future__ import annotations
 
@@ -32,8 +36,16 @@ TASK_OPTIONS: dict[str, dict[str, tuple[int | bool | None, int | None]]] = {
 }
 
 
+HF_TASKS = ("hf_causal_lm", "hf_text_classification")
+
+
 def check_builtin(config: TaskConfig) -> None:
     """``options`` and ``model`` of a built-in task's config: known names and valid values."""
+    if config.name in HF_TASKS:
+        from evaluators.hf.tasks import check_config
+
+        check_config(config)
+        return
     if config.model is not None and config.model not in MODELS:
         raise ValueError(f"model: unknown model {config.model!r}; valid: {', '.join(sorted(MODELS))}")
     valid = TASK_OPTIONS[config.name]
@@ -153,9 +165,25 @@ def make_sst2_task(config: TaskConfig) -> Task:
     )
 
 
+def make_hf_causal_lm_task(config: TaskConfig) -> Task:
+    """A Hugging Face causal LM on the SST-2 sentences, perplexity (:func:`evaluators.hf.tasks.causal_lm_task`)."""
+    from evaluators.hf.tasks import causal_lm_task
+
+    return causal_lm_task(config)
+
+
+def make_hf_text_classification_task(config: TaskConfig) -> Task:
+    """A Hugging Face sequence classifier on SST-2, accuracy (:func:`evaluators.hf.tasks.text_classification_task`)."""
+    from evaluators.hf.tasks import text_classification_task
+
+    return text_classification_task(config)
+
+
 TASKS: dict[str, Callable[[TaskConfig], Task]] = {
     "digits": make_digits_task,
     "fashion_mnist": make_fashion_mnist_task,
     "cifar10": make_cifar10_task,
     "sst2": make_sst2_task,
+    "hf_causal_lm": make_hf_causal_lm_task,
+    "hf_text_classification": make_hf_text_classification_task,
 }

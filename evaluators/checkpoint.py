@@ -15,9 +15,11 @@ so editing ``forward`` trains it again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import io
+import json
 import os
 import pickle
 import re
@@ -54,8 +56,9 @@ def data_fingerprint(task: Task) -> str:
 
 def architecture_fingerprint(model: nn.Module) -> str:
     """A digest of the model's architecture: every module's name and class, every parameter's and
-    buffer's name, shape and dtype, and the source code of the model's own module classes (those
-    not from torch), so that editing ``forward`` changes it.
+    buffer's name, shape and dtype, the source code of the model's own module classes (those
+    not from torch), so that editing ``forward`` changes it, and a model's own ``config`` where it
+    carries one (a Hugging Face model: every value, e.g. ``rope_theta``, not only the shapes).
 
     >>> architecture_fingerprint(nn.Linear(2, 3)) == architecture_fingerprint(nn.Linear(2, 3)) != architecture_fingerprint(nn.Linear(2, 4))
     True
@@ -74,6 +77,9 @@ def architecture_fingerprint(model: nn.Module) -> str:
             digest.update(inspect.getsource(cls).encode())
         except (OSError, TypeError):  # defined interactively: its structure and shapes still count
             digest.update(cls.__qualname__.encode())
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "to_dict", None)):
+        digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -217,12 +223,18 @@ def dense_training(config: TaskConfig) -> FinetuneConfig:
 def ensure_dense_checkpoint(config: TaskConfig, task: Task, log: Callable[[str], None] = print, *, threads: int | None = None) -> Path:
     """The checkpoint to prune: the user's if given, else the cached one, trained now if missing
     (or if ``config.retrain``). Training uses ``threads`` torch threads (as a trial does) when given,
-    and logs each epoch."""
+    and logs each epoch; the optimizer is the task's ``dense_optimizer`` when it has one (SGD else).
+    A task whose model comes trained (``pretrained``, e.g. a Hugging Face ``save_pretrained``
+    directory) is not trained: its weights are written as the checkpoint, fresh each time."""
     if config.checkpoint:
         path = Path(config.checkpoint).expanduser().resolve()
         load_dense(task, path)  # fail before any trial if it does not fit
         return path
     path = cached_checkpoint_path(config, task)
+    if getattr(task, "pretrained", False):
+        log(f"using the trained weights of {config.model or task.name} as the dense model (copied to {path})")
+        _write_state_dict(task.build_model(), path)
+        return path
     if path.is_file() and not config.retrain:
         try:
             load_dense(task, path)
@@ -241,12 +253,17 @@ def ensure_dense_checkpoint(config: TaskConfig, task: Task, log: Callable[[str],
             log(f"  dense epoch {epoch}/{config.dense_epochs}: loss {loss:.4f} ({seconds:.1f} s)")
 
     with torch_threads(threads) if threads else contextlib.nullcontext():
-        train(model, task.train_source, dense_training(config), seed=config.seed, loss=task.loss,
-              transform=task.train_transform, on_epoch=progress)
+        training = dataclasses.replace(dense_training(config), optimizer=getattr(task, "dense_optimizer", "sgd"))
+        train(model, task.train_source, training, seed=config.seed, loss=task.loss, transform=task.train_transform,
+              on_epoch=progress)
         scores = task.score(model)
     log("dense model trained: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    _write_state_dict(model, path)
+    return path
+
+
+def _write_state_dict(model: nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
         torch.save(model.state_dict(), handle)
     os.replace(handle.name, path)
-    return path

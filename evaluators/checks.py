@@ -23,7 +23,8 @@ from evaluators.batches import Batch, batch_size_of, leaves, cross_entropy_loss,
 
 DIRECTIONS = ("min", "max")
 # What a trial measures besides the task's evaluation: each may be an objective too.
-MEASURED: tuple[str, ...] = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "size_mb", "macs", "params", "param_sparsity")
+MEASURED: tuple[str, ...] = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "size_mb", "macs", "params", "param_sparsity",
+                             "tokens_per_s")  # tokens_per_s: models of token ids only
 CHANGE_SUFFIX = "_change"  # <name>_change = trial value - dense value, for every score and for macs and params
 # Names a trial records beside the scores; an evaluation may not return them.
 RESERVED: tuple[str, ...] = (*MEASURED, "accuracy_drop", "finetune_steps", "bn_recalibration_batches", "time_prune_s",

@@ -43,6 +43,36 @@ def exclusive_measurement(lock_path: str | None = None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def tokens_in(inputs: Any) -> int | None:
+    """How many tokens a forward pass on ``inputs`` processes: the elements of its token ids
+    (``input_ids`` of a dict, else its first integer tensor of two or more dimensions, batch x
+    sequence), padding included; None when the inputs hold no token ids (images, features).
+
+    >>> tokens_in({"input_ids": torch.zeros(8, 64, dtype=torch.long), "attention_mask": torch.ones(8, 64)}), tokens_in(torch.zeros(2, 3))
+    (512, None)
+    """
+    if isinstance(inputs, dict) and isinstance(inputs.get("input_ids"), torch.Tensor):
+        return int(inputs["input_ids"].numel())
+    values = list(inputs.values()) if isinstance(inputs, dict) else list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and not value.is_floating_point() and not value.is_complex() \
+                and value.dtype != torch.bool:
+            return int(value.numel())
+    return None
+
+
+def throughput(inputs: Any, stats: Mapping[str, float]) -> dict[str, float]:
+    """``{"tokens_per_s": tokens of the timed batch / median latency}`` for inputs of token ids, else ``{}``.
+
+    >>> throughput({"input_ids": torch.zeros(4, 50, dtype=torch.long)}, {"latency_ms": 10.0})
+    {'tokens_per_s': 20000.0}
+    """
+    tokens = tokens_in(inputs)
+    if not tokens or not stats.get("latency_ms"):
+        return {}
+    return {"tokens_per_s": tokens / (stats["latency_ms"] / 1000.0)}
+
+
 def latency_ms(model: nn.Module, inputs: Any, *, warmup: int = 10, repeats: int = 30, threads: int = 1) -> dict[str, float]:
     """Wall-clock time of one forward pass on ``inputs`` (a tensor, a tuple of positional inputs or
     a dict of keyword inputs): median, 10th and 90th percentile in ms.

@@ -125,10 +125,12 @@ def onnx_session(path: Path, threads: int = 0):
 
 
 def session_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
-    """The ONNX Runtime feed for model inputs: a dict by name, a tuple or a tensor in order."""
-    if isinstance(inputs, dict):
+    """The ONNX Runtime feed for model inputs: a dict by name (in order when the graph names its one
+    input ``input``), a tuple or a tensor in order."""
+    names = [spec.name for spec in session.get_inputs()]
+    if isinstance(inputs, dict) and set(inputs) == set(names):
         return {k: v.detach().cpu().numpy() for k, v in inputs.items()}
-    values = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+    values = list(inputs.values()) if isinstance(inputs, dict) else list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
     return {spec.name: v.detach().cpu().numpy() for spec, v in zip(session.get_inputs(), values)}
 
 

@@ -32,11 +32,11 @@ from evaluators.prune_base import PruneReport, PruningError, channels_to_keep, c
 from evaluators.sparsity import effective_macs_and_params, load_sparse_state_dict, sparse_state_dict_bytes
 from evaluators.units import UNIT_KINDS, Context, UnitKind, register_unit_kind
 from evaluators.units import graph as tpgraph
-from spaces import Policy, PrunableGroup
+from spaces import Policy, PrunableGroup, SearchSpace
 
 __all__ = [
     "CRITERIA", "GRANULARITIES", "UNIT_KINDS", "Calibration", "Criterion", "Granularity", "PruneReport", "PruningError",
-    "UnitKind", "apply", "channels_to_keep", "check_space", "discover_groups", "effective_macs_and_params",
+    "UnitKind", "apply", "channels_to_keep", "check_ratios", "check_space", "discover_groups", "effective_macs_and_params",
     "load_sparse_state_dict", "output_layers", "prune", "rankings", "register_criterion", "register_granularity",
     "register_pruner", "register_unit_kind", "restore", "sparse_state_dict_bytes",
 ]
@@ -50,8 +50,8 @@ def register_pruner(module_type: type, pruner: tp.pruner.function.BasePruningFun
     tpgraph.PRUNERS[module_type] = pruner
 
 
-def _context(model: nn.Module, example_inputs: Inputs, nm_block: int = 4) -> Context:
-    return Context(model, example_inputs, nm_block=nm_block, kinds=UNIT_KINDS.values())
+def _context(model: nn.Module, example_inputs: Inputs, nm_block: int = 4, policy: Policy | None = None) -> Context:
+    return Context(model, example_inputs, nm_block=nm_block, kinds=UNIT_KINDS.values(), policy=policy)
 
 
 def discover_groups(model: nn.Module, example_inputs: Inputs, granularities: Iterable[str] = ("channel",),
@@ -99,6 +99,23 @@ def check_space(granularities: Iterable[str], criteria: Iterable[str], groups: I
                                        f"{example!r}); criteria for it: {', '.join(units.applicable(kind))}")
 
 
+def check_ratios(model: nn.Module, example_inputs: Inputs, space: SearchSpace) -> None:
+    """Refuse, before any trial, a ratio ``space`` fixes or searches that a unit kind cannot carry out
+    as asked (:meth:`UnitKind.check_ratios`: e.g. a head ratio that breaks grouped-query attention,
+    with the valid ratios), for every grouped-query mode the space may choose (``space.gqa``)."""
+    context = _context(model, example_inputs, space.config.nm_block)
+    for gran in space.config.granularity:
+        found = {u.name: u for u in get_granularity(gran).engine.units(context, [gran])}
+        for mode in space.config.gqa:
+            policy = Policy(criterion=space.config.criteria[0], ratios={}, granularity=gran, min_channels=space.config.min_channels,
+                            group_min_channels=space.group_min_channels, gqa=mode)
+            for d in space.dimensions(gran):
+                ratios = [d.fixed] if d.range is None else d.range.values()
+                for name in d.members:
+                    if name in found:
+                        found[name].handler.check_ratios(found[name], ratios, d.range is None, policy)
+
+
 def prune(policy: Policy, model: nn.Module, example_inputs: Inputs, calibration: Calibration | None = None) -> PruneReport:
     """Prune ``model`` in place as ``policy`` says; return what was removed (and the model).
 
@@ -127,7 +144,7 @@ def prune(policy: Policy, model: nn.Module, example_inputs: Inputs, calibration:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(policy.seed)
-            report = granularity.engine.prune(_context(model, example_inputs, policy.nm_block), policy, criterion, stats)
+            report = granularity.engine.prune(_context(model, example_inputs, policy.nm_block, policy), policy, criterion, stats)
     finally:
         if criterion.needs_gradients:
             for p in model.parameters():
@@ -179,7 +196,7 @@ def restore(policy: Policy, model: nn.Module, example_inputs: Inputs, state_dict
         depth.drop(model, policy.drop_blocks, example_inputs)
         policy = _outside(policy, policy.drop_blocks)
     if policy.ratios:
-        get_granularity(policy.granularity).engine.prune(_context(model, example_inputs, policy.nm_block), policy, None,
+        get_granularity(policy.granularity).engine.prune(_context(model, example_inputs, policy.nm_block, policy), policy, None,
                                                          lambda: None, shapes=state_dict)
     try:
         model.load_state_dict(state_dict)

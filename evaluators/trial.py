@@ -9,7 +9,8 @@ policy ships int8: its scores, latency and size are measured on the artifact tha
 
 What a trial records (:meth:`Metrics.to_dict`): every score the task's evaluation returns (e.g.
 ``accuracy``, ``rmse``), the measured ``latency_ms`` (with ``latency_p10_ms`` / ``latency_p90_ms``),
-``size_mb``, ``macs``, ``params`` and ``param_sparsity``, and the change of each score and of
+``size_mb``, ``macs``, ``params`` and ``param_sparsity`` (and ``tokens_per_s`` for models of token
+ids: the tokens of the timed batch over the latency), and the change of each score and of
 ``macs`` and ``params`` against the dense model as ``<name>_change`` = trial - dense (so
 ``rmse_change`` > 0 is worse for a minimised RMSE); ``accuracy_drop`` = dense - trial stays beside
 ``accuracy_change``. A trial whose evaluation returns a non-number, NaN or fewer scores than the
@@ -144,6 +145,7 @@ class Metrics:
     onnx_max_abs_diff: float | None = None  # with measure.backend onnxruntime: ONNX vs torch outputs (the float export)
     blocks_dropped: int = 0    # whole blocks the policy removed
     quantized_ops: int = 0     # int8 nodes of the measured ONNX file, or int8 layers of the torch model (0: float)
+    tokens_per_s: float | None = None  # models of token ids: tokens of the timed batch / latency_ms
     changes: dict[str, float] = dataclasses.field(default_factory=dict)
     settings: dict[str, str] = dataclasses.field(default_factory=dict)  # how the artifact ran (evaluators.deploy.settings)
 
@@ -275,6 +277,7 @@ def _measure(model: torch.nn.Module, task: Task, measure_config: MeasureConfig, 
         with artifact.timer() as run:
             timing = measure.interleaved_latency_ms({0: run}, rounds=1, warmup=measure_config.warmup, repeats=measure_config.repeats,
                                                     threads=measure_config.threads, cuda=first_tensor(inputs).is_cuda)[0]
+        timing.update(measure.throughput(inputs, timing))  # tokens_per_s, for models of token ids
     model.cpu()
     macs, params = pruning.effective_macs_and_params(model, task.example())  # zeros of unstructured/N:M masks do not count
     # the file export writes: the int8 artifact; else the dense state dict, or the compressed sparse one when that is smaller
@@ -400,4 +403,4 @@ def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str 
         stats = measure.interleaved_latency_ms(calls, rounds=rounds, warmup=-(-measure_config.warmup // rounds),
                                                repeats=-(-measure_config.repeats // rounds), threads=measure_config.threads,
                                                cuda=first_tensor(inputs).is_cuda)
-    return {key: {**stats[key], **extra[key]} for key in policies}
+    return {key: {**stats[key], **measure.throughput(inputs, stats[key]), **extra[key]} for key in policies}

@@ -26,7 +26,7 @@ import yaml
 from evaluators import depth, deploy
 from evaluators.checkpoint import ensure_dense_checkpoint, load_dense
 from evaluators.checks import check_objectives
-from evaluators.pruning import PruningError, check_space, discover_groups
+from evaluators.pruning import PruningError, check_ratios, check_space, discover_groups
 from evaluators.tasks import Task, make_task, top1_accuracy
 from evaluators.trial import FinetuneConfig, Reference, evaluate, prune_model
 from search import frontier, outcome, ray_runtime, records, sensitivity
@@ -113,12 +113,20 @@ def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepar
     blocks = _quantization_and_blocks(config, task, device.type)  # before the dense model trains: it may take minutes
     # the dense model trains with the torch threads a trial gets (Ray sets OMP_NUM_THREADS to its CPUs)
     threads = max(1, int(config.search.cpus_per_trial))
+    # the space against the model's structure first (an untrained copy), so that a bad ratio, e.g. a head
+    # ratio that breaks grouped-query attention, stops the search before the dense model trains
+    fresh = task.build_model().eval()
+    fresh_groups = discover_groups(fresh, task.example(), config.space.granularity, config.space.nm_block)
+    check_space(config.space.granularity, config.space.criteria, fresh_groups)
+    check_ratios(fresh, task.example(), SearchSpace(dataclasses.replace(config.space, depth=None), fresh_groups, seed=config.search.seed))
+    del fresh
     checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out, threads=threads))
     dense_model = load_dense(task, checkpoint)
     groups = discover_groups(dense_model, task.example(), config.space.granularity, config.space.nm_block)
     check_space(config.space.granularity, config.space.criteria, groups)
     order = _block_order(config, task, dense_model, blocks)
     space = SearchSpace(config.space, groups, seed=config.search.seed, blocks=blocks, block_order=order)
+    check_ratios(dense_model, task.example(), space)  # e.g. a head ratio that breaks grouped-query attention
     return _Prepared(task, checkpoint, space)
 
 
@@ -247,7 +255,12 @@ def _check_names(config: Config, task: Task) -> None:
 
 def _measured_objectives(config: Config, prepared: _Prepared, dense: dict[str, float]) -> Objectives:
     """:func:`_objectives` against what the dense model's evaluation returned and recorded."""
-    return _objectives(config, prepared.task, list(Reference.from_record(dense).scores), sorted(trial_metrics(dense)))
+    objectives = _objectives(config, prepared.task, list(Reference.from_record(dense).scores), sorted(trial_metrics(dense)))
+    try:
+        objectives.check_measured(dense)  # e.g. tokens_per_s of a model that takes no token ids
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return objectives
 
 
 def _first_points(session: _Session) -> None:

@@ -217,10 +217,14 @@ def _check(path: Path, expected: list[np.ndarray], got: list[np.ndarray], tolera
 
 def publish(stage: Path, out: Path) -> list[Path]:
     """Move the staged files into ``out`` (created if needed); a stale export file there that this
-    export did not write (e.g. an old model.onnx) is removed, anything else is left alone."""
+    export did not write (e.g. an old model.onnx, or the ``save_pretrained`` files of a Hugging Face
+    model exported before) is removed, anything else is left alone."""
+    from search.hf_export import PRETRAINED_FILES
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in EXPORT_FILES:
+    staged = sorted(p.name for p in stage.iterdir() if p.is_file())
+    for name in dict.fromkeys([*EXPORT_FILES, *PRETRAINED_FILES, *staged]):
         source, target = stage / name, out / name
         if source.exists():
             os.replace(source, target) if _same_device(stage, out) else shutil.move(str(source), str(target))

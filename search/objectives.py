@@ -1,6 +1,8 @@
 """What a search optimises: the task's scores (``accuracy: max``, ``rmse: min``, ``perplexity: min``)
-beside the measured costs (``latency_ms``, ``size_mb``, and ``macs``/``params`` if asked for), each
-with its direction.
+beside the measured costs (``latency_ms``, ``size_mb``, and ``macs``/``params``/``tokens_per_s`` if
+asked for), each with its direction. ``tokens_per_s`` (models of token ids: the tokens of the timed
+batch over the latency) is measured like the others but better when higher: its direction is ``max``,
+and hypervolume divides it by the dense model's as it does the costs (reference 1: the dense model).
 
 ``search.objectives`` in a config names them; left out, the search takes the task's own objectives
 (top-1 ``accuracy: max`` for the built-in tasks) plus ``latency_ms: min`` and ``size_mb: min``.
@@ -23,7 +25,8 @@ import pandas as pd
 from evaluators.checks import RESERVED, derived_names
 
 SENSES = ("min", "max")
-COSTS = {"latency_ms": "min", "size_mb": "min", "macs": "min", "params": "min"}  # measured on the pruned model itself
+COSTS = {"latency_ms": "min", "size_mb": "min", "macs": "min", "params": "min",
+         "tokens_per_s": "max"}  # measured on the pruned model itself (fine-tuning does not change them)
 DEFAULT_COSTS = ("latency_ms", "size_mb")
 MIN_QUALITY_REFERENCE = 2.0  # hypervolume box of a score to minimise: up to twice the dense model's
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
@@ -41,7 +44,7 @@ def check_declared(objectives: Mapping[str, str] | None) -> None:
         if sense not in SENSES:
             raise ValueError(f"objectives.{name}: direction must be min or max, but got {sense!r}")
         if name in COSTS and sense != COSTS[name]:
-            raise ValueError(f"objectives.{name}: is a cost, minimised; got {sense!r}")
+            raise ValueError(f"objectives.{name}: is {'a cost' if COSTS[name] == 'min' else 'measured'}, {COSTS[name]}imised; got {sense!r}")
     if not any(name not in COSTS for name in objectives):
         raise ValueError(f"objectives: name at least one score of the task besides the costs {', '.join(COSTS)}, but got {dict(objectives)!r}")
     if not any(name in COSTS for name in objectives):
@@ -99,6 +102,15 @@ class Objectives:
     def describe(self) -> str:
         """``accuracy max, latency_ms min, size_mb min``"""
         return ", ".join(f"{n} {s}" for n, s in self.items)
+
+    def check_measured(self, record: Mapping[str, float]) -> None:
+        """Refuse measured objectives the dense model's record lacks (``tokens_per_s`` of a model that
+        takes no token ids), naming the ones it has."""
+        missing = [n for n in self.costs if n not in record]
+        if missing:
+            have = ", ".join(c for c in COSTS if c in record)
+            raise ValueError(f"search.objectives: {', '.join(map(repr, missing))} is not measured for this task's model "
+                             f"(tokens_per_s needs inputs of token ids); measured: {have}")
 
     def check_scores(self, scores: Iterable[str]) -> None:
         """Refuse objectives the task's evaluation does not return (ValueError naming the ones it does)."""

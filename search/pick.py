@@ -32,6 +32,7 @@ from evaluators.trial import Reference, measure_model, prune_and_finetune
 from search import records
 from search.choose import Constraints, choose, find_trial
 from search.export import check_out_dir, model_card, model_identity, publish, score_columns, stage_export, staging_dir, write_json
+from search.hf_export import HF_ARTIFACT_PATH, is_hf_model, loading_lines, stage_pretrained
 from search.records import ProductionError, SearchRecord, load_search
 from search.registry import (
     DEFAULT_ALIAS, check_alias, check_registered_name, log_metrics, log_model, register as register_model,
@@ -67,6 +68,7 @@ class PickResult:
     files: list[Path] = dataclasses.field(default_factory=list)
     check_diffs: dict[str, float] = dataclasses.field(default_factory=dict)
     export_notes: list[str] = dataclasses.field(default_factory=list)  # files left out, dimensions fixed
+    pretrained_files: list[str] = dataclasses.field(default_factory=list)  # a Hugging Face model's save_pretrained files
     export_run_id: str | None = None
     model_uri: str | None = None
     registered: tuple[str, str, str] | None = None  # name, version, alias
@@ -165,6 +167,9 @@ def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[st
             for line in result.export_notes:
                 log(f"warning: {line}")
             result.warnings += result.export_notes
+            if is_hf_model(model):
+                log("exporting the Hugging Face model: save_pretrained (config.json of the pruned shapes, model.safetensors, tokenizer)")
+                result.pretrained_files = stage_pretrained(stage, model, task)
         else:
             (stage / "policy.json").write_text(result.policy.to_json() + "\n")
         _stage_int8(stage, result, check, log)
@@ -192,10 +197,12 @@ def _ship(result: PickResult, client: MlflowClient, task: Any, identity: dict[st
             write_json(stage / "metrics.json", {"final": result.final, "dense_measured_now": result.dense_now,
                                                 "search_trial": _row_metrics(row, record.objectives.quality), "dense_search": record.dense,
                                                 "checks": {**result.check_diffs, **result.int8_diffs}})
-            (stage / "MODEL_CARD.md").write_text(_card(result, command, onnx_tolerance))
+            (stage / "MODEL_CARD.md").write_text(_card(result, command, onnx_tolerance, stage))
             for name in ("policy.json", "metrics.json", "MODEL_CARD.md", INT8_FILE):
                 if (stage / name).is_file():
                     client.log_artifact(run_id, str(stage / name))
+            for name in result.pretrained_files:  # the save_pretrained directory, beside the pt2 program
+                client.log_artifact(run_id, str(stage / name), HF_ARTIFACT_PATH)
             if out_dir is not None:
                 result.files = publish(stage, out_dir)
                 result.out_dir = out_dir
@@ -318,7 +325,7 @@ def runtime_label(measure: Any) -> str:
     return "torch eager"
 
 
-def _card(result: PickResult, command: str | None, tolerance: float) -> str:
+def _card(result: PickResult, command: str | None, tolerance: float, stage: Path | None = None) -> str:
     record, row = result.record, result.trial
     config = record.config
     epochs = config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs
@@ -347,6 +354,8 @@ def _card(result: PickResult, command: str | None, tolerance: float) -> str:
         "- `model.onnx`: `onnxruntime.InferenceSession(\"model.onnx\")`, input `input` (several inputs: the names of `forward`'s arguments), dynamic batch (and sequence, for token ids), output `output`.",
     ]
     loading += _quantization_loading(result)
+    if result.pretrained_files and stage is not None:
+        loading += loading_lines(stage, result.model)
     if result.registered:
         name, version, alias = result.registered
         facts.append(("registered", f"`{name}` version {version}, alias `{alias}`"))

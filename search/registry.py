@@ -10,9 +10,10 @@ task or model class is refused before anything is logged.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import time
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import mlflow
 import numpy as np
@@ -22,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from evaluators.batches import call, logits_of
 from search.export import MODEL_CLASS_TAG, TASK_TAG
 from search.records import ProductionError
 from search.records import KIND, PARENT
@@ -92,15 +94,40 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float])
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
-def log_model(tracking_uri: str, run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor) -> str:
+def positional(model: torch.nn.Module, names: Sequence[str]) -> torch.nn.Module:
+    """``model`` called with its inputs in order, one tensor each (``names``: the keyword each goes to,
+    or positional when they are ``input_0``, ``input_1``, ...), returning the tensor its output holds
+    (``.logits`` of a Hugging Face output): the form ``mlflow.pytorch`` logs as a pt2 program."""
+    keywords = not all(n == f"input_{i}" for i, n in enumerate(names))
+
+    def forward(self, *tensors):
+        return logits_of(call(self.model, dict(zip(names, tensors)) if keywords else tensors))
+
+    parameter = inspect.Parameter
+    forward.__signature__ = inspect.Signature([parameter(n, parameter.POSITIONAL_OR_KEYWORD) for n in ("self", *names)])
+    module = type("PositionalInputs", (torch.nn.Module,), {"forward": forward, "__doc__": positional.__doc__})()
+    module.model = model
+    return module.eval()
+
+
+def log_model(tracking_uri: str, run_id: str, model: torch.nn.Module, example_inputs: Any) -> str:
     """``mlflow.pytorch.log_model`` into the export run, as a pt2 program with an input example and
-    a tensor signature. Returns the model URI (``models:/<model id>``)."""
+    a tensor signature. Returns the model URI (``models:/<model id>``). A model taking a tuple or a
+    dict of inputs (token ids and an attention mask) is logged as :func:`positional` of it: the
+    program takes the tensors in order (named in the signature) and returns its logits."""
     mlflow.set_tracking_uri(tracking_uri)
     model = model.cpu().eval()
-    example = example_inputs.detach().cpu().numpy()
+    if isinstance(example_inputs, torch.Tensor):
+        names, tensors = ["input"], [example_inputs]
+    else:
+        named = example_inputs if isinstance(example_inputs, dict) else {f"input_{i}": t for i, t in enumerate(example_inputs)}
+        names, tensors = list(named), list(named.values())
+        model = positional(model, names)
+    arrays = [t.detach().cpu().numpy() for t in tensors]
     with torch.no_grad():
-        output = model(example_inputs.cpu()).detach().numpy()
-    signature = infer_signature(example, np.asarray(output))
+        output = logits_of(model(*[t.cpu() for t in tensors])).detach().numpy()
+    example = arrays[0] if len(arrays) == 1 else tuple(arrays)
+    signature = infer_signature(arrays[0] if len(arrays) == 1 else dict(zip(names, arrays)), np.asarray(output))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,

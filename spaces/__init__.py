@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from spaces.depth import QUANTIZATIONS, Block, DepthRule, DepthSpace
 from spaces.groups import PrunableGroup
-from spaces.policy import GRANULARITIES, Policy, register_granularity
+from spaces.policy import GQA_MODES, GRANULARITIES, Policy, register_granularity
 from spaces.space import Dimension, RatioRange, Rule, SearchSpace, SpaceConfig, SpaceError
 
 __all__ = [
-    "GRANULARITIES", "QUANTIZATIONS", "Block", "DepthRule", "DepthSpace", "Dimension", "PrunableGroup", "Policy", "RatioRange",
+    "GQA_MODES", "GRANULARITIES", "QUANTIZATIONS", "Block", "DepthRule", "DepthSpace", "Dimension", "PrunableGroup", "Policy", "RatioRange",
     "Rule", "SearchSpace", "SpaceConfig", "SpaceError", "register_granularity",
 ]

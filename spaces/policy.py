@@ -10,6 +10,11 @@ from spaces.depth import QUANTIZATIONS
 # What a policy's ratios remove, by granularity name (evaluators carries out each one). A registry:
 # evaluators.pruning.register_granularity adds a new one here with its engine.
 FINETUNE_KNOBS = ("lr", "optimizer")
+# How grouped-query attention (several query heads sharing one key/value head) loses heads:
+GQA_MODES: dict[str, str] = {
+    "kv_groups": "whole key-value groups go, with all their query heads (kept counts: multiples of the group size)",
+    "query_heads": "every key-value group stays and loses the same number of query heads (kept counts: multiples of the key-value heads)",
+}
 GRANULARITIES: dict[str, str] = {
     "channel": "whole conv filters and linear neurons (coupled layers follow); a smaller, faster model",
     "structured": "channel, plus attention heads and recurrent (LSTM/GRU/RNN) hidden units",
@@ -44,6 +49,7 @@ class Policy:
     but which ones is decided by one ranking across all of them. ``seed`` fixes the randomness
     of criteria such as ``random``. ``drop_blocks`` are whole blocks removed after the widths are
     pruned; ``quantization`` is how the model ships (``int8``: static, calibrated; ``int8_dynamic``).
+    ``gqa`` is how attention with grouped-query heads loses heads (see :data:`GQA_MODES`).
 
     >>> p = Policy(criterion="l1", ratios={"conv1": 0.25})
     >>> Policy.from_json(p.to_json()) == p
@@ -62,6 +68,7 @@ class Policy:
     finetune: dict[str, Any] = dataclasses.field(default_factory=dict)  # searched fine-tune knobs: lr, optimizer
     drop_blocks: tuple[str, ...] = ()  # whole blocks removed (after the widths are pruned)
     quantization: str = "none"  # none, int8 (static, calibrated) or int8_dynamic: how the pruned model ships
+    gqa: str = "kv_groups"  # grouped-query attention: kv_groups (whole groups go) or query_heads (the same count from every group)
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -105,6 +112,8 @@ class Policy:
         object.__setattr__(self, "drop_blocks", tuple(dict.fromkeys(str(b) for b in self.drop_blocks)))
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"Policy.quantization must be one of {', '.join(QUANTIZATIONS)}, but got {self.quantization!r}")
+        if self.gqa not in GQA_MODES:
+            raise ValueError(f"Policy.gqa must be one of {', '.join(GQA_MODES)}, but got {self.gqa!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

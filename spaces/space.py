@@ -8,9 +8,10 @@ from typing import Any, Protocol, Sequence
 
 from spaces.depth import QUANTIZATION_PARAM, QUANTIZATIONS, Block, DepthSpace, ResolvedDepth, resolve
 from spaces.groups import PrunableGroup
-from spaces.policy import GRANULARITIES, Policy
+from spaces.policy import GQA_MODES, GRANULARITIES, Policy
 
 RATIO_PREFIX = "ratio."
+GQA_PARAM = "gqa"  # several space.gqa modes: searched, as this parameter
 FINETUNE_PREFIX = "finetune."
 GLOBAL_DIM = "global"  # the one ratio of scope: global (parameter ratio.global)
 SCOPES = ("layer", "global")
@@ -73,6 +74,16 @@ class RatioRange:
 
     def describe(self) -> str:
         return f"{self.low:g}..{self.high:g}" + (f" step {self.step:g}" if self.step else "")
+
+    def values(self) -> list[float]:
+        """Every ratio of the range (its two ends when it is continuous).
+
+        >>> RatioRange(0.0, 0.5, 0.25).values()
+        [0.0, 0.25, 0.5]
+        """
+        if not self.step:
+            return [self.low, self.high]
+        return [round(self.low + i * self.step, 10) for i in range(int(round((self.high - self.low) / self.step)) + 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +181,7 @@ class SpaceConfig:
     finetune_optimizers: list[str] = dataclasses.field(default_factory=list)  # search the optimizer among these
     depth: DepthSpace | None = None  # search which whole blocks to remove (null: none)
     quantization: list[str] = dataclasses.field(default_factory=lambda: ["none"])  # several: searched (parameter quantization)
+    gqa: list[str] = dataclasses.field(default_factory=lambda: ["kv_groups"])  # grouped-query attention; several: searched (parameter gqa)
 
     @property
     def round_to_choices(self) -> list:
@@ -189,6 +201,8 @@ class SpaceConfig:
         if not self.quantization or len(set(self.quantization)) != len(self.quantization) or \
                 any(q not in QUANTIZATIONS for q in self.quantization):
             raise ValueError(f"quantization: must list distinct choices among {', '.join(QUANTIZATIONS)}, but got {self.quantization!r}")
+        if not self.gqa or len(set(self.gqa)) != len(self.gqa) or any(m not in GQA_MODES for m in self.gqa):
+            raise ValueError(f"gqa: must list distinct modes among {', '.join(GQA_MODES)}, but got {self.gqa!r}")
         if self.finetune_lr is not None and (len(self.finetune_lr) != 2 or not 0 < self.finetune_lr[0] <= self.finetune_lr[1] < math.inf):
             raise ValueError(f"finetune_lr: must be [low, high] with 0 < low <= high, but got {self.finetune_lr!r}")
         choices = self.round_to_choices
@@ -397,11 +411,13 @@ class SearchSpace:
             self.depth.suggest(trial)
         if len(self.config.quantization) > 1:
             trial.suggest_categorical(QUANTIZATION_PARAM, list(self.config.quantization))
+        if len(self.config.gqa) > 1:
+            trial.suggest_categorical(GQA_PARAM, list(self.config.gqa))
         return constants
 
     def default_params(self) -> dict[str, Any]:
         """The parameters besides the ratios that a hand-made policy (a baseline) takes: the first
-        channel rounding and quantization, no block removed."""
+        channel rounding, quantization and grouped-query mode, no block removed."""
         params: dict[str, Any] = {}
         if len(self.config.round_to_choices) > 1:
             params["round_to"] = self.config.round_to_choices[0]
@@ -409,6 +425,8 @@ class SearchSpace:
             params.update(self.depth.keep_all())
         if len(self.config.quantization) > 1:
             params[QUANTIZATION_PARAM] = self.config.quantization[0]
+        if len(self.config.gqa) > 1:
+            params[GQA_PARAM] = self.config.gqa[0]
         return params
 
     def policy(self, params: dict[str, Any]) -> Policy:
@@ -442,4 +460,5 @@ class SearchSpace:
                       for k, v in params.items() if k.startswith(FINETUNE_PREFIX) and v is not None},
             drop_blocks=drop,
             quantization=params.get(QUANTIZATION_PARAM) or self.config.quantization[0],
+            gqa=params.get(GQA_PARAM) or self.config.gqa[0],
         )

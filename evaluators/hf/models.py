@@ -131,14 +131,14 @@ def read_config(directory: str | Path) -> PretrainedConfig:
     """The config of a ``save_pretrained`` directory, checked to be a family secateurs can prune."""
     path = Path(directory).expanduser()
     if not path.is_dir():
-        raise HFModelError(f"task.model: {str(path)!r} is not a directory; expected a save_pretrained directory with config.json")
+        raise HFModelError(f"model: {str(path)!r} is not a directory; expected a save_pretrained directory with config.json")
     if not (path / "config.json").is_file():
-        raise HFModelError(f"task.model: {str(path)!r} has no config.json; expected a save_pretrained directory "
+        raise HFModelError(f"model: {str(path)!r} has no config.json; expected a save_pretrained directory "
                            "(config.json and model.safetensors)")
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise HFModelError(f"task.model: cannot read {str(path / 'config.json')!r} as JSON: {exc}") from None
+        raise HFModelError(f"model: cannot read {str(path / 'config.json')!r} as JSON: {exc}") from None
     family_of(raw)
     _ensure_registered()
     return AutoConfig.from_pretrained(str(path), local_files_only=True)

@@ -16,7 +16,12 @@ drop), and leaves a model whose forward, ``generate`` and KV cache still work:
 - layers: removed from the layer list; ``config.num_hidden_layers`` and per-layer config lists
   shrink, and the layers left are renumbered (``layer_idx``) so the KV cache has one slot per layer.
 
-:func:`discover` lists the units as plain :class:`HFUnit` records.
+:func:`discover` lists the units as plain :class:`HFUnit` records. A unit is *named* after the layer
+of the dense model it belongs to (``model.layers.3.self_attn`` stays that name after layer 1 was
+dropped and the layer moved to position 2), so that a policy's names hold whatever order widths and
+layers are removed in; its ``members`` are the modules where they are now. The dense positions of
+the layers left are kept on the model (:func:`dense_indices`) until it is saved and reloaded, when
+the reloaded model is a dense model of its own.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
 KV_COUNT_ATTRS = ("num_key_value_heads",)
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size")
 PER_LAYER_CONFIG_LISTS = ("layer_types", "mlp_layer_types")
+DENSE_INDICES_ATTR = "secateurs_dense_layers"  # on a model whose layers were dropped: each layer's dense position
 
 
 class HFPruningError(ValueError):
@@ -44,7 +50,9 @@ class HFUnit:
 
     ``kind`` is ``heads`` (``size`` query heads of ``head_dim``, in ``kv_heads`` key-value groups),
     ``neurons`` (``size`` MLP intermediate neurons) or ``layer`` (a whole layer, ``size`` 1).
-    ``members`` are the linears cut along with it (full module names).
+    ``name`` is its module name in the dense model; ``members`` are the linears cut along with it
+    (full module names where they are now: a layer's own module name for ``layer``); ``layer`` is the
+    layer's current position.
 
     >>> HFUnit("model.layers.0.self_attn", "heads", 8, ("model.layers.0.self_attn.q_proj",), 0, kv_heads=4).group_size
     2
@@ -112,6 +120,26 @@ def layer_shapes(model: nn.Module) -> list[LayerShape]:
     return shapes
 
 
+def dense_indices(model: nn.Module) -> list[int]:
+    """The position each current layer had in the dense model (before :func:`drop_layers`).
+
+    >>> from evaluators.hf.models import build_model
+    >>> m = build_model({"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+    ...                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50})
+    >>> drop_layers(m, [1]); dense_indices(m)
+    [0, 2, 3]
+    """
+    n = len(layers_of(model))
+    kept = getattr(model, DENSE_INDICES_ATTR, None)
+    return list(kept) if isinstance(kept, (list, tuple)) and len(kept) == n else list(range(n))
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Each current layer's name in the dense model (``model.layers.3``), in order."""
+    prefix = layer_prefix(model)
+    return [f"{prefix}.{i}" for i in dense_indices(model)]
+
+
 def discover(model: nn.Module) -> list[HFUnit]:
     """Every prunable unit: per layer its attention heads, its MLP neurons and the layer itself.
 
@@ -124,14 +152,14 @@ def discover(model: nn.Module) -> list[HFUnit]:
     family = family_of(model)
     prefix = layer_prefix(model)
     units = []
-    for i, shape in enumerate(layer_shapes(model)):
+    for i, (name, shape) in enumerate(zip(layer_names(model), layer_shapes(model))):
         at = f"{prefix}.{i}"
-        units.append(HFUnit(f"{at}.{family.attention}", "heads", shape.num_attention_heads,
+        units.append(HFUnit(f"{name}.{family.attention}", "heads", shape.num_attention_heads,
                             tuple(f"{at}.{p}" for p in (family.query, family.key, family.value, family.attention_output)),
                             i, kv_heads=shape.num_key_value_heads, head_dim=shape.head_dim))
-        units.append(HFUnit(f"{at}.{family.mlp}", "neurons", shape.intermediate_size,
+        units.append(HFUnit(f"{name}.{family.mlp}", "neurons", shape.intermediate_size,
                             tuple(f"{at}.{p}" for p in (*family.mlp_inputs, family.mlp_output)), i))
-        units.append(HFUnit(at, "layer", 1, (at,), i))
+        units.append(HFUnit(name, "layer", 1, (at,), i))
     return units
 
 
@@ -326,6 +354,7 @@ def drop_layers(model: nn.Module, indices: Iterable[int]) -> None:
     if not drop:
         return
     kept = [layers[i] for i in range(n) if i not in drop]
+    dense = [d for i, d in enumerate(dense_indices(model)) if i not in drop]
     config = model.config
     per_layer = _per_layer_overrides(config)
     for attr in PER_LAYER_CONFIG_LISTS:
@@ -344,6 +373,7 @@ def drop_layers(model: nn.Module, indices: Iterable[int]) -> None:
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = position
+    setattr(model, DENSE_INDICES_ATTR, dense)
 
 
 def _per_layer_overrides(config) -> dict[int, dict] | None:

@@ -10,9 +10,16 @@ Batches are dicts (:mod:`evaluators.batches`): ``{"input_ids", "labels"}`` for t
 ``{"input_ids", "attention_mask", "labels"}`` for the classifier. Each task has ``loss(model, batch)``
 and ``evaluate(model, batches) -> {"perplexity": ...}`` / ``{"accuracy": ...}``.
 
-The model is a ``save_pretrained`` directory (``options.model``, with its tokenizer saved beside it)
-or, when that is null, a model with fresh weights built from ``task.model_options`` (a Hugging Face
-config dict: ``{"model_type": "llama", "hidden_size": 64, ...}``) that is to be trained as the dense model.
+The model is a ``save_pretrained`` directory (``task.model``, with its tokenizer saved beside it:
+its weights are the dense model) or, when that is null, a model with fresh weights built from
+``task.model_options`` (a Hugging Face config dict: ``{"model_type": "llama", "hidden_size": 64, ...}``)
+that secateurs trains as the dense model. Causal LMs are built with ``use_cache: false`` (training,
+evaluation and timing run whole sequences; a saved model gets the cache back for ``generate``).
+
+In a config these are the built-in tasks ``hf_causal_lm`` and ``hf_text_classification``
+(:func:`causal_lm_task`, :func:`text_classification_task`: :class:`HFTask`, a
+:class:`~evaluators.tasks.Task` with the tokenizer beside it); :class:`HFTextTask` is the same data
+and model for direct use (training loops, benchmarks).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from evaluators import datasets
 from evaluators.batches import (CALIBRATION_SAMPLES, Batch, Calibration, batch_size_of, cross_entropy_loss, forward,
                                 logits_of, targets_of, to_device)
 from evaluators.hf.models import HFModelError, build_model, family_of, load_model, read_config
-from evaluators.tasks import TaskConfig
+from evaluators.tasks import Task, TaskConfig
 
 IGNORE_INDEX = -100
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -44,9 +51,8 @@ DEFAULT_CLASSIFIER_CONFIG: dict[str, Any] = {  # a tiny BERT encoder
     "model_type": "bert", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
     "num_attention_heads": 4, "max_position_embeddings": 128,
 }
-# options of both tasks: name -> default
+# options of both tasks: name -> default (the model: task.model, a save_pretrained directory, or task.model_options)
 TASK_OPTIONS: dict[str, Any] = {
-    "model": None,        # a save_pretrained directory, or null: fresh weights from task.model_options
     "seq_len": 64,        # tokens per block (language model) or per padded sentence (classifier)
     "vocab_size": 2000,   # size of the tokenizer trained on the train sentences
     "tokenizer": "bpe",   # bpe | word
@@ -168,6 +174,8 @@ class HFTextTask:
     evaluate: Callable[[nn.Module, Any], dict[str, float]]
     metric: str
     mode: str  # "min" or "max"
+    head: str = "base"        # the head class the factory builds (a key of evaluators.hf.models.HEADS)
+    pretrained: bool = False  # the factory loads trained weights (task.model): the dense model as it is
 
     def build_model(self) -> PreTrainedModel:
         return self.model_factory()
@@ -207,6 +215,37 @@ class HFTextTask:
         return inputs
 
 
+    def to_task(self, *, num_classes: int | None = None, eval_batch_size: int = 64) -> HFTask:
+        """This model and data as the :class:`~evaluators.tasks.Task` a search runs (train split to
+        train and calibrate on, test split to evaluate; ``{metric: mode}`` its objective)."""
+        return HFTask(model=self.model_factory, train_data=self.data["train"], eval_data=self.data["test"], loss=self.loss,
+                      evaluate=self.evaluate, objectives={self.metric: self.mode}, num_classes=num_classes, name=self.name,
+                      eval_batch_size=eval_batch_size, tokenizer=self.tokenizer, seq_len=self.seq_len, head=self.head,
+                      pretrained=self.pretrained)
+
+
+@dataclasses.dataclass
+class HFTask(Task):
+    """A :class:`~evaluators.tasks.Task` whose model is a Hugging Face ``PreTrainedModel``, with what
+    saving it needs: the ``tokenizer`` (saved beside a pruned model by ``pick --out``), the sequence
+    length batches and timing use, the ``head`` class, and whether the factory loads trained weights
+    (``pretrained``: the dense model is those weights, not trained again). Dense training uses
+    ``dense_optimizer`` (AdamW: transformers train badly with SGD).
+
+    >>> ids = torch.arange(12).view(3, 4)
+    >>> t = HFTask(model=lambda: None, train_data={"input_ids": ids, "labels": ids}, eval_data={"input_ids": ids, "labels": ids},
+    ...            loss=causal_lm_loss, evaluate=perplexity, objectives={"perplexity": "min"}, seq_len=4)
+    >>> t.inputs(2)["input_ids"].shape
+    torch.Size([2, 4])
+    """
+
+    tokenizer: Any = None
+    seq_len: int = 0
+    head: str = "base"
+    pretrained: bool = False
+    dense_optimizer: str = "adamw"
+
+
 def fit(model: nn.Module, task: HFTextTask, *, epochs: float = 1.0, lr: float = 1e-3, batch_size: int = 32,
         seed: int = 0, weight_decay: float = 0.0) -> list[float]:
     """Train ``model`` on the task's train split with AdamW for ``epochs`` (a fraction runs part of one),
@@ -244,6 +283,8 @@ def task_options(config: TaskConfig) -> dict[str, Any]:
         raise HFModelError(f"options: unknown option(s) {', '.join(map(repr, unknown))} for task {config.name}; "
                            f"valid: {', '.join(TASK_OPTIONS)}")
     options = {**TASK_OPTIONS, **config.options}
+    if options["tokenizer"] not in TOKENIZER_KINDS:
+        raise HFModelError(f"options.tokenizer: must be one of {', '.join(TOKENIZER_KINDS)}, but got {options['tokenizer']!r}")
     for key in ("seq_len", "vocab_size"):
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -268,16 +309,20 @@ def _model_and_tokenizer(config: TaskConfig, options: dict[str, Any], default: d
     """The model factory, the tokenizer and the model's config; fails now on a bad model or sequence length.
     Fresh models are built from ``default`` overlaid with ``task.model_options``, or from ``task.model_options``
     alone when it names a ``model_type``."""
-    if options["model"] is not None:
-        directory = Path(options["model"]).expanduser()
+    causal = head == "causal_lm"
+    if config.model is not None:
+        directory = Path(config.model).expanduser()
         hf_config = read_config(directory)
         if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
-            raise HFModelError(f"options.model: {str(directory)!r} has no tokenizer (tokenizer.json); save the tokenizer "
+            raise HFModelError(f"task.model: {str(directory)!r} has no tokenizer (tokenizer.json); save the tokenizer "
                                "the model was trained with beside it (tokenizer.save_pretrained(dir))")
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
         def factory() -> PreTrainedModel:
-            return load_model(directory, head, **({"num_labels": overrides["num_labels"]} if "num_labels" in overrides else {}))
+            model = load_model(directory, head, **({"num_labels": overrides["num_labels"]} if "num_labels" in overrides else {}))
+            if causal:
+                model.config.use_cache = False
+            return model
     else:
         values = {**default, **config.model_options} if not config.model_options.get("model_type") else dict(config.model_options)
         family_of(values)
@@ -285,6 +330,8 @@ def _model_and_tokenizer(config: TaskConfig, options: dict[str, Any], default: d
         extra = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **overrides}
         if family_of(values).causal:
             extra.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        if causal and "use_cache" not in values:
+            extra["use_cache"] = False
         hf_config = build_model(values, head, **extra).config  # fails now if the config is not valid
 
         def factory() -> PreTrainedModel:
@@ -310,7 +357,8 @@ def make_causal_lm_task(config: TaskConfig) -> HFTextTask:
         if not len(blocks):
             raise HFModelError(f"task {config.name}: the {split} sentences give fewer than seq_len={options['seq_len']} tokens")
         data[split] = {"input_ids": blocks, "labels": blocks}
-    return HFTextTask(config.name, factory, tokenizer, data, options["seq_len"], causal_lm_loss, perplexity, "perplexity", "min")
+    return HFTextTask(config.name, factory, tokenizer, data, options["seq_len"], causal_lm_loss, perplexity, "perplexity", "min",
+                      head="causal_lm", pretrained=config.model is not None)
 
 
 def make_classifier_task(config: TaskConfig) -> HFTextTask:
@@ -325,4 +373,45 @@ def make_classifier_task(config: TaskConfig) -> HFTextTask:
         encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=options["seq_len"], return_tensors="pt")
         data[split] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
                        "labels": torch.as_tensor(labels, dtype=torch.long)}
-    return HFTextTask(config.name, factory, tokenizer, data, options["seq_len"], cross_entropy_loss, accuracy, "accuracy", "max")
+    return HFTextTask(config.name, factory, tokenizer, data, options["seq_len"], cross_entropy_loss, accuracy, "accuracy", "max",
+                      head="sequence_classification", pretrained=config.model is not None)
+
+
+# ------------------------------------------------------------------ the built-in tasks of a search
+
+def causal_lm_task(config: TaskConfig) -> HFTask:
+    """Built-in task ``hf_causal_lm``: :func:`make_causal_lm_task` as a search's :class:`HFTask`
+    (objective ``perplexity: min`` on the held-out sentences)."""
+    return make_causal_lm_task(config).to_task(eval_batch_size=32)
+
+
+def text_classification_task(config: TaskConfig) -> HFTask:
+    """Built-in task ``hf_text_classification``: :func:`make_classifier_task` as a search's
+    :class:`HFTask` (objective ``accuracy: max`` on the SST-2 test split)."""
+    return make_classifier_task(config).to_task(num_classes=2)
+
+
+def check_config(config: TaskConfig) -> None:
+    """The ``task:`` section of a built-in Hugging Face task, checked without reading data or training
+    a tokenizer: its options, the model directory (a ``save_pretrained`` one of a family secateurs
+    prunes) or ``model_options`` (a valid config of such a family), and ``seq_len`` against the
+    model's ``max_position_embeddings``. Raises :class:`HFModelError` (one line)."""
+    options = task_options(config)
+    default = DEFAULT_LM_CONFIG if config.name == "hf_causal_lm" else DEFAULT_CLASSIFIER_CONFIG
+    if config.model is not None:
+        if config.model_options:
+            raise HFModelError(f"model_options: a model loaded from task.model ({config.model!r}) takes no model_options, "
+                               f"but got {', '.join(config.model_options)}")
+        hf_config = read_config(config.model)
+        limit = getattr(hf_config, "max_position_embeddings", None)
+    else:
+        values = {**default, **config.model_options} if not config.model_options.get("model_type") else dict(config.model_options)
+        family_of(values)
+        limit = values.get("max_position_embeddings")
+        if limit is None:
+            from transformers import AutoConfig
+
+            limit = getattr(AutoConfig.for_model(values["model_type"]), "max_position_embeddings", None)
+    if limit is not None and options["seq_len"] > limit:
+        raise HFModelError(f"options.seq_len: {options['seq_len']} is above the model's max_position_embeddings ({limit}); "
+                           f"use seq_len <= {limit}")

@@ -7,6 +7,8 @@ kind (file)             group kinds          granularities           scored with
 ``rnn``                 rnn-hidden           structured              unit_scores
 ``mha``                 attention-heads      structured              unit_scores
 ``linear-heads``        attention-heads      structured              unit_scores
+``hf-heads`` (hf)       hf-heads             structured              weight_scores
+``hf-neurons`` (hf)     hf-neurons           structured              weight_scores
 ``weights``             weight               unstructured, nm        weight_scores
 ======================  ===================  ======================  ==================
 
@@ -15,7 +17,7 @@ Adding a kind is one file with a :class:`~evaluators.units.base.UnitKind` subcla
 applies to a group kind exactly when it implements the kind's scorer.
 
 >>> list(UNIT_KINDS)
-['channels', 'rnn', 'mha', 'linear-heads', 'weights']
+['channels', 'rnn', 'mha', 'linear-heads', 'hf-heads', 'hf-neurons', 'weights']
 >>> group_kinds()["rnn-hidden"]
 'unit_scores'
 """
@@ -88,7 +90,8 @@ def check_applies(criterion: Criterion, kind: str, group: str) -> None:
                            f"criteria for {kind} groups: {', '.join(applicable(kind))}")
 
 
-from evaluators.units import channels, linear_heads, mha, rnn, weights  # noqa: E402  (the built-in kinds)
+from evaluators.units import channels, hf, linear_heads, mha, rnn, weights  # noqa: E402  (the built-in kinds)
 
-for _kind in (channels.Channels(), rnn.RNNHidden(), mha.MultiheadAttentionHeads(), linear_heads.LinearHeads(), weights.Weights()):
+for _kind in (channels.Channels(), rnn.RNNHidden(), mha.MultiheadAttentionHeads(), linear_heads.LinearHeads(), hf.HFHeads(),
+              hf.HFNeurons(), weights.Weights()):
     register_unit_kind(_kind)

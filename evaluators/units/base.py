@@ -47,7 +47,7 @@ class Unit:
 
 
 class Context:
-    """The model being pruned, its example inputs, and what unit kinds share while they work on it
+    """The model being pruned, its example inputs, the policy (when one is applied), and what unit kinds share while they work on it
     (module names and order, the layers producing its output, values computed once and memoised).
 
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -56,10 +56,12 @@ class Context:
     (3, ['2'])
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, *, nm_block: int = 4, kinds: Iterable[UnitKind] = ()) -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any, *, nm_block: int = 4, kinds: Iterable[UnitKind] = (),
+                 policy: Policy | None = None) -> None:
         self.model = model
         self.example_inputs = example_inputs
         self.nm_block = nm_block
+        self.policy = policy  # the policy being applied or restored, when there is one (kinds may read its settings, e.g. gqa)
         self.kinds = tuple(kinds)
         self.names = {m: n for n, m in model.named_modules()}
         self.position = {n: i for i, n in enumerate(self.names.values())}
@@ -122,6 +124,11 @@ class UnitKind:
     def limits(self, unit: Unit, policy: Policy) -> tuple[int, int]:
         """(the fewest units the group keeps, the multiple its kept count is rounded up to)."""
         return min(policy.group_min_channels.get(unit.name, policy.min_channels), unit.size), policy.round_to
+
+    def check_ratios(self, unit: Unit, ratios: Sequence[float], fixed: bool, policy: Policy) -> None:
+        """Refuse, before any trial, ratios a search space gives the unit that it cannot carry out
+        (a :class:`~evaluators.prune_base.PruningError` naming the unit and the valid ratios):
+        ``ratios`` is the one fixed ratio (``fixed``) or the values of its searched range."""
 
     def score(self, unit: Unit, criterion: Criterion, stats: Stats | None) -> Scores:
         """Scores of the unit's units (higher = more important): one tensor of ``unit.size`` scores

@@ -99,6 +99,8 @@ class Channels(UnitKind):
     scorer = "channel_importance"
 
     def find(self, context: Context) -> list[Unit]:
+        if not any(isinstance(m, CHANNEL_ROOTS) and id(m) not in context.reserved for m in context.model.modules()):
+            return []  # every layer is another kind's (a Hugging Face transformer's): no dependency graph to build
         graph = tpgraph.graph_of(context)
         found = []
         for root, state, writers in graph_groups(context, CHANNEL_ROOTS):

@@ -242,6 +242,8 @@ class RNNHidden(UnitKind):
     scorer = "unit_scores"
 
     def find(self, context: Context) -> list[Unit]:
+        if not any(isinstance(m, RNN_TYPES) for m in context.model.modules()):
+            return []  # no dependency graph to build
         graph = tpgraph.graph_of(context)
         found = []
         for rnn, state, writers in graph_groups(context, RNN_TYPES):

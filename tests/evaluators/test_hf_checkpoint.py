@@ -131,7 +131,7 @@ def test_a_reloaded_pruned_model_prunes_and_saves_again(tmp_path):
     checkpoint.save_pretrained(model, tmp_path / "a")
     again = load_model(tmp_path / "a")
     pruning.drop_layers(again, [1])
-    pruning.prune_neurons(again, "model.layers.1.mlp", range(10))
+    pruning.prune_neurons(again, "model.layers.2.mlp", range(10))  # named after its layer in `again`, now at position 1
     checkpoint.save_pretrained(again, tmp_path / "b")
     assert saved_config(tmp_path / "b")["per_layer_config"] == {"0": {"num_attention_heads": 4, "num_key_value_heads": 2},
                                                                 "1": {"intermediate_size": 10}}

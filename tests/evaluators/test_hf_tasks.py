@@ -93,7 +93,7 @@ def test_the_pruned_lm_reloads_with_the_metric_it_reported(sst2, tmp_path):
     pruning.prune_neurons(model, "model.layers.1.mlp", range(20))
     reported = task.evaluate(model, task.test_batches(16))
     checkpoint.save_pretrained(model, tmp_path, tokenizer=task.tokenizer)
-    reloaded = tasks.make_causal_lm_task(TaskConfig(name=LM, data_root=sst2, options={**SMALL_DATA, "model": str(tmp_path)}))
+    reloaded = tasks.make_causal_lm_task(TaskConfig(name=LM, data_root=sst2, options=SMALL_DATA, model=str(tmp_path)))
     again = reloaded.build_model()
     assert reloaded.tokenizer.get_vocab() == task.tokenizer.get_vocab()
     assert reloaded.evaluate(again, reloaded.test_batches(16)) == reported
@@ -121,11 +121,11 @@ def test_bad_task_options_fail_before_any_trial(sst2, tmp_path):
     with pytest.raises(HFModelError, match="options.tokenizer: must be one of bpe, word"):
         tasks.make_causal_lm_task(lm_config(sst2, tokenizer="sentencepiece"))
     with pytest.raises(HFModelError, match="has no config.json"):
-        tasks.make_causal_lm_task(lm_config(sst2, model=str(tmp_path)))
+        tasks.make_causal_lm_task(TaskConfig(name=LM, data_root=sst2, options=SMALL_DATA, model=str(tmp_path)))
     model = build_model(TINY_LM, "causal_lm", vocab_size=300)
     checkpoint.save_pretrained(model, tmp_path / "no_tokenizer")
     with pytest.raises(HFModelError, match="has no tokenizer"):
-        tasks.make_causal_lm_task(lm_config(sst2, model=str(tmp_path / "no_tokenizer")))
+        tasks.make_causal_lm_task(TaskConfig(name=LM, data_root=sst2, options=SMALL_DATA, model=str(tmp_path / "no_tokenizer")))
     assert not any((tmp_path / "no_tokenizer").glob("tokenizer*"))
 
 

@@ -173,7 +173,7 @@ def test_check_space_rejects_criterion_granularity_pairs_that_cannot_apply():
     with pytest.raises(PruningError, match="unknown criterion 'l3'"):
         pruning.check_space(["channel"], ["l3"], groups)
     # a group kind no registered unit kind prunes is refused, naming the valid ones
-    with pytest.raises(PruningError, match="'x' has kind 'attention'.*valid kinds: attention-heads, conv, linear"):
+    with pytest.raises(PruningError, match="'x' has kind 'attention'.*valid kinds: attention-heads, conv, hf-heads, hf-neurons, linear"):
         pruning.check_space(["structured"], ["l1"], [PrunableGroup("x", "attention", 4, granularities=("structured",))])
 
 

@@ -60,7 +60,7 @@ def test_parse_overrides_builds_nested_values():
         ("search:\n  screening: {fine_tunes: 0}\n",
          r"`search.screening.fine_tunes`: must be >= 1 \(or null: no budget of fine-tunes\), but got 0"),
         ("finetune:\n  epochs: lots\n", r"`finetune.epochs`: .*number.*'lots'"),
-        ("task:\n  name: imagenet\n", r"`task.name`: unknown task 'imagenet'; valid: cifar10, digits, fashion_mnist, sst2"),
+        ("task:\n  name: imagenet\n", r"`task.name`: unknown task 'imagenet'; valid: cifar10, digits, fashion_mnist, hf_causal_lm, hf_text_classification, sst2"),
         ("- a\n- b\n", r"top level must be a mapping"),
         ("search: [1, 2\n", r"is not valid YAML at line"),
     ],

@@ -57,6 +57,7 @@ def test_policy_json_round_trip_keeps_every_field():
         "finetune": {},
         "drop_blocks": [],
         "quantization": "none",
+        "gqa": "kv_groups",
     }
     back = Policy.from_json(text)
     assert back == p
