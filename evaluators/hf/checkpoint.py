@@ -29,7 +29,6 @@ Which config describes the pruned shapes:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +36,6 @@ from typing import Any, Iterator
 import torch
 import transformers
 from huggingface_hub.dataclasses import strict
-from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 

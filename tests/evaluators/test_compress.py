@@ -18,7 +18,7 @@ from evaluators.quantize import OnnxRuntimeModel, QuantizationError, file_size_m
 from evaluators.tasks import TaskConfig, make_task
 from evaluators.train import FinetuneConfig, train
 from evaluators.trial import (
-    FinetuneConfig, MeasureConfig, Reference, evaluate, measure_latencies, measure_model, promote, prune_and_finetune, prune_model,
+    MeasureConfig, Reference, evaluate, measure_latencies, measure_model, promote, prune_and_finetune, prune_model,
     screen,
 )
 from spaces import Policy
