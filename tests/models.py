@@ -1,7 +1,8 @@
 """Tiny models several tests share, defined once: a test that needs "a model taking token ids and a
-mask" takes it from here (the small CNN and MLP come from ``evaluators.models``, the text models
-from ``evaluators.zoo``). A model that is the subject of one test (a shape a unit kind or the block
-finder must handle) stays beside that test."""
+mask" or "a tiny Llama with grouped-query attention" takes it from here (the small CNN and MLP come
+from ``evaluators.models``, the text models from ``evaluators.zoo``, Hugging Face models are built
+from the configs below with ``evaluators.hf.models.build_model``). A model that is the subject of
+one test (a shape a unit kind or the block finder must handle) stays beside that test."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +29,11 @@ class TokenClassifier(nn.Module):
         pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
         return self.head(torch.relu(self.fc(pooled)) if self.fc is not None else pooled)
 
+
+# Hugging Face configs (hidden 64, a few layers): 8 query heads over 4 key-value groups for Llama
+LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+         "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 64}
+BERT = {"model_type": "bert", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "max_position_embeddings": 64}
+VIT = {"model_type": "vit", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+       "image_size": 32, "patch_size": 8}

@@ -10,21 +10,10 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageCla
 
 from evaluators.hf import checkpoint, pruning
 from evaluators.hf.models import build_model, load_model
-from evaluators.measure import interleaved_latency_ms, torch_threads
+from evaluators.measure import interleaved_latency_ms
+from tests.models import BERT, LLAMA, VIT
 
-LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
-         "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 64}
-BERT = {"model_type": "bert", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "max_position_embeddings": 64}
-VIT = {"model_type": "vit", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-       "image_size": 32, "patch_size": 8}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads made tiny steps tens of times slower."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def llama():

@@ -9,17 +9,10 @@ from evaluators.hf import importance, pruning
 from evaluators.hf.models import build_model, layers_of
 from evaluators.hf.pruning import HFPruningError
 from evaluators.hf.tasks import causal_lm_loss
-from evaluators.measure import torch_threads
+from tests.models import LLAMA as LLAMA_3
 
-LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
-         "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 64}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads made tiny steps tens of times slower."""
-    with torch_threads(1):
-        yield
+LLAMA = {**LLAMA_3, "num_hidden_layers": 4}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from evaluators.batches import inputs_of, targets_of
 from evaluators.datasets import resolve_data_root
 from evaluators.hf import checkpoint, pruning, tasks
 from evaluators.hf.models import HFModelError, build_model, family_of, load_model, read_config
-from evaluators.measure import torch_threads
 from evaluators.tasks import TaskConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # $SECATEURS_DATA, else the shared data beside the checkout (/work/shared/data next to /work/main)
 SST2_DIRS = [resolve_data_root(None).path, Path(__file__).resolve().parents[3] / "shared" / "data"]
@@ -22,13 +23,6 @@ CLASSIFIER = "evaluators.hf.tasks:make_classifier_task"
 TINY_LM = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}
 SMALL_DATA = {"train_size": 200, "test_size": 60, "vocab_size": 300, "seq_len": 16}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads made tiny steps tens of times slower."""
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")
