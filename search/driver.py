@@ -7,13 +7,14 @@ of a search (re-timing, frontier, report) in :mod:`search.outcome`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -307,7 +308,7 @@ def run_search(config: Config, *, config_name: str = "search", tracking_uri: str
     dense = _measure_dense(config, prepared, out)
     objectives = _measured_objectives(config, prepared, dense)
     started_ray = _start_ray(config, address, out)
-    try:
+    with _shutting_down_ray_on_error(started_ray):
         tracker = SearchTracker(uri)
         tracker.group_names = [g.name for g in prepared.space.groups]
         tracker.start_search(
@@ -332,10 +333,6 @@ def run_search(config: Config, *, config_name: str = "search", tracking_uri: str
         session = _Session(config, config_name, tracker, prepared, dense, out, address, started,
                            ray_name=f"{config_name}-{tracker.parent_run_id[:8]}", objectives=objectives, started_ray=started_ray)
         session.log_elapsed()
-    except BaseException:
-        if started_ray:
-            ray.shutdown()
-        raise
     return _run(session)
 
 
@@ -369,7 +366,7 @@ def resume_search(run_id: str, *, tracking_uri: str | None = None, out: Log | No
     prepared = _prepare(config, out, checkpoint=checkpoint)
     _check_criteria(config, prepared, out)
     started_ray = _start_ray(config, address, out)
-    try:
+    with _shutting_down_ray_on_error(started_ray):
         tracker.group_names = [g.name for g in prepared.space.groups]
         cut_off = tracker.remove_cut_off_runs()
         if cut_off:
@@ -389,11 +386,18 @@ def resume_search(run_id: str, *, tracking_uri: str | None = None, out: Log | No
                            objectives=records.search_objectives(parent.data.tags, config), started_ray=started_ray)
         tracker.set_running()
         session.log_elapsed()
+    return _run(session)
+
+
+@contextlib.contextmanager
+def _shutting_down_ray_on_error(started_ray: bool) -> Iterator[None]:
+    """Until a search's session exists, an error (or a kill) shuts down the Ray this command started."""
+    try:
+        yield
     except BaseException:
         if started_ray:
             ray.shutdown()
         raise
-    return _run(session)
 
 
 def _read_first_points(tracker: SearchTracker, prepared: _Prepared) -> None:

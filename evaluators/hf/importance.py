@@ -51,18 +51,19 @@ def _eval(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _input_norms(model: nn.Module, names: Iterable[str], batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
-    """Per linear ``name``: the squared L2 norm over all calibration tokens of each input feature."""
+def _sum_over_inputs(model: nn.Module, names: Iterable[str], batches: Sequence[Batch],
+                     value: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per linear ``name``: ``value(name, input)`` summed over the calibration ``batches`` (a forward
+    pre-hook on each linear, eval mode, no gradients)."""
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Callable:
         def record(_module, args):
-            x = args[0].detach().float()
-            value = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
-            sums[name] = sums[name] + value if name in sums else value
+            v = value(name, args[0].detach().float())
+            sums[name] = sums[name] + v if name in sums else v
         return record
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in sorted(set(names))]
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     device = _device(model)
     try:
         with _eval(model), torch.no_grad():
@@ -72,32 +73,21 @@ def _input_norms(model: nn.Module, names: Iterable[str], batches: Sequence[Batch
         for h in handles:
             h.remove()
     return sums
+
+
+def _input_norms(model: nn.Module, names: Iterable[str], batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+    """Per linear ``name``: the squared L2 norm over all calibration tokens of each input feature."""
+    return _sum_over_inputs(model, sorted(set(names)), batches, lambda _name, x: x.reshape(-1, x.shape[-1]).pow(2).sum(0))
 
 
 def _input_covariances(model: nn.Module, widths: dict[str, tuple[int, int]], batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
     """Per linear ``name`` with ``(units, width)``: ``sum_t x_u,t^T x_u,t`` over calibration tokens for each
     block of ``width`` input features (``units`` blocks): a tensor ``(units, width, width)``."""
-    sums: dict[str, torch.Tensor] = {}
+    def covariance(name: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, *widths[name])
+        return torch.einsum("nuw,nuv->uwv", x, x)
 
-    def hook(name: str) -> Callable:
-        units, width = widths[name]
-
-        def record(_module, args):
-            x = args[0].detach().float().reshape(-1, units, width)
-            value = torch.einsum("nuw,nuv->uwv", x, x)
-            sums[name] = sums[name] + value if name in sums else value
-        return record
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in widths]
-    device = _device(model)
-    try:
-        with _eval(model), torch.no_grad():
-            for batch in batches:
-                forward(model, to_device(batch, device))
-    finally:
-        for h in handles:
-            h.remove()
-    return sums
+    return _sum_over_inputs(model, list(widths), batches, covariance)
 
 
 def _gradients(model: nn.Module, names: Iterable[str], calibration: Calibration) -> dict[str, torch.Tensor]:

@@ -109,24 +109,30 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
-def perplexity(model: nn.Module, batches: Iterator[Batch] | list[Batch]) -> dict[str, float]:
-    """Held-out perplexity ``exp(mean next-token NLL)`` over every predicted token of ``batches``,
-    and that mean NLL as ``loss``; the model runs in eval mode without gradients."""
+def _evaluated(model: nn.Module, batches: Iterator[Batch] | list[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Each batch (on the model's device) with the model's logits for it: eval mode, no gradients,
+    the model's training mode restored afterwards."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for batch in batches:
                 batch = to_device(batch, device)
-                logits = logits_of(forward(model, batch))
-                labels = targets_of(batch)[:, 1:].reshape(-1)
-                total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels,
-                                               ignore_index=IGNORE_INDEX, reduction="sum"))
-                tokens += int((labels != IGNORE_INDEX).sum())
+                yield batch, logits_of(forward(model, batch))
     finally:
         model.train(was_training)
+
+
+def perplexity(model: nn.Module, batches: Iterator[Batch] | list[Batch]) -> dict[str, float]:
+    """Held-out perplexity ``exp(mean next-token NLL)`` over every predicted token of ``batches``,
+    and that mean NLL as ``loss``; the model runs in eval mode without gradients."""
+    total, tokens = 0.0, 0
+    for batch, logits in _evaluated(model, batches):
+        labels = targets_of(batch)[:, 1:].reshape(-1)
+        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels,
+                                       ignore_index=IGNORE_INDEX, reduction="sum"))
+        tokens += int((labels != IGNORE_INDEX).sum())
     if not tokens:
         raise ValueError("perplexity needs at least one batch with a token to predict")
     return {"perplexity": math.exp(total / tokens), "loss": total / tokens}
@@ -134,18 +140,10 @@ def perplexity(model: nn.Module, batches: Iterator[Batch] | list[Batch]) -> dict
 
 def accuracy(model: nn.Module, batches: Iterator[Batch] | list[Batch]) -> dict[str, float]:
     """Share of examples whose arg-max logit is the label; the model runs in eval mode without gradients."""
-    was_training = model.training
-    model.eval()
     correct, seen = 0, 0
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                batch = to_device(batch, device)
-                correct += int((logits_of(forward(model, batch)).argmax(-1) == targets_of(batch)).sum())
-                seen += batch_size_of(batch)
-    finally:
-        model.train(was_training)
+    for batch, logits in _evaluated(model, batches):
+        correct += int((logits.argmax(-1) == targets_of(batch)).sum())
+        seen += batch_size_of(batch)
     if not seen:
         raise ValueError("accuracy needs at least one batch")
     return {"accuracy": correct / seen}
