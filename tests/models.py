@@ -37,3 +37,12 @@ BERT = {"model_type": "bert", "vocab_size": 64, "hidden_size": 64, "intermediate
         "num_attention_heads": 4, "max_position_embeddings": 64}
 VIT = {"model_type": "vit", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
        "image_size": 32, "patch_size": 8}
+
+
+def tiny_hf(config: dict, head: str, **overrides) -> nn.Module:
+    """A Hugging Face model of ``config`` (e.g. :data:`LLAMA`, with ``overrides``) and ``head``
+    (``causal_lm``, ``sequence_classification``, ...), fresh weights from seed 0, in eval mode."""
+    from evaluators.hf.models import build_model
+
+    torch.manual_seed(0)
+    return build_model({**config, **overrides}, head).eval()

@@ -6,19 +6,17 @@ import torch
 
 from evaluators.batches import Calibration
 from evaluators.hf import importance, pruning
-from evaluators.hf.models import build_model, layers_of
+from evaluators.hf.models import layers_of
 from evaluators.hf.pruning import HFPruningError
 from evaluators.hf.tasks import causal_lm_loss
-from tests.models import LLAMA as LLAMA_3
+from tests.models import LLAMA, tiny_hf
 
-LLAMA = {**LLAMA_3, "num_hidden_layers": 4}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
 def llama():
-    torch.manual_seed(0)
-    return build_model(LLAMA, "causal_lm").eval()
+    return tiny_hf(LLAMA, "causal_lm", num_hidden_layers=4)
 
 
 @pytest.fixture

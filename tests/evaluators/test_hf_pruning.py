@@ -6,23 +6,21 @@ import torch
 from transformers import DynamicCache
 
 from evaluators.hf import pruning
-from evaluators.hf.models import build_model, layers_of
+from evaluators.hf.models import layers_of
 from evaluators.hf.pruning import HFPruningError
-from tests.models import BERT, LLAMA
+from tests.models import BERT, LLAMA, tiny_hf
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
 def llama():
-    torch.manual_seed(0)
-    return build_model(LLAMA, "causal_lm").eval()
+    return tiny_hf(LLAMA, "causal_lm")
 
 
 @pytest.fixture
 def bert():
-    torch.manual_seed(0)
-    return build_model(BERT, "sequence_classification", num_labels=2).eval()
+    return tiny_hf(BERT, "sequence_classification", num_labels=2)
 
 
 def ids(batch: int = 2, length: int = 10) -> torch.Tensor:
