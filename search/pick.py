@@ -108,7 +108,7 @@ def pick(run_id: str, *, constraints: Constraints = Constraints(), prefer: str =
     record = load_search(run_id, tracking_uri)
     row = find_trial(record, trial) if trial is not None else choose(record.frontier, constraints, prefer, dense=record.dense,
                                                                       objectives=record.objectives)
-    client = MlflowClient(record.tracking_uri)
+    client = MlflowClient(record.tracking_uri, registry_uri=record.tracking_uri)  # not a registry another store set earlier
     config = record.config
     task = make_task(config.task)
     identity = model_identity(config.task.name, task.build_model())

@@ -93,6 +93,9 @@ def exported(search):
     out = search["tmp"] / "export"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    # a model registry that something else in this process chose earlier (a notebook, another search's
+    # pick) must not be where this pick registers: the search's own store is
+    mlflow.set_registry_uri(f"sqlite:///{search['tmp'] / 'another-registry.db'}")
     result = pick(search["result"].parent_run_id, finetune_epochs=0.5, out=out, force=True, register="digits-pruned",
                   tracking_uri=search["uri"], command="secateurs pick ...", log=lambda line: None)
     return result
@@ -266,7 +269,7 @@ def test_export_writes_every_file_and_they_agree(search, exported):
 
 
 def test_registered_alias_reproduces_the_reported_accuracy(search, exported):
-    client = MlflowClient(search["uri"])
+    client = MlflowClient(search["uri"], registry_uri=search["uri"])
     export_run = client.get_run(exported.export_run_id)
     assert export_run.data.tags["secateurs.kind"] == "export"
     assert export_run.data.tags["mlflow.parentRunId"] == search["result"].parent_run_id
@@ -290,7 +293,7 @@ def test_registered_alias_reproduces_the_reported_accuracy(search, exported):
 # --- bad input ------------------------------------------------------------------------------
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(search, exported, capsys, tmp_path):
-    client = MlflowClient(search["uri"])
+    client = MlflowClient(search["uri"], registry_uri=search["uri"])
     search_id = search["result"].parent_run_id
     uri = ["--tracking-uri", search["uri"]]
     exports_before = len(_runs(search, "export"))
