@@ -441,18 +441,23 @@ def test_prune_and_finetune_replays_to_the_same_model(digits_task, dense_digits)
 
 
 @pytest.mark.parametrize(
-    "kwargs, field, shown",
+    "section, kwargs, field, shown",
     [
-        ({"epochs": -1.0}, "epochs", "-1.0"),
-        ({"lr": 0.0}, "lr", "0.0"),
-        ({"lr": float("nan")}, "lr", "nan"),
-        ({"batch_size": 0}, "batch_size", "0"),
-        ({"max_steps": -5}, "max_steps", "-5"),
+        (FinetuneConfig, {"epochs": -1.0}, "epochs", "-1.0"),
+        (FinetuneConfig, {"lr": 0.0}, "lr", "0.0"),
+        (FinetuneConfig, {"lr": float("nan")}, "lr", "nan"),
+        (FinetuneConfig, {"batch_size": 0}, "batch_size", "0"),
+        (FinetuneConfig, {"max_steps": -5}, "max_steps", "-5"),
+        (MeasureConfig, {"device": "tpu"}, "device", "'tpu'"),
+        (MeasureConfig, {"batch_size": 0}, "batch_size", "0"),
+        (MeasureConfig, {"threads": 0}, "threads", "0"),
+        (MeasureConfig, {"repeats": 0}, "repeats", "0"),
+        (MeasureConfig, {"warmup": -1}, "warmup", "-1"),
     ],
 )
-def test_finetune_config_rejects_bad_values(kwargs, field, shown):
+def test_finetune_and_measure_configs_reject_bad_values_naming_the_field(section, kwargs, field, shown):
     with pytest.raises(ValueError) as info:
-        FinetuneConfig(**kwargs)
+        section(**kwargs)
     message = str(info.value)
     assert message.startswith(field + ":")
     assert shown in message
@@ -477,24 +482,6 @@ def test_finetune_config_values_it_accepts_are_trainable(kwargs):
         assert next(iter(kwargs)) in str(exc)
         return
     train(MLP(hidden=(8,)), _toy_data(32), config)
-
-
-@pytest.mark.parametrize(
-    "kwargs, field, shown",
-    [
-        ({"device": "tpu"}, "device", "'tpu'"),
-        ({"batch_size": 0}, "batch_size", "0"),
-        ({"threads": 0}, "threads", "0"),
-        ({"repeats": 0}, "repeats", "0"),
-        ({"warmup": -1}, "warmup", "-1"),
-    ],
-)
-def test_measure_config_rejects_bad_values(kwargs, field, shown):
-    with pytest.raises(ValueError) as info:
-        MeasureConfig(**kwargs)
-    message = str(info.value)
-    assert message.startswith(field + ":")
-    assert shown in message
 
 
 def test_measure_config_resolves_devices():
