@@ -43,7 +43,8 @@ class DepthHandler(Protocol):
         """Per block, how much it matters (low: removed first)."""
 
     # Optional: ``rejected(model, example_inputs) -> {module name: why it is not removable}``, for
-    # the errors that name a block which cannot be removed (see :func:`rejected`).
+    # the errors that name a block which cannot be removed (see :func:`rejected`); ``keeps_one = True``
+    # when a model cannot lose all of its blocks (see :func:`keeps_one`).
 
 
 class ResidualBlocks:
@@ -82,6 +83,12 @@ def handler_for(model: nn.Module) -> DepthHandler:
 def discover(model: nn.Module, example_inputs: Any) -> list[Block]:
     """The removable blocks of ``model``, as its handler finds them."""
     return handler_for(model).discover(model, example_inputs)
+
+
+def keeps_one(model: nn.Module) -> bool:
+    """True when ``model`` must keep at least one of its blocks (a Hugging Face model with no layer
+    left does not run); residual blocks of any model may all go (each becomes its shortcut)."""
+    return bool(getattr(handler_for(model), "keeps_one", False))
 
 
 def rejected(model: nn.Module, example_inputs: Any) -> dict[str, str]:

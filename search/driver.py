@@ -198,9 +198,13 @@ def _quantization_and_blocks(config: Config, task: Task, device: str) -> list[Bl
     blocks = depth.discover(model, task.example())
     names = [b.name for b in blocks]
     try:
-        resolve_depth(config.space.depth, blocks, names)
+        resolved = resolve_depth(config.space.depth, blocks, names)
     except SpaceError:  # again, with why the modules it names are not removable
-        resolve_depth(config.space.depth, blocks, names, not_removable=depth.rejected(model, task.example()))
+        resolved = resolve_depth(config.space.depth, blocks, names, not_removable=depth.rejected(model, task.example()))
+    if depth.keeps_one(model) and resolved.can_drop_all(len(names)):
+        raise ConfigError(f"space.depth: a policy could remove all {len(names)} layers ({names[0]} ... {names[-1]}), and a "
+                          f"{type(model).__name__} needs at least one; exclude one (rules: [{{match: {names[0]}, exclude: true}}]) "
+                          f"or use choice: count with max_drop <= {len(names) - 1}")
     return blocks
 
 

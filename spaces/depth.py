@@ -105,6 +105,12 @@ class ResolvedDepth:
     def max_drop(self) -> int:
         return min(self.config.max_drop or len(self.droppable), len(self.droppable))
 
+    def can_drop_all(self, blocks: int) -> bool:
+        """Whether some policy of this space removes all ``blocks`` removable blocks of the model."""
+        if self.excluded:
+            return False
+        return self.config.choice == "per_block" or self.max_drop >= blocks
+
     def suggest(self, trial: Any) -> None:
         if self.config.choice == "per_block":
             for name in self.decisions:

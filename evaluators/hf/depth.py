@@ -48,6 +48,7 @@ class HFLayers:
     """The decoder/encoder layers of a supported Hugging Face model (Llama, BERT, ViT)."""
 
     name = "hf-layers"
+    keeps_one = True  # a model with no decoder/encoder layer left does not run
 
     def claims(self, model: nn.Module) -> bool:
         if not isinstance(model, PreTrainedModel):

@@ -107,7 +107,7 @@ def _config(tmp_path: Path, task: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["no_config", "family", "gqa", "seq_len"])
+@pytest.mark.parametrize("case", ["no_config", "family", "gqa", "seq_len", "every_layer"])
 def test_bad_input_is_one_line_before_any_trial_and_writes_nothing(case, tmp_path, store, capsys, monkeypatch):
     cache = tmp_path.parent / f"{tmp_path.name}-cache"
     monkeypatch.setenv("SECATEURS_CACHE", str(cache))
@@ -124,6 +124,9 @@ def test_bad_input_is_one_line_before_any_trial_and_writes_nothing(case, tmp_pat
         argv = [llama, "--set", 'space.rules=[{match: "model.layers.*.self_attn", ratio: 0.125}]', "--set", "space.gqa=[kv_groups]",
                 "--set", "task.options.train_size=200"]
         match = "breaks grouped-query attention"
+    elif case == "every_layer":  # keep or drop each of the layers, none excluded: one policy drops them all
+        argv = [llama, "--set", "space.depth.choice=per_block", "--set", "space.depth.max_drop=null"]
+        match = "a policy could remove all 4 layers"
     else:
         argv, match = [llama, "--set", "task.options.seq_len=128"], "128 is above the model's max_position_embeddings (64)"
     before = sorted(p.name for p in tmp_path.iterdir())
