@@ -111,23 +111,21 @@ def _prepare(config: Config, out: Log, checkpoint: str | None = None) -> _Prepar
     _check_names(config, task)
     device = config.measure.resolve_device()
     config.measure.check_inputs(task.example())
-    blocks = _quantization_and_blocks(config, task, device.type)  # before the dense model trains: it may take minutes
+    # the space against the model's structure (an untrained copy: groups and blocks do not depend on the
+    # weights), so that bad input, e.g. a head ratio that breaks grouped-query attention, stops the
+    # search before the dense model trains, which may take minutes
+    fresh = task.build_model().eval()
+    blocks = _quantization_and_blocks(config, task, fresh, device.type)
+    groups = discover_groups(fresh, task.example(), config.space.granularity, config.space.nm_block)
+    check_space(config.space.granularity, config.space.criteria, groups)
+    check_ratios(fresh, task.example(), SearchSpace(dataclasses.replace(config.space, depth=None), groups, seed=config.search.seed))
+    del fresh
     # the dense model trains with the torch threads a trial gets (Ray sets OMP_NUM_THREADS to its CPUs)
     threads = max(1, int(config.search.cpus_per_trial))
-    # the space against the model's structure first (an untrained copy), so that a bad ratio, e.g. a head
-    # ratio that breaks grouped-query attention, stops the search before the dense model trains
-    fresh = task.build_model().eval()
-    fresh_groups = discover_groups(fresh, task.example(), config.space.granularity, config.space.nm_block)
-    check_space(config.space.granularity, config.space.criteria, fresh_groups)
-    check_ratios(fresh, task.example(), SearchSpace(dataclasses.replace(config.space, depth=None), fresh_groups, seed=config.search.seed))
-    del fresh
     checkpoint = checkpoint or str(ensure_dense_checkpoint(config.task, task, log=out, threads=threads))
     dense_model = load_dense(task, checkpoint)
-    groups = discover_groups(dense_model, task.example(), config.space.granularity, config.space.nm_block)
-    check_space(config.space.granularity, config.space.criteria, groups)
     order = _block_order(config, task, dense_model, blocks)
     space = SearchSpace(config.space, groups, seed=config.search.seed, blocks=blocks, block_order=order)
-    check_ratios(dense_model, task.example(), space)  # e.g. a head ratio that breaks grouped-query attention
     return _Prepared(task, checkpoint, space)
 
 
@@ -182,12 +180,11 @@ def _start_ray(config: Config, address: str | None, out: Log) -> bool:
     return started
 
 
-def _quantization_and_blocks(config: Config, task: Task, device: str) -> list[Block]:
+def _quantization_and_blocks(config: Config, task: Task, model: torch.nn.Module, device: str) -> list[Block]:
     """The quantization choices checked against the measure device and the model (one line each),
     and with ``space.depth`` the model's removable blocks (found on a fresh model: which modules can
     go does not depend on the weights), its rules checked against them, saying why a module they
     match is not removable."""
-    model = task.build_model().eval()
     try:
         deploy.check_quantization(config.space.quantization, config.measure.backend, device)
         deploy.check_model(config.space.quantization, config.measure.backend, model)
