@@ -54,7 +54,11 @@ def candidates(front: pd.DataFrame, count: int) -> list[str]:
     >>> front = pd.DataFrame({"run_id": list("abcdef"), "latency_ms": [6, 1, 5, 2, 4, 3]})
     >>> candidates(front, 3)
     ['b', 'f', 'a']
+    >>> candidates(pd.DataFrame(), 3)  # no trial recorded (a time budget spent before the first)
+    []
     """
+    if front.empty:
+        return []
     ordered = front.sort_values("latency_ms", kind="stable")["run_id"].tolist()
     if len(ordered) <= count:
         return ordered

@@ -343,6 +343,17 @@ def test_time_budget_is_wall_time_for_the_whole_command(tmp_path, store):
     assert any("re-measuring the latency" in line or "not re-timing the frontier" in line for line in lines)
 
 
+def test_a_time_budget_spent_before_any_trial_ends_the_search_with_nothing_to_refine(tmp_path, store):
+    raw = tiny_config(tmp_path)
+    raw["search"].update({"num_trials": 4, "time_budget_s": 0.5, "refine": {"epochs": 1.0, "candidates": 2}})
+    lines: list[str] = []
+    result = run_search(validate(raw), config_name="spent", tracking_uri=store, out=lines.append)
+    parent = MlflowClient(store).get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_completed"] == 0
+    assert any(line.startswith("stopped: the time budget of 0.5 s was spent (0 trials recorded)") for line in lines)
+    assert not any(line.startswith("refining") for line in lines)
+
+
 def test_refine_fine_tunes_frontier_candidates_longer_and_the_frontier_uses_it(tmp_path, store):
     raw = tiny_config(tmp_path)
     raw["search"].update({"num_trials": 4, "refine": {"epochs": 1.0, "candidates": 2}})
