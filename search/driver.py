@@ -476,7 +476,7 @@ def _run(session: _Session) -> SearchResult:
         out(f"searching {goal} with {config.search.sampler}"
             f"{f' ({seeds} seeded by sensitivity)' if seeds else ''} after {len(prepared.baselines)} baselines ({kinds}), "
             f"{config.search.max_concurrent} at a time; MLflow run {tracker.parent_run_id}")
-        fit_wall = 0.0
+        fit_wall, fit_started_unix = 0.0, time.time()
         if session.budget > recorded and not (fine_tunes is not None and fine_tuned_trials(rows) >= fine_tunes):
             tuner = ray_runtime.make_tuner(
                 run_trial, _trial_context(session), resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial},
@@ -485,10 +485,10 @@ def _run(session: _Session) -> SearchResult:
                 name=session.ray_name, storage=ray_runtime.storage_path(config.search.storage_path), callbacks=[recorder],
                 stopper=_combined(stoppers), max_failures=config.search.max_failures,
             )
-            fit_started = time.perf_counter()
+            fit_started, fit_started_unix = time.perf_counter(), time.time()
             tuner.fit()
             fit_wall = time.perf_counter() - fit_started
-        tracker.log_search_metrics({"fit_wall_s": fit_wall})
+        tracker.log_search_metrics({"fit_wall_s": fit_wall, "fit_started_unix_s": fit_started_unix})
         session.log_elapsed()
         status = _status(session, stoppers, recorder)
         if status == "FINISHED" and config.search.refine is not None:
