@@ -237,9 +237,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--config", type=Path, default=CONFIG, help="another config, e.g. configs/quickstart.yaml for a smoke run")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_quality_equal_compute.json"))
+    parser.add_argument("--summarize", action="store_true", help="only recompute the summary and plot of --out")
     parser.add_argument("--log-dir", type=Path, default=None, help="write each search's output here, stamped with seconds")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "search_quality_hv_vs_compute.png"))
     args = parser.parse_args()
+    if args.summarize:
+        summarize(Path(args.out), Path(args.plot))
+        return
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
     config_path = args.config.resolve()
@@ -276,6 +280,10 @@ def main() -> None:
 
 
 def summary(rows: list[dict], finals: list[dict]) -> dict:
+    """Per method: statistics over seeds. Per seed: each search's hypervolume against the best
+    baseline's (ratio - 1) and its best accuracy at >= 2x lower latency against the best baseline's
+    (points); after the final fine-tune, the search's pick against its matched baseline policy, and
+    the 2x search's pick against the 1x search's (does more budget buy a better final model?)."""
     table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["method", "seed"])
     out: dict = {"methods": {}}
     for method, part in table.groupby("method", sort=False):
@@ -283,20 +291,44 @@ def summary(rows: list[dict], finals: list[dict]) -> dict:
     by_seed: dict[int, dict[str, dict]] = {}
     for r in rows:
         by_seed.setdefault(r["seed"], {})[r["method"]] = r
+    final = {(f["seed"], f["method"]): f for f in finals}
     gains = []
     for seed, runs in by_seed.items():
         baselines = [runs[m] for m in ("uniform_fine", "uniform_long") if m in runs]
-        if "secateurs" not in runs or not baselines:
+        if not baselines:
             continue
         best_hv = max(b["hypervolume"] for b in baselines)
         accs = [b["best_acc_2x_latency"] for b in baselines if b["best_acc_2x_latency"] is not None]
-        gains.append({"seed": seed, "hv_vs_best_baseline": runs["secateurs"]["hypervolume"] / best_hv - 1 if best_hv else None,
-                      "acc_2x_vs_best_baseline_points": (100 * (runs["secateurs"]["best_acc_2x_latency"] - max(accs))
-                                                         if accs and runs["secateurs"]["best_acc_2x_latency"] is not None else None)})
+        gain: dict = {"seed": seed}
+        for method in ("secateurs", "secateurs_2x"):
+            if method not in runs:
+                continue
+            run = runs[method]
+            gain[f"{method}_hv_vs_best_baseline"] = run["hypervolume"] / best_hv - 1 if best_hv else None
+            gain[f"{method}_acc_2x_vs_best_baseline_points"] = (100 * (run["best_acc_2x_latency"] - max(accs))
+                                                                 if accs and run["best_acc_2x_latency"] is not None else None)
+            f = final.get((seed, method))
+            if f is not None and f.get("baseline_final_accuracy") is not None:
+                gain[f"{method}_final_vs_matched_baseline_points"] = 100 * (f["search_final_accuracy"] - f["baseline_final_accuracy"])
+        if (seed, "secateurs") in final and (seed, "secateurs_2x") in final:
+            gain["final_2x_vs_1x_points"] = 100 * (final[(seed, "secateurs_2x")]["search_final_accuracy"]
+                                                   - final[(seed, "secateurs")]["search_final_accuracy"])
+        gains.append(gain)
     out["per_seed"] = gains
+    keys = sorted({k for g in gains for k in g if k != "seed"})
+    out["per_seed_stats"] = {k: stats([g.get(k) for g in gains]) for k in keys}
     out["finals"] = {method: {key: stats([f.get(key) for f in finals if f["method"] == method])
                               for key in ("search_final_accuracy", "baseline_final_accuracy")} for method in {f["method"] for f in finals}}
     return out
+
+
+def summarize(path: Path, plot: Path) -> None:
+    """Recompute the summary and the plot of a results file (``--summarize``)."""
+    data = json.loads(path.read_text())
+    data["summary"] = summary(data["rows"], data["finals"])
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    plot_curves(data["rows"], plot)
+    print(json.dumps(data["summary"], indent=2))
 
 
 if __name__ == "__main__":
