@@ -149,9 +149,12 @@ def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict,
     client = MlflowClient(uri)
     rng = random.Random(seed)
     made, walls = [], []
+    kept: set[str] = set()  # trial runs finished before a kill: each must be in the final record, unchanged
     while len(made) < kills:
         found = parents(client)
         assert len(found) <= 1, f"{len(found)} parent runs after {len(made)} kills"
+        if found:
+            kept |= {r.info.run_id for kind in ("trial", "baseline") for r in children(client, found[0], kind) if r.info.status == "FINISHED"}
         if found and found[0].info.status == "FINISHED":
             break  # killed after it ended its parent run (printing the report)
         args = ["--resume", found[0].info.run_id] if found else [str(config)]
@@ -178,6 +181,9 @@ def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict,
         rc = driver.finish(timeout_s=600)
         walls.append(driver.wall_s)
         assert rc == 0, "".join(driver.lines)[-4000:]
+    final = {r.info.run_id: r for kind in ("trial", "baseline") for r in children(client, found[0], kind)}
+    assert kept <= set(final), f"finished trial runs lost after a kill: {sorted(kept - set(final))}"
+    assert all(final[run_id].info.status == "FINISHED" for run_id in kept)  # none replaced, failed or run again
     return client, made, walls
 
 
