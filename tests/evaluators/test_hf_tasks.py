@@ -3,21 +3,18 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from evaluators.batches import inputs_of, targets_of
-from evaluators.datasets import resolve_data_root
 from evaluators.hf import checkpoint, pruning, tasks
 from evaluators.hf.models import HFModelError, build_model, family_of, load_model, read_config
 from evaluators.tasks import TaskConfig
+from tests.data import DATA_DIRS, data_root
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# $SECATEURS_DATA, else the shared data beside the checkout (/work/shared/data next to /work/main)
-SST2_DIRS = [resolve_data_root(None).path, Path(__file__).resolve().parents[3] / "shared" / "data"]
 LM = "evaluators.hf.tasks:make_causal_lm_task"
 CLASSIFIER = "evaluators.hf.tasks:make_classifier_task"
 TINY_LM = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -27,10 +24,10 @@ SMALL_DATA = {"train_size": 200, "test_size": 60, "vocab_size": 300, "seq_len": 
 
 @pytest.fixture(scope="module")
 def sst2() -> str:
-    for directory in SST2_DIRS:
-        if (directory / "sst2.csv").is_file():
-            return str(directory)
-    pytest.skip(f"sst2.csv is in none of {', '.join(map(str, SST2_DIRS))}")
+    root = data_root("sst2.csv")
+    if root is None:
+        pytest.skip(f"sst2.csv is in none of {', '.join(map(str, DATA_DIRS))}")
+    return str(root)
 
 
 def lm_config(sst2: str, **options) -> TaskConfig:

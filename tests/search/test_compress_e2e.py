@@ -10,7 +10,6 @@ search asks for no more than one generation), so which trials exist is fixed by 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import onnx
@@ -26,24 +25,18 @@ from search.driver import run_search
 from search.export import load_pruned
 from search.pick import pick
 from spaces import Policy
+from tests.data import DATA_DIRS, data_root
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "cifar10_resnet20_compress.yaml"
 pytestmark = pytest.mark.integration
 
 
-def _cifar_root() -> Path | None:
-    for root in (os.environ.get("SECATEURS_DATA"), ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data"):
-        if root and any(Path(root).glob("cifar10*.npz")):
-            return Path(root)
-    return None
-
-
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
-    root = _cifar_root()
+    root = data_root("cifar10*.npz")
     if root is None:
-        pytest.skip("no cifar10*.npz under $SECATEURS_DATA or ../shared/data")
+        pytest.skip(f"no cifar10*.npz in {', '.join(map(str, DATA_DIRS))}")
     tmp = tmp_path_factory.mktemp("compress")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SECATEURS_CACHE", str(tmp / "cache"))

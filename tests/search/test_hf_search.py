@@ -4,7 +4,6 @@ that from_pretrained reloads with the metric pick reported, and bad input refuse
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -18,6 +17,7 @@ from evaluators.tasks import make_task
 from search.cli import main
 from search.config import load_config
 from search.driver import run_search
+from tests.data import DATA_DIRS, data_root
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -42,11 +42,10 @@ def store(tmp_path, tmp_path_factory, monkeypatch):
 def use_sst2(monkeypatch) -> None:
     """Point $SECATEURS_DATA at the SST-2 file the shipped configs read (``.ci/run`` sets it to
     ../shared/data), or skip on a machine that does not have it."""
-    for root in (os.environ.get("SECATEURS_DATA"), ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data"):
-        if root and (Path(root) / "sst2.csv").is_file():
-            monkeypatch.setenv("SECATEURS_DATA", str(root))
-            return
-    pytest.skip("no sst2.csv under $SECATEURS_DATA or ../shared/data")
+    root = data_root("sst2.csv")
+    if root is None:
+        pytest.skip(f"sst2.csv is in none of {', '.join(map(str, DATA_DIRS))}")
+    monkeypatch.setenv("SECATEURS_DATA", str(root))
 
 
 def search(name: str, tmp_path: Path, store: str):
