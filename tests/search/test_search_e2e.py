@@ -93,6 +93,9 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
         assert params["ratio.classifier.1"] == "0.0"  # excluded by the rule: logged, never pruned
         for key in ("accuracy", "accuracy_drop", "latency_ms", "size_mb", "macs", "params"):
             assert key in run.data.metrics
+        # the trial's timeline (benchmarks/overhead.py splits the framework's cost with it): it ran inside fit()
+        fit_started, m = parent.data.metrics["fit_started_unix_s"], run.data.metrics
+        assert fit_started <= m["time_started_unix_s"] < m["time_started_unix_s"] + m["time_trial_s"] <= fit_started + parent.data.metrics["fit_wall_s"]
         policy_path = client.download_artifacts(run.info.run_id, "policy.json", str(tmp_path / run.info.run_id))
         policy = Policy.from_json(Path(policy_path).read_text())
         assert {g: r for g, r in policy.ratios.items()} == {k[6:]: float(v) for k, v in params.items() if k.startswith("ratio.") and float(v) > 0}
