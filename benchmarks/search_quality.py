@@ -49,8 +49,11 @@ CONFIG = ROOT / "configs" / "cifar10_resnet20_converged.yaml"
 # The search's settings. Changed on 2026-11-30 after one seed at a 300 s budget, whose timeline (on a
 # quiet machine) showed the default sensitivity step (3 ratios, 1,000 images: 60 s) and refining 4
 # candidates for 2 epochs (127 s) leaving the sampler one policy: one ratio on 500 images, 1 epoch.
+# Changed again on 2026-11-30 after the 5-seed run at 200 s (the search's refined candidates had 1
+# epoch from the dense model where uniform_long's policies had 1.5, and a 2x budget bought no longer
+# refinement): the refinement gets 0.4 of the budget, its epochs as many as fit (search.refine.share).
 SEARCH = ["search.sampler=tpe", "search.num_trials=1000", "search.sensitivity={ratios: [0.5], samples: 500}",
-          "search.screening={warmup: 4}", "space.round_to=[1, 8]", "search.refine={epochs: 1, candidates: 4}"]
+          "search.screening={warmup: 4}", "space.round_to=[1, 8]", "search.refine={epochs: 1, candidates: 4, share: 0.4}"]
 
 
 def coarse_to_fine(levels: list[float]) -> list[float]:
@@ -122,6 +125,7 @@ def one(method: str, overrides: list[str], seed: int, tmp: Path, config_path: Pa
         "method": method, "seed": seed, "uri": uri, "run_id": result.parent_run_id,
         "trials": len(trials), "fine_tuned": len(full), "wall_s": wall, "in_trial_work_s": work,
         "budget_s": config.search.time_budget_s,
+        "refine_epochs": client.get_run(result.parent_run_id).data.tags.get("secateurs.refine_epochs"),
         "dense_accuracy": dense["accuracy"], "dense_latency_ms": dense["latency_ms"],
         "hypervolume": normalised_hypervolume(front, dense) if len(front) else 0.0,
         "best_acc_2x_latency": None if pick_row is None else float(pick_row["accuracy"]),

@@ -114,6 +114,9 @@ class SearchSettings:
                 raise ValueError(f"constraints: {exc}") from None
         if self.time_budget_s is not None and not 0 < self.time_budget_s < float("inf"):
             raise ValueError(f"time_budget_s: must be a number of seconds > 0 or null, but got {self.time_budget_s}")
+        if self.refine is not None and self.refine.share is not None and self.time_budget_s is None:
+            raise ValueError(f"refine: share {self.refine.share:g} is a part of time_budget_s, which is null; "
+                             "set search.time_budget_s, or refine.epochs instead of share")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience: must be >= 1 or null, but got {self.patience}")
         if self.max_failures < 0:

@@ -37,7 +37,7 @@ from search.constraints import parse_all
 from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
 from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
-from search.refine import chosen_before, refine_frontier
+from search.refine import EPOCHS_TAG, chosen_before, epochs_that_fit, refine_frontier
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import RecordedTrial, SecateursSearch
@@ -96,9 +96,12 @@ class _Session:
     def end_s(self, rows: list[dict]) -> float:
         """Seconds the end of the search will take (refinement, re-timing, report), from ``rows``."""
         search = self.config.search
-        return end_estimate(rows, self.config.measure, refine_candidates=search.refine.candidates if search.refine else 0,
-                            refine_epochs=search.refine.epochs if search.refine else 0.0,
-                            finetune_epochs=self.config.finetune.epochs, concurrency=search.max_concurrent, objectives=self.objectives)
+        end = end_estimate(rows, self.config.measure, refine_candidates=search.refine.candidates if search.refine else 0,
+                           refine_epochs=search.refine.epochs if search.refine else 0.0,
+                           finetune_epochs=self.config.finetune.epochs, concurrency=search.max_concurrent, objectives=self.objectives)
+        if search.refine is not None and search.refine.share is not None:  # that part of the budget, or more if epochs needs it
+            end = max(end, end_estimate(rows, self.config.measure, objectives=self.objectives) + search.refine.share * search.time_budget_s)
+        return end
 
     def log_elapsed(self) -> None:
         """Record the time spent so far (parent metric ``elapsed_s``), which a resume starts from."""
@@ -538,7 +541,8 @@ def _refine(session: _Session) -> None:
     rows = session.tracker.trial_table()[0]
     table = pd.DataFrame(rows)
     front = table[frontier.feasible_frontier(table, session.objectives.mapping)] if len(table) else table
-    chosen = chosen_before(session.tracker.client.get_run(session.tracker.parent_run_id).data.tags)
+    tags = session.tracker.client.get_run(session.tracker.parent_run_id).data.tags
+    chosen = chosen_before(tags)
     if chosen:  # a resume after a kill while refining: the same candidates (refining changed the frontier)
         front = table[table["run_id"].isin(chosen)]
     with open(session.prepared.checkpoint, "rb") as f:
@@ -546,7 +550,31 @@ def _refine(session: _Session) -> None:
     refine_frontier(session.tracker, front, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
                     measure=config.measure, dense=session.dense,
                     resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial}, out=session.out,
-                    scores=session.objectives.quality)
+                    scores=session.objectives.quality, epochs=_refine_epochs(session, rows, front, tags))
+
+
+def _refine_epochs(session: _Session, rows: list[dict], front: pd.DataFrame, tags: dict[str, str]) -> float:
+    """The epochs of each refinement: ``search.refine.epochs``, or with ``share`` as many as fit in the
+    time left after the re-timing (from the trials' measured prune, fine-tune and timing seconds); a
+    resume keeps what the first choice was."""
+    config = session.config
+    settings = config.search.refine
+    if settings.share is None:
+        return settings.epochs
+    if chosen_before(tags) and EPOCHS_TAG in tags:
+        return float(tags[EPOCHS_TAG])
+    table = pd.DataFrame(rows)
+    tuned = table[table["time_finetune_s"].fillna(0) > 0] if "time_finetune_s" in table else table.iloc[:0]
+    if tuned.empty:
+        return settings.epochs
+    left = session.seconds_left() - end_estimate(rows, config.measure, objectives=session.objectives)
+    per_epoch = float((tuned["time_finetune_s"] / config.finetune.epochs).median())
+    steps = session.prepared.task.train_source.batches_per_epoch(config.finetune.batch_size)  # None for a stream: not read here
+    if config.finetune.max_steps is not None and steps and "finetune_steps" in tuned and (tuned["finetune_steps"].fillna(0) > 0).all():
+        per_epoch = float((tuned["time_finetune_s"] / tuned["finetune_steps"]).median()) * steps  # the trials' fine-tunes were capped
+    return epochs_that_fit(left, candidates=min(settings.candidates, len(front)), concurrency=config.search.max_concurrent,
+                           prune_s=float(tuned["time_prune_s"].median()), finetune_s_per_epoch=per_epoch,
+                           measure_s=float(tuned["time_measure_s"].median()), least=settings.epochs)
 
 
 def _remeasure(session: _Session) -> None:

@@ -8,6 +8,12 @@ the trial's run: ``accuracy`` (and ``accuracy_drop``) become the refined values,
 fine-tune's stay as ``accuracy_in_search``, and ``refine_epochs`` / ``time_refine_s`` say what it
 cost. The frontier and ``secateurs pick`` then see the refined accuracies: successive halving's
 last rung, on the policies that matter.
+
+With ``search.time_budget_s``, ``share: 0.4`` gives the refinement that part of the budget instead
+of a fixed length: the trials stop when the time left is the share (or what ``epochs`` needs, if
+more) plus the re-timing, and each candidate is then fine-tuned for as many epochs as fit in the
+time left (at least ``epochs``), from how fast the trials' fine-tunes ran. A larger budget so buys
+longer fine-tunes for the policies ``pick`` chooses from, not only more trials.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from spaces import Policy
 
 
 CANDIDATES_TAG = "secateurs.refine_candidates"  # parent run: the run ids chosen for refinement, comma-separated
+EPOCHS_TAG = "secateurs.refine_epochs"  # parent run: the epochs chosen for them (a resume keeps them)
 
 
 def chosen_before(tags: dict[str, str]) -> list[str]:
@@ -40,12 +47,32 @@ class RefineSettings:
 
     epochs: float = 5.0    # the fine-tune each candidate gets (from the dense checkpoint, as a trial's)
     candidates: int = 4    # at most this many frontier policies, spread over its latency range
+    share: float | None = None  # with search.time_budget_s: this part of it for the refinement, epochs as many as fit (>= epochs)
 
     def __post_init__(self) -> None:
         if not 0 < self.epochs < float("inf"):
             raise ValueError(f"epochs: must be a number of epochs > 0, but got {self.epochs!r}")
         if isinstance(self.candidates, bool) or self.candidates < 1:
             raise ValueError(f"candidates: must be an integer >= 1, but got {self.candidates!r}")
+        if self.share is not None and not 0 < self.share < 1:
+            raise ValueError(f"share: must be a part of search.time_budget_s, 0 < share < 1, or null, but got {self.share!r}")
+
+
+def epochs_that_fit(seconds: float, *, candidates: int, concurrency: int, prune_s: float, finetune_s_per_epoch: float,
+                    measure_s: float, least: float) -> float:
+    """Epochs each of ``candidates`` refinements can have in ``seconds``, ``concurrency`` at a time, each
+    costing ``prune_s + epochs * finetune_s_per_epoch + measure_s``; rounded down to 0.1 epochs, and at
+    least ``least``.
+
+    >>> epochs_that_fit(100, candidates=4, concurrency=2, prune_s=1, finetune_s_per_epoch=20, measure_s=4, least=0.5)
+    2.2
+    >>> epochs_that_fit(10, candidates=4, concurrency=2, prune_s=1, finetune_s_per_epoch=20, measure_s=4, least=0.5)
+    0.5
+    """
+    rounds = -(-candidates // max(concurrency, 1))
+    each = seconds / max(rounds, 1) - prune_s - measure_s
+    fit = np.floor(10 * each / max(finetune_s_per_epoch, 1e-9)) / 10 if each > 0 else 0.0
+    return float(max(fit, least))
 
 
 def candidates(front: pd.DataFrame, count: int) -> list[str]:
@@ -81,21 +108,24 @@ def _in_search(row: dict[str, Any], score: str) -> float:
 
 def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings, *, task: TaskConfig, checkpoint: bytes,
                     finetune: FinetuneConfig, measure: MeasureConfig, dense: dict[str, float], resources: dict[str, float],
-                    out: Callable[[str], None], scores: list[str] = ("accuracy",)) -> list[str]:
+                    out: Callable[[str], None], scores: list[str] = ("accuracy",), epochs: float | None = None) -> list[str]:
     """Refine the candidates of ``front`` (rows with ``run_id``, ``latency_ms`` and the ``scores``) on
-    Ray and record the results on their runs (each score's search value kept as ``<score>_in_search``);
-    returns the run ids refined. Ray must be running."""
+    Ray, for ``epochs`` (default ``settings.epochs``), and record the results on their runs (each score's
+    search value kept as ``<score>_in_search``); returns the run ids refined. Ray must be running."""
     chosen = candidates(front, settings.candidates)
     if not chosen:
         return []
-    tracker.set_tags({CANDIDATES_TAG: ",".join(chosen)})  # chosen once: a resume refines these, whatever the frontier became
-    out(f"refining {len(chosen)} frontier policies: {settings.epochs:g} epochs of fine-tuning each (search.refine)")
+    epochs = settings.epochs if epochs is None else epochs
+    # chosen once: a resume refines these, for as long, whatever the frontier became
+    tracker.set_tags({CANDIDATES_TAG: ",".join(chosen), EPOCHS_TAG: f"{epochs:g}"})
+    how = f" (search.refine.share: what fits in {settings.share:g} of the time budget)" if settings.share else ""
+    out(f"refining {len(chosen)} frontier policies: {epochs:g} epochs of fine-tuning each{how} (search.refine)")
     # a resumed search whose driver was killed while refining: runs already refined keep their
     # result, and each score in search of every run is the one the search measured
     rows = front.set_index("run_id").to_dict("index")
-    done = {run_id for run_id in chosen if rows[run_id].get("refine_epochs") == settings.epochs}
+    done = {run_id for run_id in chosen if rows[run_id].get("refine_epochs") == epochs}
     policies = tracker.policies(chosen)
-    longer = dataclasses.replace(finetune, epochs=settings.epochs, max_steps=None)
+    longer = dataclasses.replace(finetune, epochs=epochs, max_steps=None)
     remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(_refine_one)
     checkpoint_ref = ray.put(checkpoint)
     futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, Reference.from_record(dense))
@@ -103,8 +133,8 @@ def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings,
     for run_id, future in futures.items():
         refined = ray.get(future)
         kept = {f"{q}_in_search": _in_search(rows[run_id], q) for q in scores}
-        tracker.update_metrics(run_id, {**refined, **kept, "refine_epochs": settings.epochs}, step=2)
+        tracker.update_metrics(run_id, {**refined, **kept, "refine_epochs": epochs}, step=2)
         q = scores[0]
-        out(f"  {run_id[:12]}: {q} {kept[f'{q}_in_search']:.4f} after the search's fine-tune, {refined[q]:.4f} after {settings.epochs:g} epochs")
+        out(f"  {run_id[:12]}: {q} {kept[f'{q}_in_search']:.4f} after the search's fine-tune, {refined[q]:.4f} after {epochs:g} epochs")
     tracker.set_tags_on(chosen, {"secateurs.refined": "true"})
     return chosen

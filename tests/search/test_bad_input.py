@@ -135,6 +135,8 @@ CASES = [
     search({"search": {"gpus_per_trial": -1}}, expect=("search.gpus_per_trial", ">= 0", "-1"), id="gpus-negative"),
     search({"search": {"time_budget_s": 0}}, expect=("search.time_budget_s", "> 0", "0"), id="time-budget-zero"),
     search({"search": {"patience": 0}}, expect=("search.patience", ">= 1", "0"), id="patience-zero"),
+    search({"search": {"refine": {"share": 1.0}, "time_budget_s": 60}}, expect=("search.refine.share", "0 < share < 1", "1.0"), id="refine-share-one"),
+    search({"search": {"refine": {"share": 0.4}}}, expect=("search.refine", "share 0.4", "time_budget_s", "null"), id="refine-share-no-budget"),
     search({"search": {"max_failures": -2}}, expect=("search.max_failures", ">= 0", "-2"), id="max-failures-negative"),
     search({"search": {"baseline_ratios": [1.5]}}, expect=("search.baseline_ratios", "0 < ratio < 1", "1.5"), id="baseline-ratio-above-one"),
     search({"search": {"baseline_ratios": [0.0]}}, expect=("search.baseline_ratios", "0 < ratio < 1", "0.0"), id="baseline-ratio-zero"),

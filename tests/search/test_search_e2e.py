@@ -358,18 +358,34 @@ def test_a_time_budget_spent_before_any_trial_ends_the_search_with_nothing_to_re
 
 
 def test_refine_fine_tunes_frontier_candidates_longer_and_the_frontier_uses_it(tmp_path, store):
+    # with a time budget and refine.share, the trials stop when that share of the budget is left and
+    # the refinement's epochs are as many as fit in it (at least refine.epochs)
+    budget, share = 36.0, 0.4
     raw = tiny_config(tmp_path)
-    raw["search"].update({"num_trials": 4, "refine": {"epochs": 1.0, "candidates": 2}})
-    lines: list[str] = []
-    result = run_search(validate(raw), config_name="refined", tracking_uri=store, out=lines.append)
+    raw["search"].update({"num_trials": 100_000, "time_budget_s": budget, "refine": {"epochs": 0.2, "candidates": 2, "share": share}})
+    lines: list[tuple[float, str]] = []
+    started = time.perf_counter()
+    result = run_search(validate(raw), config_name="refined", tracking_uri=store,
+                        out=lambda line: lines.append((time.perf_counter() - started, line)))
+    wall = time.perf_counter() - started
     client = MlflowClient(store)
     refined = [r for r in children(client, result, "trial") + children(client, result, "baseline")
                if r.data.tags.get("secateurs.refined") == "true"]
     assert len(refined) == 2
+    announced = [(t, line) for t, line in lines if line.startswith("refining 2 frontier policies")]
+    assert len(announced) == 1, lines
+    at, line = announced[0]
+    epochs = float(re.search(r"policies: ([0-9.]+) epochs", line).group(1))
+    assert epochs > 0.2, line  # a trial's fine-tune of 0.2 epochs takes well under a second: the share fits many more
+    assert "search.refine.share" in line
+    assert client.get_run(result.parent_run_id).data.tags["secateurs.refine_epochs"] == f"{epochs:g}"
     for run in refined:
         m = run.data.metrics
-        assert m["refine_epochs"] == 1.0 and m["time_refine_s"] > 0 and 0 <= m["accuracy_in_search"] <= 1
+        assert m["refine_epochs"] == epochs and m["time_refine_s"] > 0 and 0 <= m["accuracy_in_search"] <= 1
         history = sorted(client.get_metric_history(run.info.run_id, "accuracy"), key=lambda h: h.step)
         assert [h.step for h in history] == [0, 2] and m["accuracy"] == history[-1].value
         assert m["accuracy_drop"] == pytest.approx(result.dense["accuracy"] - m["accuracy"])
-    assert any(line.startswith("refining 2 frontier policies") for line in lines)
+    # the trials left the refinement its share of the budget, and the refinement used it, within the budget
+    assert budget - at >= 0.75 * share * budget, f"refinement started at {at:.1f} s of {budget:g}"
+    assert sum(r.data.metrics["time_refine_s"] for r in refined) >= 0.25 * share * budget
+    assert wall <= budget + 5, f"the command took {wall:.1f} s on a budget of {budget:g} s"

@@ -1,0 +1,67 @@
+"""``search.refine.share``: the refinement's part of the time budget, and the epochs that fill it."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from search.config import validate
+from search.driver import _refine_epochs, _Session
+from search.objectives import DEFAULT
+from search.refine import CANDIDATES_TAG, EPOCHS_TAG, epochs_that_fit
+
+# three fine-tuned trials (0.5 epochs of fine-tuning in 10 s: 20 s an epoch) and one screened out
+ROWS = [{"run_id": f"r{i}", "accuracy": 0.9 - 0.1 * i, "latency_ms": 1.0 + i, "size_mb": 1.0 + i, "fidelity": 1.0,
+         "time_prune_s": 1.0, "time_finetune_s": 10.0, "time_measure_s": 2.0} for i in range(3)]
+ROWS.append({"run_id": "r3", "accuracy": 0.5, "latency_ms": 0.5, "size_mb": 0.5, "fidelity": 0.0,
+             "time_prune_s": 1.0, "time_finetune_s": 0.0, "time_measure_s": 2.0})
+
+
+def config(**refine):
+    return validate({"finetune": {"epochs": 0.5}, "measure": {"warmup": 1, "repeats": 2},
+                     "search": {"time_budget_s": 200, "max_concurrent": 2, "refine": {"epochs": 0.5, "candidates": 2, **refine}}})
+
+
+def session(cfg, left: float):
+    task = SimpleNamespace(train_source=SimpleNamespace(batches_per_epoch=lambda batch_size: 100))
+    return SimpleNamespace(config=cfg, objectives=DEFAULT, seconds_left=lambda: left, prepared=SimpleNamespace(task=task))
+
+
+def test_epochs_that_fit_grow_with_the_time_and_never_go_below_the_least():
+    kwargs = dict(candidates=4, concurrency=2, prune_s=1.0, finetune_s_per_epoch=20.0, measure_s=2.0, least=0.5)
+    fits = [epochs_that_fit(s, **kwargs) for s in (0, 10, 60, 120, 400)]
+    assert fits == sorted(fits) and fits[0] == 0.5 and fits[-1] > 9
+    # two rounds of two: each candidate gets half the time, less its prune and timing
+    assert epochs_that_fit(120, **kwargs) == pytest.approx((120 / 2 - 3) / 20, abs=0.1)
+    assert epochs_that_fit(120, **{**kwargs, "concurrency": 4}) == pytest.approx((120 - 3) / 20, abs=0.1)
+
+
+def test_without_share_the_refinement_has_its_fixed_epochs():
+    cfg = config()
+    assert _refine_epochs(session(cfg, 100.0), ROWS, pd.DataFrame(ROWS[:2]), {}) == 0.5
+
+
+def test_with_share_the_epochs_fill_the_time_left_after_the_retiming():
+    cfg = config(share=0.4)
+    short = _refine_epochs(session(cfg, 60.0), ROWS, pd.DataFrame(ROWS[:2]), {})
+    long = _refine_epochs(session(cfg, 120.0), ROWS, pd.DataFrame(ROWS[:2]), {})
+    # 20 s an epoch (the screened-out trial's 0 s fine-tune not counted), one round of the 2 candidates
+    assert 0.5 < short < long <= (120 - 3) / 20
+    assert long - short == pytest.approx(60 / 20, abs=0.15)
+
+
+def test_a_resumed_refinement_keeps_the_epochs_chosen_first():
+    cfg = config(share=0.4)
+    tags = {CANDIDATES_TAG: "r0,r1", EPOCHS_TAG: "3.7"}
+    assert _refine_epochs(session(cfg, 5.0), ROWS, pd.DataFrame(ROWS[:2]), tags) == 3.7
+
+
+def test_the_trials_leave_the_share_of_the_budget_to_the_end():
+    rows = ROWS[:3]
+    plain = _Session.end_s(SimpleNamespace(config=config(), objectives=DEFAULT), rows)
+    shared = _Session.end_s(SimpleNamespace(config=config(share=0.4), objectives=DEFAULT), rows)
+    assert plain < 0.4 * 200 < shared
+    # a share smaller than what refine.epochs needs leaves what epochs needs
+    tiny = _Session.end_s(SimpleNamespace(config=config(share=0.01, epochs=5.0), objectives=DEFAULT), rows)
+    assert tiny == _Session.end_s(SimpleNamespace(config=config(epochs=5.0), objectives=DEFAULT), rows) > 0.01 * 200
