@@ -37,7 +37,7 @@ from search.constraints import parse_all
 from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
 from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
-from search.refine import EPOCHS_TAG, chosen_before, epochs_that_fit, refine_frontier
+from search.refine import EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, refine_frontier
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import RecordedTrial, SecateursSearch
@@ -555,26 +555,25 @@ def _refine(session: _Session) -> None:
 
 def _refine_epochs(session: _Session, rows: list[dict], front: pd.DataFrame, tags: dict[str, str]) -> float:
     """The epochs of each refinement: ``search.refine.epochs``, or with ``share`` as many as fit in the
-    time left after the re-timing (from the trials' measured prune, fine-tune and timing seconds); a
-    resume keeps what the first choice was."""
+    time left after the re-timing, planned from each candidate's own trial (its prune, timing and
+    fine-tune seconds: a less pruned model fine-tunes slower); a resume keeps what was chosen first."""
     config = session.config
     settings = config.search.refine
     if settings.share is None:
         return settings.epochs
     if chosen_before(tags) and EPOCHS_TAG in tags:
         return float(tags[EPOCHS_TAG])
-    table = pd.DataFrame(rows)
-    tuned = table[table["time_finetune_s"].fillna(0) > 0] if "time_finetune_s" in table else table.iloc[:0]
-    if tuned.empty:
+    chosen = front[front["run_id"].isin(candidates(front, settings.candidates))] if len(front) else front
+    if chosen.empty or "time_finetune_s" not in chosen or not (chosen["time_finetune_s"].fillna(0) > 0).all():
         return settings.epochs
-    left = session.seconds_left() - end_estimate(rows, config.measure, objectives=session.objectives)
-    per_epoch = float((tuned["time_finetune_s"] / config.finetune.epochs).median())
     steps = session.prepared.task.train_source.batches_per_epoch(config.finetune.batch_size)  # None for a stream: not read here
-    if config.finetune.max_steps is not None and steps and "finetune_steps" in tuned and (tuned["finetune_steps"].fillna(0) > 0).all():
-        per_epoch = float((tuned["time_finetune_s"] / tuned["finetune_steps"]).median()) * steps  # the trials' fine-tunes were capped
-    return epochs_that_fit(left, candidates=min(settings.candidates, len(front)), concurrency=config.search.max_concurrent,
-                           prune_s=float(tuned["time_prune_s"].median()), finetune_s_per_epoch=per_epoch,
-                           measure_s=float(tuned["time_measure_s"].median()), least=settings.epochs)
+    capped = config.finetune.max_steps is not None and steps and "finetune_steps" in chosen and (chosen["finetune_steps"].fillna(0) > 0).all()
+    costs = [(float(row["time_prune_s"]) + float(row["time_measure_s"]),
+              float(row["time_finetune_s"]) / (float(row["finetune_steps"]) / steps if capped else config.finetune.epochs))
+             for _, row in chosen.iterrows()]
+    # 0.9: Ray's scheduling and a neighbour's noise are not in the plan
+    left = 0.9 * (session.seconds_left() - end_estimate(rows, config.measure, objectives=session.objectives))
+    return epochs_that_fit(left, costs, concurrency=config.search.max_concurrent, least=settings.epochs)
 
 
 def _remeasure(session: _Session) -> None:

@@ -58,21 +58,43 @@ class RefineSettings:
             raise ValueError(f"share: must be a part of search.time_budget_s, 0 < share < 1, or null, but got {self.share!r}")
 
 
-def epochs_that_fit(seconds: float, *, candidates: int, concurrency: int, prune_s: float, finetune_s_per_epoch: float,
-                    measure_s: float, least: float) -> float:
-    """Epochs each of ``candidates`` refinements can have in ``seconds``, ``concurrency`` at a time, each
-    costing ``prune_s + epochs * finetune_s_per_epoch + measure_s``; rounded down to 0.1 epochs, and at
-    least ``least``.
+def makespan(costs: list[tuple[float, float]], epochs: float, concurrency: int) -> float:
+    """Seconds until the last of the fine-tunes ``costs`` (each ``(fixed seconds, seconds an epoch)``)
+    ends, each of ``epochs``, ``concurrency`` at a time, started longest first (as
+    :func:`refine_frontier` submits them), each in the first slot free.
 
-    >>> epochs_that_fit(100, candidates=4, concurrency=2, prune_s=1, finetune_s_per_epoch=20, measure_s=4, least=0.5)
-    2.2
-    >>> epochs_that_fit(10, candidates=4, concurrency=2, prune_s=1, finetune_s_per_epoch=20, measure_s=4, least=0.5)
+    >>> makespan([(1, 10), (1, 10), (1, 30)], epochs=1.0, concurrency=2)
+    31.0
+    """
+    slots = [0.0] * max(concurrency, 1)
+    for fixed, per_epoch in sorted(costs, key=lambda c: c[0] + epochs * c[1], reverse=True):
+        first = slots.index(min(slots))
+        slots[first] += fixed + epochs * per_epoch
+    return max(slots)
+
+
+def epochs_that_fit(seconds: float, costs: list[tuple[float, float]], *, concurrency: int, least: float) -> float:
+    """The most epochs, in tenths, that every fine-tune of ``costs`` (each ``(fixed seconds, seconds an
+    epoch)``: a candidate's prune and timing, and its fine-tune's speed) can have with all of them
+    done in ``seconds`` (:func:`makespan`); at least ``least``.
+
+    >>> epochs_that_fit(100, [(3, 20)] * 4, concurrency=2, least=0.5)
+    2.3
+    >>> epochs_that_fit(100, [(3, 20), (3, 20), (3, 20), (3, 60)], concurrency=2, least=0.5)  # one slow: 3 fast ones beside it
+    1.5
+    >>> epochs_that_fit(10, [(3, 20)] * 4, concurrency=2, least=0.5)
     0.5
     """
-    rounds = -(-candidates // max(concurrency, 1))
-    each = seconds / max(rounds, 1) - prune_s - measure_s
-    fit = np.floor(10 * each / max(finetune_s_per_epoch, 1e-9)) / 10 if each > 0 else 0.0
-    return float(max(fit, least))
+    if not costs:
+        return float(least)
+    lo, hi = 0, 1 + int(10 * seconds / max(min(per for _, per in costs), 1e-9))
+    while lo < hi:  # the largest tenth whose makespan fits
+        mid = (lo + hi + 1) // 2
+        if makespan(costs, mid / 10, concurrency) <= seconds:
+            lo = mid
+        else:
+            hi = mid - 1
+    return float(max(lo / 10, least))
 
 
 def candidates(front: pd.DataFrame, count: int) -> list[str]:
@@ -128,8 +150,10 @@ def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings,
     longer = dataclasses.replace(finetune, epochs=epochs, max_steps=None)
     remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(_refine_one)
     checkpoint_ref = ray.put(checkpoint)
+    # the slowest first (the least pruned: the highest latency), as epochs_that_fit planned them
+    slowest_first = sorted((r for r in chosen if r not in done), key=lambda r: -float(rows[r].get("latency_ms") or 0.0))
     futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, Reference.from_record(dense))
-               for run_id in chosen if run_id not in done}
+               for run_id in slowest_first}
     for run_id, future in futures.items():
         refined = ray.get(future)
         kept = {f"{q}_in_search": _in_search(rows[run_id], q) for q in scores}

@@ -9,7 +9,7 @@ import pytest
 from search.config import validate
 from search.driver import _refine_epochs, _Session
 from search.objectives import DEFAULT
-from search.refine import CANDIDATES_TAG, EPOCHS_TAG, epochs_that_fit
+from search.refine import CANDIDATES_TAG, EPOCHS_TAG, epochs_that_fit, makespan
 
 # three fine-tuned trials (0.5 epochs of fine-tuning in 10 s: 20 s an epoch) and one screened out
 ROWS = [{"run_id": f"r{i}", "accuracy": 0.9 - 0.1 * i, "latency_ms": 1.0 + i, "size_mb": 1.0 + i, "fidelity": 1.0,
@@ -29,12 +29,20 @@ def session(cfg, left: float):
 
 
 def test_epochs_that_fit_grow_with_the_time_and_never_go_below_the_least():
-    kwargs = dict(candidates=4, concurrency=2, prune_s=1.0, finetune_s_per_epoch=20.0, measure_s=2.0, least=0.5)
-    fits = [epochs_that_fit(s, **kwargs) for s in (0, 10, 60, 120, 400)]
+    costs = [(3.0, 20.0)] * 4
+    fits = [epochs_that_fit(s, costs, concurrency=2, least=0.5) for s in (0, 10, 60, 120, 400)]
     assert fits == sorted(fits) and fits[0] == 0.5 and fits[-1] > 9
     # two rounds of two: each candidate gets half the time, less its prune and timing
-    assert epochs_that_fit(120, **kwargs) == pytest.approx((120 / 2 - 3) / 20, abs=0.1)
-    assert epochs_that_fit(120, **{**kwargs, "concurrency": 4}) == pytest.approx((120 - 3) / 20, abs=0.1)
+    assert epochs_that_fit(120, costs, concurrency=2, least=0.5) == pytest.approx((120 / 2 - 3) / 20, abs=0.1)
+    assert epochs_that_fit(120, costs, concurrency=4, least=0.5) == pytest.approx((120 - 3) / 20, abs=0.1)
+
+
+def test_the_slowest_candidate_bounds_the_epochs():
+    # a candidate that fine-tunes 3x slower (a less pruned model) gets a slot to itself and sets the pace
+    fast, slow = (3.0, 20.0), (3.0, 60.0)
+    both = epochs_that_fit(120, [fast, fast, fast, slow], concurrency=2, least=0.1)
+    assert both < epochs_that_fit(120, [fast] * 4, concurrency=2, least=0.1)
+    assert makespan([fast, fast, fast, slow], both, 2) <= 120 < makespan([fast, fast, fast, slow], both + 0.1, 2)
 
 
 def test_without_share_the_refinement_has_its_fixed_epochs():
@@ -46,9 +54,13 @@ def test_with_share_the_epochs_fill_the_time_left_after_the_retiming():
     cfg = config(share=0.4)
     short = _refine_epochs(session(cfg, 60.0), ROWS, pd.DataFrame(ROWS[:2]), {})
     long = _refine_epochs(session(cfg, 120.0), ROWS, pd.DataFrame(ROWS[:2]), {})
-    # 20 s an epoch (the screened-out trial's 0 s fine-tune not counted), one round of the 2 candidates
-    assert 0.5 < short < long <= (120 - 3) / 20
-    assert long - short == pytest.approx(60 / 20, abs=0.15)
+    # each candidate's own trial: 3 s to prune and time, 20 s an epoch; one round of the 2 candidates,
+    # in 0.9 of the time left after the re-timing
+    assert 0.5 < short < long <= 0.9 * (120 - 3) / 20
+    assert long - short == pytest.approx(0.9 * 60 / 20, abs=0.15)
+    # a candidate whose trial fine-tuned 3x slower sets the pace
+    slow = pd.DataFrame([ROWS[0], {**ROWS[1], "time_finetune_s": 30.0}])
+    assert _refine_epochs(session(cfg, 120.0), ROWS, slow, {}) == pytest.approx(long / 3, abs=0.15)
 
 
 def test_a_resumed_refinement_keeps_the_epochs_chosen_first():
