@@ -12,7 +12,8 @@ with two trials at a time on one torch thread each. Methods:
 - ``uniform_long``: the uniform sweep spending it on longer fine-tunes (14 levels, ``--long-epochs``
   per policy); the better of the two is "the best baseline" of each seed;
 - ``secateurs``: the search (TPE after sensitivity seeds, screening, the channel rounding searched,
-  the frontier's candidates refined) under the same budget;
+  the frontier's 4 candidates refined in 0.4 of the budget: ``search.refine.share``) under the same
+  budget;
 - ``secateurs_2x``: the same search with twice the budget (does more budget buy a better pick?).
 
 Per method and seed: the hypervolume of the final (re-timed) frontier over (accuracy, latency /
