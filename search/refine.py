@@ -11,9 +11,10 @@ last rung, on the policies that matter.
 
 With ``search.time_budget_s``, ``share: 0.4`` gives the refinement that part of the budget instead
 of a fixed length: the trials stop when the time left is the share (or what ``epochs`` needs, if
-more) plus the re-timing, and each candidate is then fine-tuned for as many epochs as fit in the
-time left (at least ``epochs``), from how fast the trials' fine-tunes ran. A larger budget so buys
-longer fine-tunes for the policies ``pick`` chooses from, not only more trials.
+more) plus the re-timing, and each candidate is then fine-tuned for as many epochs as fit in 0.9
+of the time left (at least ``epochs``), planned from each candidate's own trial (its prune, timing
+and fine-tune seconds). A larger budget so buys longer fine-tunes for the policies ``pick`` chooses
+from, not only more trials.
 """
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ class RefineSettings:
 
 def makespan(costs: list[tuple[float, float]], epochs: float, concurrency: int) -> float:
     """Seconds until the last of the fine-tunes ``costs`` (each ``(fixed seconds, seconds an epoch)``)
-    ends, each of ``epochs``, ``concurrency`` at a time, started longest first (as
-    :func:`refine_frontier` submits them), each in the first slot free.
+    ends, each of ``epochs``, ``concurrency`` at a time, started longest first, each in the first
+    slot free. (:func:`refine_frontier` submits them by latency, highest first: the same order when
+    the least pruned model is the slowest to fine-tune, as in the first benchmark seed I timed.)
 
     >>> makespan([(1, 10), (1, 10), (1, 30)], epochs=1.0, concurrency=2)
     31.0
