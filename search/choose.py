@@ -15,7 +15,7 @@ from typing import Mapping
 
 import pandas as pd
 
-from search import frontier
+from search import fidelity, frontier
 from search.constraints import Constraint
 from search.objectives import DEFAULT, Objectives, ordered
 from search.records import ProductionError, SearchRecord
@@ -137,8 +137,10 @@ def choose(table: pd.DataFrame, constraints: Constraints = Constraints(), prefer
 
     ``knee`` takes :func:`search.frontier.knee_point` of the feasible rows; ``accuracy`` the most
     accurate (ties: faster, then smaller); ``latency_ms``/``size_mb`` the lowest (ties: more
-    accurate). Restricting to the frontier loses nothing: the bounds are monotone in the
-    objectives, so whatever dominates a feasible trial is feasible too.
+    accurate). Scores are compared at one fidelity when the search refined some rows
+    (:mod:`search.fidelity`); the bounds hold on the measured ones. Restricting to the frontier
+    loses nothing: the bounds are monotone in the objectives, so whatever dominates a feasible
+    trial is feasible too.
     ``dense``: the dense model's metrics, for bounds relative to it (``macs <= 0.5 * dense``).
     Raises :class:`NoFeasiblePolicyError` naming the binding constraint.
     """
@@ -150,11 +152,13 @@ def choose(table: pd.DataFrame, constraints: Constraints = Constraints(), prefer
     feasible = table[constraints.satisfied_by(table, dense)]
     if not len(feasible):
         raise NoFeasiblePolicyError(_infeasible_message(table, constraints, what, dense))
+    view = fidelity.ranked(feasible.reset_index(drop=True), objectives.quality)  # scores at one fidelity when the search refined some
     if prefer == "knee":
-        values = feasible[objectives.names].to_numpy(dtype=float)
-        return feasible.iloc[frontier.knee_point(values, objectives.senses)]
-    columns, ascending = ordered(objectives, prefer)
-    return feasible.sort_values(columns, ascending=ascending, kind="stable").iloc[0]
+        at = frontier.knee_point(view[objectives.names].to_numpy(dtype=float), objectives.senses)
+    else:
+        columns, ascending = ordered(objectives, prefer)
+        at = int(view.sort_values(columns, ascending=ascending, kind="stable").index[0])
+    return fidelity.expected(feasible, objectives.quality).iloc[at]
 
 
 def find_trial(record: SearchRecord, trial: str) -> pd.Series:

@@ -29,7 +29,8 @@ def describe_search(record: SearchRecord) -> str:
 def export_columns(table: pd.DataFrame, objectives: Objectives | None = None) -> list[str]:
     extra = ["latency_p10_ms", "latency_p90_ms", "param_sparsity", "feasible"]
     ratios = sorted(c for c in table.columns if c.startswith("ratio."))
-    scores = [c for q in (objectives or DEFAULT).quality for c in (q, f"{q}_change") if c not in TABLE_COLUMNS]
+    scores = [c for q in (objectives or DEFAULT).quality for c in (q, f"{q}_change", f"{q}_in_search", f"{q}_expected")
+              if c not in TABLE_COLUMNS]
     return list(dict.fromkeys(c for c in TABLE_COLUMNS[:3] + scores + TABLE_COLUMNS[3:] + extra + ["pareto"] + ratios if c in table.columns))
 
 

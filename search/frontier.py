@@ -11,7 +11,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from search.objectives import DEFAULT, Objectives
+from search import fidelity
+from search.objectives import COSTS, DEFAULT, Objectives
 
 OBJECTIVES: dict[str, str] = DEFAULT.mapping
 """Default objectives (DataFrame columns) and their senses (a search's own: :mod:`search.objectives`)."""
@@ -231,11 +232,14 @@ def feasible_mask(table: pd.DataFrame) -> pd.Series:
 
 
 def feasible_frontier(table: pd.DataFrame, objectives: dict[str, str] = OBJECTIVES) -> pd.Series:
-    """True for the rows on the frontier of the feasible rows (:func:`feasible_mask`)."""
+    """True for the rows on the frontier of the feasible rows (:func:`feasible_mask`) of one search,
+    its scores compared at one fidelity when ``search.refine`` fine-tuned some rows longer
+    (:func:`search.fidelity.ranked`)."""
     on_front = pd.Series(False, index=table.index)
     feasible = feasible_mask(table)
     if feasible.any():
-        on_front[feasible] = frontier_table(table[feasible], objectives)["pareto"].to_numpy()
+        scores = [name for name in objectives if name not in COSTS]
+        on_front[feasible] = frontier_table(fidelity.ranked(table[feasible], scores), objectives)["pareto"].to_numpy()
     return on_front
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from evaluators.tasks import Task
 from evaluators.trial import MeasureConfig, measure_latencies
-from search import frontier
+from search import fidelity, frontier
 from search.objectives import DEFAULT, Objectives
 from search.tracking import SearchTracker, ui_command
 from spaces import Policy
@@ -38,7 +38,7 @@ class SearchResult:
 
 def format_frontier(table: pd.DataFrame, objectives: Objectives | None = None) -> str:
     objectives = objectives or DEFAULT
-    scores = [c for q in objectives.quality for c in (q, _change(q)) if c in table]
+    scores = [c for q in objectives.quality for c in (q, _change(q), q + fidelity.SUFFIX) if c in table]
     compress = [c for c, used in (("blocks_dropped", lambda s: s.fillna(0) > 0), ("quantization", lambda s: s.fillna("none") != "none"))
                 if c in table and used(table[c]).any()]  # shown when the search dropped blocks or quantized
     columns = ["trial", "criterion", *compress, *scores, "latency_ms", "size_mb", "macs", "params", "run_id"]
@@ -99,6 +99,7 @@ def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, st
     ``frontier.png`` and the search's totals, end the parent run with ``status`` and print the report."""
     objectives = objectives or DEFAULT
     trials, num_failed = _trials(tracker, objectives)
+    trials = fidelity.expected(trials, objectives.quality)  # search.refine: the scores compared at one fidelity
     if len(trials):
         trials["pareto"] = frontier.feasible_frontier(trials, objectives.mapping).to_numpy()
         tracker.tag_pareto(dict(zip(trials["run_id"], trials["pareto"].astype(bool))))

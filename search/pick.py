@@ -29,7 +29,7 @@ from evaluators.onnx_backend import flat_outputs, max_abs_diff, max_rel_diff
 from evaluators.quantize import OnnxRuntimeModel
 from evaluators.tasks import make_task
 from evaluators.trial import Reference, measure_model, prune_and_finetune
-from search import records
+from search import fidelity, records
 from search.choose import Constraints, choose, find_trial
 from search.export import check_out_dir, model_card, model_identity, publish, score_columns, stage_export, staging_dir, write_json
 from search.hf_export import HF_ARTIFACT_PATH, is_hf_model, loading_lines, stage_pretrained
@@ -346,6 +346,9 @@ def _card(result: PickResult, command: str | None, tolerance: float, stage: Path
         facts.append(("export checks", f"output diff vs torch on {int(result.check_diffs['check_inputs'])} test inputs: "
                                        f"{', '.join(checked) or 'none checked'} (tolerance {tolerance:g}, relative to the largest output)"))
         facts += [("export note", line) for line in result.export_notes]
+    ranking = fidelity.describe(row, record.trials, record.objectives.quality[0])
+    if ranking:
+        facts.insert(3, ("ranked on", ranking))
     facts += _quantization_facts(result)
     loading = [
         "- `model.pt` (weights + policy, `torch.load(weights_only=True)`): "
@@ -381,6 +384,9 @@ def format_pick(result: PickResult) -> str:
         "",
     ]
     scores = record.objectives.quality
+    ranking = fidelity.describe(row, record.trials, scores[0])
+    if ranking:
+        lines.insert(-1, f"ranked: {ranking}")
     table = [{"": "dense (search)", **record.dense}, {"": f"{_name(row)} (search)", **_row_metrics(row, scores)}]
     if result.final is not None:
         epochs = record.config.finetune.epochs if result.finetune_epochs is None else result.finetune_epochs

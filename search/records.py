@@ -28,7 +28,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from search import frontier
+from search import fidelity, frontier
 from search.config import Config, ConfigError, validate
 from search.objectives import DEFAULT, Objectives
 from spaces import Policy
@@ -249,8 +249,8 @@ def load_search(run_id: str, tracking_uri: str | None = None) -> SearchRecord:
         else:  # only feasible trials (search.constraints) can be on the frontier
             trials["pareto"] = False
             feasible = trials["feasible"]
-            trials.loc[feasible, "pareto"] = frontier.frontier_table(trials[feasible], objectives.mapping)["pareto"]
-        trials = trials.drop(columns=["pareto_tag"])
+            trials.loc[feasible, "pareto"] = frontier.feasible_frontier(trials[feasible], objectives.mapping)
+        trials = fidelity.expected(trials.drop(columns=["pareto_tag"]), objectives.quality)
     return SearchRecord(
         tracking_uri=uri,
         run_id=run_id,

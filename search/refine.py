@@ -6,8 +6,8 @@ takes up to ``candidates`` frontier policies spread over its latency range, fine
 the dense checkpoint for ``epochs`` (on Ray, with a trial's resources) and records the result on
 the trial's run: ``accuracy`` (and ``accuracy_drop``) become the refined values, the short
 fine-tune's stay as ``accuracy_in_search``, and ``refine_epochs`` / ``time_refine_s`` say what it
-cost. The frontier and ``secateurs pick`` then see the refined accuracies: successive halving's
-last rung, on the policies that matter.
+cost. The frontier and ``secateurs pick`` then compare every policy at that fidelity: the refined
+accuracies, and for the others the gain the refined pairs predict (:mod:`search.fidelity`).
 
 With ``search.time_budget_s``, ``share: 0.4`` gives the refinement that part of the budget instead
 of a fixed length: the trials stop when the time left is the share (or what ``epochs`` needs, if

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from search import frontier
 from search.config import validate
 from search.driver import run_search
+from search.records import load_search
 from spaces import Policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -378,3 +379,13 @@ def test_time_budget_bounds_the_whole_command_and_refine_share_fills_its_part(tm
     assert sum(r.data.metrics["time_refine_s"] for r in refined) >= 0.25 * share * budget
     # the re-timing and the report are inside the budget too (Ray's shut-down may add a moment)
     assert wall <= budget + 5, f"the command took {wall:.1f} s on a budget of {budget:g} s"
+    # the frontier compares the accuracies at one fidelity (search.fidelity): the refined ones as
+    # measured, the others with the gain the refined pairs predict; frontier.csv shows both
+    trials = load_search(result.parent_run_id, store).trials
+    done = trials["refine_epochs"].notna()
+    assert done.sum() == 2 and (trials.loc[done, "accuracy_expected"] == trials.loc[done, "accuracy"]).all()
+    fine = frontier.feasible_mask(trials)
+    at_one_fidelity = trials.loc[fine, ["accuracy_expected", "latency_ms", "size_mb"]].to_numpy(float)
+    assert trials.loc[fine, "pareto"].tolist() == frontier.non_dominated(at_one_fidelity, ["max", "min", "min"]).tolist()
+    csv = pd.read_csv(client.download_artifacts(result.parent_run_id, "frontier.csv", str(tmp_path)))
+    assert {"accuracy", "accuracy_expected"} <= set(csv.columns)

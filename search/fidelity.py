@@ -1,0 +1,110 @@
+"""Ranking a refined search's policies on one footing.
+
+``search.refine`` fine-tunes a few frontier policies longer; the rest keep the scores of the
+search's short fine-tune. Ranked side by side, the refined ones win because they were trained more,
+not because they are better: the 5-seed benchmark's 2x search picked a refined ``uniform 0.75``
+(55.7% -> 63.4%) over an unrefined ``uniform 0.5`` (60.3%), and ``uniform 0.5`` was the better model
+after the real fine-tune. So a score is compared at the refinement's fidelity: measured on the refined
+policies, and on the others the search's value plus the gain the refined pairs predict for it.
+
+The gain is a straight line in the search's score, fitted to the refined pairs (``<score>_in_search``,
+``<score>``) by least squares (the more a policy lost, the more a longer fine-tune gives back), and
+held within the gains the pairs show: it never extrapolates past what was measured. One pair gives
+its gain to every policy. The estimate is a column of its own, ``<score>_expected``; ``<score>`` stays
+what was measured. The frontier, ``secateurs pick`` and the benchmark rank on :func:`ranked`.
+
+>>> t = pd.DataFrame({"accuracy": [0.72, 0.6335, 0.603], "accuracy_in_search": [0.70, 0.557, None],
+...                   "refine_epochs": [2.0, 2.0, None]})
+>>> expected(t, ["accuracy"])["accuracy_expected"].round(4).tolist()  # the third: 0.603 + the fitted gain
+[0.72, 0.6335, 0.6613]
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+SUFFIX = "_expected"
+
+
+def refined(table: pd.DataFrame) -> pd.Series:
+    """True for the rows ``search.refine`` fine-tuned longer (they have ``refine_epochs``)."""
+    if "refine_epochs" not in table:
+        return pd.Series(False, index=table.index)
+    return table["refine_epochs"].notna() & (pd.to_numeric(table["refine_epochs"], errors="coerce") > 0)
+
+
+def gain(table: pd.DataFrame, score: str) -> tuple[np.ndarray, np.ndarray]:
+    """The refined pairs of ``score``: the search's values and what the refinement added to each."""
+    column = f"{score}_in_search"
+    if column not in table or score not in table:
+        return np.empty(0), np.empty(0)
+    pairs = table[refined(table) & table[column].notna() & table[score].notna()]
+    before = pairs[column].to_numpy(float)
+    return before, pairs[score].to_numpy(float) - before
+
+
+def predicted_gain(before: np.ndarray, gains: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The gain at the search's values ``at``, from the pairs (``before``, ``gains``): a least-squares
+    line, clipped to the gains measured (one pair, or pairs with one value: their mean gain).
+
+    >>> predicted_gain(np.array([0.5, 0.7]), np.array([0.08, 0.02]), np.array([0.6, 0.4, 0.9])).round(3).tolist()
+    [0.05, 0.08, 0.02]
+    """
+    if len(before) == 0:
+        return np.zeros(len(at))
+    if len(before) == 1 or np.ptp(before) == 0:
+        return np.full(len(at), float(np.mean(gains)))
+    slope, intercept = np.polyfit(before, gains, 1)
+    return np.clip(intercept + slope * np.asarray(at, float), gains.min(), gains.max())
+
+
+def expected(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
+    """A copy of ``table`` with ``<score>_expected`` for each of ``scores`` when some rows were refined
+    (the refined rows' measured score; the others' estimated, see the module); unchanged otherwise.
+    A column already there is kept: it was fitted on the whole search, ``table`` may be a part of it."""
+    table = table.copy()
+    done = refined(table)
+    if not done.any():
+        return table
+    for score in scores:
+        before, gains = gain(table, score)
+        if score not in table or not len(before) or score + SUFFIX in table:
+            continue
+        values = table[score].astype(float)
+        estimate = values + predicted_gain(before, gains, values.fillna(0.0).to_numpy())
+        table[score + SUFFIX] = values.where(done, estimate).where(values.notna())
+    return table
+
+
+def ranked(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
+    """``table`` as policies are ranked: each score at the refinement's fidelity (:func:`expected`)."""
+    view = expected(table, scores)
+    for score in scores:
+        if score + SUFFIX in view:
+            view[score] = view[score + SUFFIX]
+    return view
+
+
+def pairs_count(table: pd.DataFrame, score: str) -> int:
+    """How many refined pairs the estimate of ``score`` rests on."""
+    return len(gain(table, score)[0])
+
+
+def describe(row: pd.Series, table: pd.DataFrame, score: str) -> str | None:
+    """How ``row``'s ``score`` was ranked, for ``pick``'s report and model card (None: the search
+    refined nothing, every score is the search's own)."""
+    done = refined(table)
+    if not done.any() or score not in row:
+        return None
+    epochs = float(pd.to_numeric(table.loc[done, "refine_epochs"]).max())
+    if refined(row.to_frame().T).iloc[0]:
+        return (f"{score} {float(row[score]):.4f} after the refinement's {float(row['refine_epochs']):g} epochs "
+                f"({float(row[f'{score}_in_search']):.4f} after the search's fine-tune)")
+    guess = row.get(score + SUFFIX)
+    if guess is None or guess != guess:
+        return None
+    return (f"{score} {float(row[score]):.4f} after the search's fine-tune (not refined); ranked at {float(guess):.4f}, "
+            f"the {score} expected after the refinement's {epochs:g} epochs, estimated from {pairs_count(table, score)} refined "
+            "policies (search.fidelity)")

@@ -1,0 +1,98 @@
+"""A refined search ranks its policies on one footing (:mod:`search.fidelity`): the frontier and ``pick``
+compare every score at the refinement's fidelity, measured where refined and estimated elsewhere."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from search import fidelity, frontier
+from search.choose import Constraints, choose
+from search.objectives import Objectives
+
+# The 2x search of the benchmark's seed 0 (2026-11-30): four policies refined for 1.8 epochs, and the
+# unrefined uniform 0.5 (0.603 after the trial's 0.5 epochs), slower than the refined uniform 0.75.
+ROWS = [
+    {"trial": 0, "accuracy": 0.7205, "accuracy_in_search": 0.7110, "latency_ms": 9.0, "refine_epochs": 1.8},
+    {"trial": 1, "accuracy": 0.7140, "accuracy_in_search": 0.6715, "latency_ms": 7.0, "refine_epochs": 1.8},
+    {"trial": 2, "accuracy": 0.6805, "accuracy_in_search": 0.6365, "latency_ms": 5.5, "refine_epochs": 1.8},
+    {"trial": 3, "accuracy": 0.6030, "accuracy_in_search": None, "latency_ms": 4.5, "refine_epochs": None},  # uniform 0.5
+    {"trial": 4, "accuracy": 0.6335, "accuracy_in_search": 0.5570, "latency_ms": 4.0, "refine_epochs": 1.8},  # uniform 0.75
+]
+
+
+def table() -> pd.DataFrame:
+    return pd.DataFrame([{**r, "size_mb": 1.0, "run_id": f"r{r['trial']}"} for r in ROWS])
+
+
+def test_a_search_that_refined_nothing_is_ranked_on_its_own_scores():
+    plain = table().drop(columns=["accuracy_in_search", "refine_epochs"])
+    assert "accuracy_expected" not in fidelity.expected(plain, ["accuracy"])
+    pd.testing.assert_frame_equal(fidelity.ranked(plain, ["accuracy"]), plain)
+
+
+def test_refined_policies_keep_their_measured_score_and_the_others_get_the_gain_the_pairs_predict():
+    t = fidelity.expected(table(), ["accuracy"])
+    refined = t["refine_epochs"].notna()
+    assert (t.loc[refined, "accuracy_expected"] == t.loc[refined, "accuracy"]).all()
+    assert (t["accuracy"] == table()["accuracy"]).all()  # what was measured stays what is reported
+    before = t.loc[refined, "accuracy_in_search"].to_numpy()
+    gains = t.loc[refined, "accuracy"].to_numpy() - before
+    slope, intercept = np.polyfit(before, gains, 1)
+    assert t.loc[3, "accuracy_expected"] == pytest.approx(0.603 + intercept + slope * 0.603)
+    assert t.loc[3, "accuracy_expected"] > 0.6335  # it now outranks the refined uniform 0.75 beside it
+
+
+def test_the_estimate_never_extrapolates_past_the_gains_measured():
+    t = pd.DataFrame({"accuracy": [0.80, 0.60, 0.95, 0.20], "accuracy_in_search": [0.70, 0.50, None, None],
+                      "refine_epochs": [1.0, 1.0, None, None]})
+    e = fidelity.expected(t, ["accuracy"])["accuracy_expected"].tolist()
+    assert e[2] == pytest.approx(0.95 + 0.10) and e[3] == pytest.approx(0.20 + 0.10)  # both gains were 0.10
+    one = fidelity.expected(t.drop(index=1), ["accuracy"])["accuracy_expected"].tolist()
+    assert one[1:] == pytest.approx([1.05, 0.30])  # one pair: its gain for every policy
+
+
+def test_a_score_to_minimise_is_corrected_the_same_way():
+    t = pd.DataFrame({"rmse": [50.0, 70.0, 90.0], "rmse_in_search": [60.0, 100.0, None], "refine_epochs": [2, 2, None]})
+    e = fidelity.expected(t, ["rmse"])["rmse_expected"].tolist()
+    assert e[:2] == [50.0, 70.0] and e[2] == pytest.approx(90.0 - 25.0)  # gains -10 at 60 and -30 at 100: -25 at 90
+
+
+def test_the_frontier_compares_the_scores_at_one_fidelity():
+    t = table()
+    objectives = {"accuracy": "max", "latency_ms": "min", "size_mb": "min"}
+    raw = frontier.frontier_table(t, objectives)["pareto"]
+    assert not raw[3]  # compared with the refined accuracies as they are, uniform 0.5 is dominated by uniform 0.75
+    assert frontier.feasible_frontier(t, objectives).tolist() == [True, True, True, True, True]
+
+
+@pytest.mark.parametrize("prefer", ["accuracy", "knee"])
+def test_pick_chooses_on_the_scores_at_one_fidelity_and_reports_the_measured_one(prefer):
+    t = table()
+    objectives = Objectives.of({"accuracy": "max", "latency_ms": "min", "size_mb": "min"})
+    row = choose(t, Constraints(max_latency_ms=4.6), "accuracy", objectives=objectives)
+    assert row["trial"] == 3  # not the refined uniform 0.75, though its measured accuracy is higher
+    assert row["accuracy"] == 0.603 and row["accuracy_expected"] > 0.6335
+    knee = choose(t, Constraints(), prefer, objectives=objectives)
+    view = fidelity.ranked(t, ["accuracy"])
+    expect = (view["accuracy"].idxmax() if prefer == "accuracy"
+              else frontier.knee_point(view[objectives.names].to_numpy(float), objectives.senses))
+    assert knee["trial"] == t.loc[expect, "trial"]
+
+
+def test_a_part_of_the_search_keeps_the_estimate_fitted_on_all_of_it():
+    whole = fidelity.expected(table(), ["accuracy"])
+    part = whole[whole["trial"].isin([3, 4])]  # one refined pair alone would give another gain
+    assert fidelity.expected(part, ["accuracy"])["accuracy_expected"].tolist() == part["accuracy_expected"].tolist()
+    alone = fidelity.expected(part.drop(columns=["accuracy_expected"]), ["accuracy"])
+    assert alone.loc[3, "accuracy_expected"] == pytest.approx(0.603 + (0.6335 - 0.557))
+
+
+def test_pick_says_how_its_choice_was_ranked():
+    t = fidelity.expected(table(), ["accuracy"])
+    unrefined = fidelity.describe(t.loc[3], t, "accuracy")
+    assert "0.6030 after the search's fine-tune (not refined)" in unrefined
+    assert f"ranked at {t.loc[3, 'accuracy_expected']:.4f}" in unrefined and "from 4 refined policies" in unrefined
+    assert fidelity.describe(t.loc[4], t, "accuracy") == "accuracy 0.6335 after the refinement's 1.8 epochs (0.5570 after the search's fine-tune)"
+    plain = table().drop(columns=["refine_epochs"])
+    assert fidelity.describe(plain.loc[3], plain, "accuracy") is None
