@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from search.choose import Constraints, NoFeasiblePolicyError, choose
 from search.config import load_config
 from search.driver import run_search
 from search.frontier import feasible_mask, normalised_hypervolume
@@ -96,9 +97,18 @@ def curve(client: MlflowClient, run_id: str, started: float) -> list[tuple[float
 
 
 def at_half_latency(front: pd.DataFrame, dense: dict) -> pd.Series | None:
-    """The most accurate policy of ``front`` at >= 2x lower measured latency than dense."""
+    """The policy of ``front`` with the best measured accuracy at >= 2x lower measured latency than dense."""
     fast = front[front["latency_ms"] <= dense["latency_ms"] / 2]
     return fast.sort_values("accuracy", ascending=False).iloc[0] if len(fast) else None
+
+
+def pick_at_half_latency(front: pd.DataFrame, dense: dict) -> pd.Series | None:
+    """What ``secateurs pick --max-latency-ms <dense / 2> --prefer accuracy`` chooses: the accuracies
+    compared at one fidelity when the search refined some policies (:mod:`search.fidelity`)."""
+    try:
+        return choose(front, Constraints(max_latency_ms=dense["latency_ms"] / 2), "accuracy") if len(front) else None
+    except NoFeasiblePolicyError:
+        return None
 
 
 def one(method: str, overrides: list[str], seed: int, tmp: Path, config_path: Path = CONFIG, log_dir: Path | None = None) -> dict:
@@ -120,7 +130,7 @@ def one(method: str, overrides: list[str], seed: int, tmp: Path, config_path: Pa
     trials, dense = result.trials, result.dense
     full = trials[feasible_mask(trials)]
     front = result.frontier
-    pick_row = at_half_latency(front, dense)
+    best_row, pick_row = at_half_latency(front, dense), pick_at_half_latency(front, dense)
     work = float(sum(trials[c].sum() for c in ("time_prune_s", "time_finetune_s", "time_measure_s") if c in trials))
     return {
         "method": method, "seed": seed, "uri": uri, "run_id": result.parent_run_id,
@@ -129,8 +139,11 @@ def one(method: str, overrides: list[str], seed: int, tmp: Path, config_path: Pa
         "refine_epochs": client.get_run(result.parent_run_id).data.tags.get("secateurs.refine_epochs"),
         "dense_accuracy": dense["accuracy"], "dense_latency_ms": dense["latency_ms"],
         "hypervolume": normalised_hypervolume(front, dense) if len(front) else 0.0,
-        "best_acc_2x_latency": None if pick_row is None else float(pick_row["accuracy"]),
+        "best_acc_2x_latency": None if best_row is None else float(best_row["accuracy"]),
         "pick_trial": None if pick_row is None else int(pick_row["trial"]),
+        "pick_accuracy": None if pick_row is None else float(pick_row["accuracy"]),
+        "pick_refined": None if pick_row is None else bool(pd.notna(pick_row.get("refine_epochs"))),
+        "pick_accuracy_expected": None if pick_row is None else float(pick_row.get("accuracy_expected", pick_row["accuracy"])),
         "pick_latency_ms": None if pick_row is None else float(pick_row["latency_ms"]),
         "curve": curve(client, result.parent_run_id, epoch),
         "frontier": front[[c for c in ("trial", "accuracy", "latency_ms", "size_mb", "macs") if c in front]].to_dict("records"),
@@ -172,7 +185,8 @@ def final_entries(seed: int, seed_rows: list[dict], baselines: list[dict], epoch
             continue
         entry = {"seed": seed, "method": row["method"], "search_trial": row["pick_trial"], "search_latency_ms": row["pick_latency_ms"],
                  "search_latency_vs_dense": row["pick_latency_ms"] / row["dense_latency_ms"],
-                 "search_in_search_accuracy": row["best_acc_2x_latency"]}
+                 "search_in_search_accuracy": row["pick_accuracy"], "search_refined": row["pick_refined"],
+                 "search_accuracy_expected": row["pick_accuracy_expected"]}
         jobs[(row["uri"], row["run_id"], row["pick_trial"])] = None
         matched = matched_baseline(row, baselines)
         if matched is not None:
