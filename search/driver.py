@@ -469,7 +469,8 @@ def _run(session: _Session) -> SearchResult:
         scheduler = None
         if config.search.screening:
             scheduler = ScreeningScheduler(config.search.screening.warmup, [b.name for b in prepared.baselines],
-                                           recorded_screening(rows, session.objectives), session.objectives)
+                                           recorded_screening(rows, session.objectives, constraints, session.dense), session.objectives,
+                                           constraints=constraints, dense=session.dense)
             if recorded:
                 out(f"screening: {len(scheduler.screened)} recorded screening results restored")
         kinds = ", ".join(dict.fromkeys(b.name.split()[0] for b in prepared.baselines)) or "none"
