@@ -34,8 +34,10 @@ from evaluators.pruning import effective_macs_and_params
 from evaluators.tasks import make_task
 from evaluators.train import train
 from evaluators.trial import prune_model
+from search.choose import choose
 from search.config import load_config
 from search.driver import run_search
+from search.frontier import feasible_mask
 from spaces import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fastnas_comparison.json"))
+    parser.add_argument("--log", type=Path, default=None, help="write the search's output here, stamped with seconds")
     args = parser.parse_args()
     config = load_config(str(CONFIG))
     task = make_task(config.task)
@@ -122,11 +125,24 @@ def main() -> None:
         search = load_config(str(CONFIG), [*SEARCH, f"search.time_budget_s={args.search_seconds}", f"search.seed={args.seed}",
                                            f"search.storage_path={Path(tmp) / 'ray'}",
                                            f"search.constraints=['macs <= {high} * dense', 'macs >= {low} * dense']"])
-        result = run_search(search, config_name="fastnas-comparison", tracking_uri=uri, out=lambda line: None)
+        started_search = time.perf_counter()
+
+        def out(line: str) -> None:  # the search's output, stamped with the seconds since it started
+            if args.log is not None:
+                with open(args.log, "a") as f:
+                    f.write(f"{time.perf_counter() - started_search:8.1f} {line}\n")
+
+        result = run_search(search, config_name="fastnas-comparison", tracking_uri=uri, out=out)
+        trials = result.trials
+        rows["search_trials"] = {"recorded": len(trials), "fine_tuned": int((trials["fidelity"].fillna(1.0) > 0).sum()) if "fidelity" in trials else len(trials),
+                                 "feasible": int(feasible_mask(trials).sum()) if len(trials) else 0,
+                                 "in_band": int(((trials["macs"] <= high * dense_macs) & (trials["macs"] >= low * dense_macs)).sum())
+                                 if len(trials) else 0,
+                                 "macs_vs_dense": [round(float(m) / dense_macs, 4) for m in trials["macs"]] if len(trials) else []}
         front = result.frontier
         half = front[(front["macs"] <= high * dense_macs) & (front["macs"] >= low * dense_macs)]
         if len(half):
-            row = half.sort_values("accuracy", ascending=False).iloc[0]
+            row = choose(half, prefer="accuracy")  # secateurs pick --prefer accuracy (search.fidelity's ranking)
             policy = Policy.from_json(row["policy"])  # the policy the trial ran, rebuilt from the dense model as FastNAS's was
             model, _ = prune_model(policy, task, checkpoint)
             rows["secateurs"] = {"macs": int(row["macs"]), "mac_reduction": dense_macs / row["macs"], "accuracy_in_search": float(row["accuracy"]),
