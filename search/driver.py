@@ -37,7 +37,7 @@ from search.constraints import parse_all
 from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
 from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
-from search.refine import EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, refine_frontier
+from search.refine import EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, makespan, refine_frontier
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import RecordedTrial, SecateursSearch
@@ -546,35 +546,57 @@ def _refine(session: _Session) -> None:
     chosen = chosen_before(tags)
     if chosen:  # a resume after a kill while refining: the same candidates (refining changed the frontier)
         front = table[table["run_id"].isin(chosen)]
+    epochs, count = _refine_plan(session, rows, front, tags)
+    if count == 0:
+        session.out(f"not refining: the time budget leaves {max(session.seconds_left() or 0.0, 0.0):.0f} s, too little to fine-tune "
+                    f"one frontier policy for search.refine.epochs ({config.search.refine.epochs:g}) and re-time the frontier")
+        return
     with open(session.prepared.checkpoint, "rb") as f:
         checkpoint = f.read()
     refine_frontier(session.tracker, front, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
                     measure=config.measure, dense=session.dense,
                     resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial}, out=session.out,
-                    scores=session.objectives.quality, epochs=_refine_epochs(session, rows, front, tags))
+                    scores=session.objectives.quality, epochs=epochs, count=count)
 
 
-def _refine_epochs(session: _Session, rows: list[dict], front: pd.DataFrame, tags: dict[str, str]) -> float:
-    """The epochs of each refinement: ``search.refine.epochs``, or with ``share`` as many as fit in the
-    time left after the re-timing, planned from each candidate's own trial (its prune, timing and
-    fine-tune seconds: a less pruned model fine-tunes slower); a resume keeps what was chosen first."""
+def _refine_costs(session: _Session, chosen: pd.DataFrame) -> list[tuple[float, float]] | None:
+    """Each candidate's (fixed seconds, seconds an epoch) from its own trial: its prune and timing, and
+    its fine-tune's speed (a less pruned model fine-tunes slower); None without those timings."""
     config = session.config
-    settings = config.search.refine
-    if settings.share is None:
-        return settings.epochs
-    if chosen_before(tags) and EPOCHS_TAG in tags:
-        return float(tags[EPOCHS_TAG])
-    chosen = front[front["run_id"].isin(candidates(front, settings.candidates))] if len(front) else front
     if chosen.empty or "time_finetune_s" not in chosen or not (chosen["time_finetune_s"].fillna(0) > 0).all():
-        return settings.epochs
+        return None
     steps = session.prepared.task.train_source.batches_per_epoch(config.finetune.batch_size)  # None for a stream: not read here
     capped = config.finetune.max_steps is not None and steps and "finetune_steps" in chosen and (chosen["finetune_steps"].fillna(0) > 0).all()
-    costs = [(float(row["time_prune_s"]) + float(row["time_measure_s"]),
-              float(row["time_finetune_s"]) / (float(row["finetune_steps"]) / steps if capped else config.finetune.epochs))
-             for _, row in chosen.iterrows()]
+    return [(float(row["time_prune_s"]) + float(row["time_measure_s"]),
+             float(row["time_finetune_s"]) / (float(row["finetune_steps"]) / steps if capped else config.finetune.epochs))
+            for _, row in chosen.iterrows()]
+
+
+def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags: dict[str, str]) -> tuple[float, int]:
+    """The epochs of each refinement and how many candidates get them. ``search.refine.epochs`` and
+    ``candidates``; with ``share``, as many epochs as fit in the time left after the re-timing (at
+    least ``epochs``), planned from each candidate's own trial (:func:`_refine_costs`). With a time
+    budget the budget wins: when even ``epochs`` does not fit for every candidate, fewer candidates
+    (still spread over the frontier), and none when not for one. A resume keeps what was chosen first."""
+    config = session.config
+    settings = config.search.refine
+    if chosen_before(tags) and EPOCHS_TAG in tags:
+        return float(tags[EPOCHS_TAG]), len(chosen_before(tags))
+    left = session.seconds_left()
+    if left is None:
+        return settings.epochs, settings.candidates
     # 0.9: Ray's scheduling and a neighbour's noise are not in the plan
-    left = 0.9 * (session.seconds_left() - end_estimate(rows, config.measure, objectives=session.objectives))
-    return epochs_that_fit(left, costs, concurrency=config.search.max_concurrent, least=settings.epochs)
+    left = 0.9 * (left - end_estimate(rows, config.measure, objectives=session.objectives))
+    concurrency = config.search.max_concurrent
+    for count in range(settings.candidates, 0, -1):
+        chosen = front[front["run_id"].isin(candidates(front, count))] if len(front) else front
+        costs = _refine_costs(session, chosen)
+        if costs is None:  # nothing to plan from: what the config says
+            return settings.epochs, settings.candidates
+        epochs = settings.epochs if settings.share is None else epochs_that_fit(left, costs, concurrency=concurrency, least=settings.epochs)
+        if makespan(costs, epochs, concurrency) <= left:
+            return epochs, count
+    return settings.epochs, 0
 
 
 def _remeasure(session: _Session) -> None:

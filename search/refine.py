@@ -132,18 +132,21 @@ def _in_search(row: dict[str, Any], score: str) -> float:
 
 def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings, *, task: TaskConfig, checkpoint: bytes,
                     finetune: FinetuneConfig, measure: MeasureConfig, dense: dict[str, float], resources: dict[str, float],
-                    out: Callable[[str], None], scores: list[str] = ("accuracy",), epochs: float | None = None) -> list[str]:
-    """Refine the candidates of ``front`` (rows with ``run_id``, ``latency_ms`` and the ``scores``) on
-    Ray, for ``epochs`` (default ``settings.epochs``), and record the results on their runs (each score's
-    search value kept as ``<score>_in_search``); returns the run ids refined. Ray must be running."""
-    chosen = candidates(front, settings.candidates)
+                    out: Callable[[str], None], scores: list[str] = ("accuracy",), epochs: float | None = None,
+                    count: int | None = None) -> list[str]:
+    """Refine ``count`` (default ``settings.candidates``) candidates of ``front`` (rows with ``run_id``,
+    ``latency_ms`` and the ``scores``) on Ray, for ``epochs`` (default ``settings.epochs``), and record
+    the results on their runs (each score's search value kept as ``<score>_in_search``); returns the
+    run ids refined. Ray must be running."""
+    chosen = candidates(front, settings.candidates if count is None else count)
     if not chosen:
         return []
     epochs = settings.epochs if epochs is None else epochs
     # chosen once: a resume refines these, for as long, whatever the frontier became
     tracker.set_tags({CANDIDATES_TAG: ",".join(chosen), EPOCHS_TAG: f"{epochs:g}"})
     how = f" (search.refine.share: what fits in {settings.share:g} of the time budget)" if settings.share else ""
-    out(f"refining {len(chosen)} frontier policies: {epochs:g} epochs of fine-tuning each{how} (search.refine)")
+    fewer = f"; {settings.candidates} asked for, {len(chosen)} fit in the time budget" if count is not None and count < settings.candidates else ""
+    out(f"refining {len(chosen)} frontier policies: {epochs:g} epochs of fine-tuning each{how}{fewer} (search.refine)")
     # a resumed search whose driver was killed while refining: runs already refined keep their
     # result, and each score in search of every run is the one the search measured
     rows = front.set_index("run_id").to_dict("index")

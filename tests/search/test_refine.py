@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from search.config import validate
-from search.driver import _refine_epochs, _Session
+from search.driver import _refine_plan, _Session
 from search.objectives import DEFAULT
 from search.refine import CANDIDATES_TAG, EPOCHS_TAG, epochs_that_fit, makespan
 
@@ -23,7 +23,7 @@ def config(**refine):
                      "search": {"time_budget_s": 200, "max_concurrent": 2, "refine": {"epochs": 0.5, "candidates": 2, **refine}}})
 
 
-def session(cfg, left: float):
+def session(cfg, left: float | None):
     task = SimpleNamespace(train_source=SimpleNamespace(batches_per_epoch=lambda batch_size: 100))
     return SimpleNamespace(config=cfg, objectives=DEFAULT, seconds_left=lambda: left, prepared=SimpleNamespace(task=task))
 
@@ -47,26 +47,45 @@ def test_the_slowest_candidate_bounds_the_epochs():
 
 def test_without_share_the_refinement_has_its_fixed_epochs():
     cfg = config()
-    assert _refine_epochs(session(cfg, 100.0), ROWS, pd.DataFrame(ROWS[:2]), {}) == 0.5
+    assert _refine_plan(session(cfg, 100.0), ROWS, pd.DataFrame(ROWS[:2]), {}) == (0.5, 2)
+    assert _refine_plan(session(cfg, None), ROWS, pd.DataFrame(ROWS[:2]), {}) == (0.5, 2)  # no time budget
+
+
+def epochs_of(*args) -> float:
+    epochs, count = _refine_plan(*args)
+    assert count == 2
+    return epochs
 
 
 def test_with_share_the_epochs_fill_the_time_left_after_the_retiming():
     cfg = config(share=0.4)
-    short = _refine_epochs(session(cfg, 60.0), ROWS, pd.DataFrame(ROWS[:2]), {})
-    long = _refine_epochs(session(cfg, 120.0), ROWS, pd.DataFrame(ROWS[:2]), {})
+    short = epochs_of(session(cfg, 60.0), ROWS, pd.DataFrame(ROWS[:2]), {})
+    long = epochs_of(session(cfg, 120.0), ROWS, pd.DataFrame(ROWS[:2]), {})
     # each candidate's own trial: 3 s to prune and time, 20 s an epoch; one round of the 2 candidates,
     # in 0.9 of the time left after the re-timing
     assert 0.5 < short < long <= 0.9 * (120 - 3) / 20
     assert long - short == pytest.approx(0.9 * 60 / 20, abs=0.15)
     # a candidate whose trial fine-tuned 3x slower sets the pace
     slow = pd.DataFrame([ROWS[0], {**ROWS[1], "time_finetune_s": 30.0}])
-    assert _refine_epochs(session(cfg, 120.0), ROWS, slow, {}) == pytest.approx(long / 3, abs=0.15)
+    assert epochs_of(session(cfg, 120.0), ROWS, slow, {}) == pytest.approx(long / 3, abs=0.15)
 
 
 def test_a_resumed_refinement_keeps_the_epochs_chosen_first():
     cfg = config(share=0.4)
     tags = {CANDIDATES_TAG: "r0,r1", EPOCHS_TAG: "3.7"}
-    assert _refine_epochs(session(cfg, 5.0), ROWS, pd.DataFrame(ROWS[:2]), tags) == 3.7
+    assert _refine_plan(session(cfg, 5.0), ROWS, pd.DataFrame(ROWS[:2]), tags) == (3.7, 2)
+
+
+@pytest.mark.parametrize("share", [None, 0.4])
+def test_the_time_budget_wins_over_refine_epochs_fewer_candidates_or_none(share):
+    # refine.epochs 2: 43 s for one candidate (3 s, then 20 s an epoch), two run side by side, and the
+    # third after them; the candidates that do not fit in 0.9 of the time left are not refined
+    cfg = config(epochs=2.0, candidates=3, share=share)
+    front = pd.DataFrame(ROWS[:3])
+    assert _refine_plan(session(cfg, 200.0), ROWS, front, {})[1] == 3
+    epochs, count = _refine_plan(session(cfg, 80.0), ROWS, front, {})  # 86 s for three, 43 s for two
+    assert count == 2 and (epochs == 2.0 if share is None else epochs > 2.0)  # with share, the two get the time
+    assert _refine_plan(session(cfg, 30.0), ROWS, front, {}) == (2.0, 0)   # not one fits: no refinement
 
 
 def test_the_trials_leave_the_share_of_the_budget_to_the_end():
