@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test quickstart test test-fast screenshots benchmark clean
+.PHONY: install install-test install-bench quickstart test test-fast screenshots benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -19,6 +19,10 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+
+install-bench: install  # benchmarks/fastnas_comparison.py: NVIDIA ModelOpt, and torchprofile without the torchvision it declares (pyproject.toml)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q --no-deps "torchprofile==0.0.4"
 
 quickstart: install
 	$(BIN)/secateurs search configs/quickstart.yaml

@@ -11,7 +11,8 @@ from a search of the same config held to that band (``--search-seconds`` of wall
 model's MACs and its test accuracy after the final fine-tune, and the accuracy each lost against the
 dense model.
 
-Needs the benchmark extra (``pip install -e ".[bench]"``: nvidia-modelopt, torchprofile).
+Needs NVIDIA ModelOpt and torchprofile: ``make install-bench`` (torchprofile without the torchvision
+it declares and never imports; see ``pyproject.toml``).
 
     SECATEURS_DATA=../shared/data python benchmarks/fastnas_comparison.py [--final-epochs 5]
 """
