@@ -152,13 +152,14 @@ def choose(table: pd.DataFrame, constraints: Constraints = Constraints(), prefer
     feasible = table[constraints.satisfied_by(table, dense)]
     if not len(feasible):
         raise NoFeasiblePolicyError(_infeasible_message(table, constraints, what, dense))
-    view = fidelity.ranked(feasible.reset_index(drop=True), objectives.quality)  # scores at one fidelity when the search refined some
+    feasible = fidelity.expected(feasible, objectives.quality)  # search.refine: each score at one fidelity too
+    view = fidelity.ranked(feasible.reset_index(drop=True), objectives.quality)  # (ranked keeps the estimate made here)
     if prefer == "knee":
         at = frontier.knee_point(view[objectives.names].to_numpy(dtype=float), objectives.senses)
     else:
         columns, ascending = ordered(objectives, prefer)
         at = int(view.sort_values(columns, ascending=ascending, kind="stable").index[0])
-    return fidelity.expected(feasible, objectives.quality).iloc[at]
+    return feasible.iloc[at]
 
 
 def find_trial(record: SearchRecord, trial: str) -> pd.Series:

@@ -69,8 +69,10 @@ def expected(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
     if not done.any():
         return table
     for score in scores:
+        if score not in table or score + SUFFIX in table:
+            continue
         before, gains = gain(table, score)
-        if score not in table or not len(before) or score + SUFFIX in table:
+        if not len(before):
             continue
         values = table[score].astype(float)
         estimate = values + predicted_gain(before, gains, values.fillna(0.0).to_numpy())
