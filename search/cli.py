@@ -157,8 +157,12 @@ def _compare(args: argparse.Namespace, uri: str) -> int:
 
     records = [load_search(run_id, uri) for run_id in dict.fromkeys(args.run_ids)]
     summary, combined = compare_tables(records)
-    print(summary.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(summary.drop(columns=["run_id", "scores_at"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("(hypervolume: each objective scaled to [0, 1] over all the frontiers shown, reference 1.1; larger is better)")
+    if summary["refined"].any():  # search.refine: a refined score beside an unrefined one compares training lengths
+        print("(best score, hypervolume and overall compare the scores "
+              + ("after each search's refinement (search.fidelity)" if summary["scores_at"].iloc[0] == "refined"
+                 else "after each search's own fine-tune: not every search refined its frontier") + ")")
     if len({r.config.task.name for r in records}) > 1:
         print("note: these searches are on different tasks; their scores are not comparable")
     if len(combined):

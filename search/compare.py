@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from search import frontier
+from search import fidelity, frontier
 from search.export import write_json
 from search.objectives import DEFAULT, Objectives
 from search.records import TABLE_COLUMNS, ProductionError, SearchRecord
@@ -59,25 +59,40 @@ def write_frontier(record: SearchRecord, table: pd.DataFrame, *, csv: str | None
 
 def compare_tables(records: list[SearchRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A summary row per search and the union of their frontiers (``overall`` = non-dominated in the
-    union). The searches must share their objectives."""
+    union). The searches must share their objectives. Scores are compared on one footing
+    (:func:`on_one_footing`, the ``scores_at`` column): the summary's best score and hypervolume and ``overall`` use it; the union's
+    score columns stay what was measured."""
     objectives = common_objectives(records)
     score = objectives.primary
-    fronts = [r.frontier for r in records]
+    footing, fronts = on_one_footing(records)
     volumes = frontier.common_box_hypervolumes(fronts, objectives.mapping)
     summary = pd.DataFrame([{
         "search": r.label, "task": r.config.task.name, "sampler": r.config.search.sampler,
-        "trials": len(r.trials), "frontier": len(f),
+        "trials": len(r.trials), "frontier": len(f), "refined": int(fidelity.refined(r.trials).sum()),
         f"best_{score}": (f[score].max() if objectives.sense(score) == "max" else f[score].min()) if len(f) else float("nan"),
         "min_latency_ms": f["latency_ms"].min() if len(f) else float("nan"),
         "min_size_mb": f["size_mb"].min() if len(f) else float("nan"),
         "hypervolume": hv, "run_id": r.run_id,
     } for r, f, hv in zip(records, fronts, volumes)])
-    parts = [f.assign(search=r.label, search_run_id=r.run_id) for r, f in zip(records, fronts) if len(f)]
-    combined = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["search", *TABLE_COLUMNS])
-    if len(combined):
-        combined = frontier.frontier_table(combined.drop(columns=["pareto"]), objectives.mapping).rename(columns={"pareto": "overall"})
-        combined = combined.sort_values("latency_ms", kind="stable").reset_index(drop=True)
-    return summary, combined
+    parts = [(r.frontier.assign(search=r.label, search_run_id=r.run_id), f) for r, f in zip(records, fronts) if len(f)]
+    if not parts:
+        return summary, pd.DataFrame(columns=["search", *TABLE_COLUMNS])
+    combined = pd.concat([measured for measured, _ in parts], ignore_index=True).drop(columns=["pareto"], errors="ignore")
+    ranked = pd.concat([f for _, f in parts], ignore_index=True)
+    combined["overall"] = frontier.frontier_table(ranked, objectives.mapping)["pareto"].to_numpy()
+    return summary.assign(scores_at=footing), combined.sort_values("latency_ms", kind="stable").reset_index(drop=True)
+
+
+def on_one_footing(records: list[SearchRecord]) -> tuple[str, list[pd.DataFrame]]:
+    """Each search's frontier with its scores where the searches are compared: at the refinement's
+    fidelity (:func:`search.fidelity.ranked`: each search's own estimate) when every search refined
+    some policies, else at the searches' own fine-tunes (:func:`search.fidelity.in_search`). A
+    refined accuracy beside an unrefined one compares training lengths, not policies; the fine-tunes
+    themselves must match for the comparison to be fair. Returns which footing, and the frontiers."""
+    quality = common_objectives(records).quality
+    if records and all(fidelity.refined(r.trials).any() for r in records):
+        return "refined", [fidelity.ranked(r.frontier, quality) for r in records]
+    return "search fine-tune", [fidelity.in_search(r.frontier, quality) for r in records]
 
 
 def common_objectives(records: list[SearchRecord]) -> Objectives:
@@ -92,8 +107,10 @@ def common_objectives(records: list[SearchRecord]) -> Objectives:
 
 def plot_compare(records: list[SearchRecord], path: str | Path) -> Path:
     """The first score (e.g. accuracy) vs latency_ms and vs size_mb: each search's trials (faint),
-    frontier points with the best score reached at each x (step line), and its dense model (star)."""
+    frontier points with the best score reached at each x (step line), and its dense model (star).
+    The frontiers' scores are on the footing of :func:`on_one_footing`; the trials' as measured."""
     objectives = common_objectives(records)
+    footing, fronts = on_one_footing(records)
     score = objectives.primary
     best = np.maximum.accumulate if objectives.sense(score) == "max" else np.minimum.accumulate
     import matplotlib
@@ -107,11 +124,11 @@ def plot_compare(records: list[SearchRecord], path: str | Path) -> Path:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     try:
         for ax, (column, label) in zip(axes, (("latency_ms", "latency (ms)"), ("size_mb", "size (MB)"))):
-            for i, record in enumerate(records):
+            for i, (record, front) in enumerate(zip(records, fronts)):
                 color = colors[i % len(colors)]
                 if len(record.trials):
                     ax.scatter(record.trials[column], record.trials[score], s=12, color=color, alpha=0.2, zorder=1)
-                front = record.frontier.sort_values(column, kind="stable")
+                front = front.sort_values(column, kind="stable")
                 if len(front):
                     best_so_far = best(front[score].to_numpy(dtype=float))  # 2-D staircase
                     ax.step(front[column], best_so_far, where="post", color=color, linewidth=1.2, zorder=2)
@@ -121,7 +138,7 @@ def plot_compare(records: list[SearchRecord], path: str | Path) -> Path:
                     ax.scatter([record.dense[column]], [record.dense[score]], marker="*", s=180, color=color,
                                edgecolors="black", zorder=4)
             ax.set_xlabel(label)
-            ax.set_ylabel(score)
+            ax.set_ylabel(score if footing == "search fine-tune" else f"{score} (frontiers: after the refinement)")
             ax.grid(True, alpha=0.3)
             ax.legend(loc="lower right" if objectives.sense(score) == "max" else "upper right", fontsize="small")
         fig.suptitle("frontiers compared (stars: dense models)")

@@ -84,8 +84,25 @@ def ranked(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
     """``table`` as policies are ranked: each score at the refinement's fidelity (:func:`expected`)."""
     view = expected(table, scores)
     for score in scores:
-        if score + SUFFIX in view:
-            view[score] = view[score + SUFFIX]
+        if score + SUFFIX in view:  # (rows of a search that refined nothing, in a union of searches: measured)
+            view[score] = view[score + SUFFIX].where(view[score + SUFFIX].notna(), view[score])
+    return view
+
+
+def in_search(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
+    """``table`` with each score at the search's own fine-tune: ``<score>_in_search`` on the refined
+    rows. The footing on which searches that did not all refine are compared (``secateurs compare``).
+
+    >>> t = pd.DataFrame({"accuracy": [0.72, 0.603], "accuracy_in_search": [0.70, None], "refine_epochs": [2.0, None]})
+    >>> in_search(t, ["accuracy"])["accuracy"].tolist()
+    [0.7, 0.603]
+    """
+    view = table.copy()
+    done = refined(view)
+    for score in scores:
+        column = score + "_in_search"
+        if column in view and score in view:
+            view[score] = view[column].where(done & view[column].notna(), view[score])
     return view
 
 

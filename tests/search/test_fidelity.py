@@ -96,3 +96,47 @@ def test_pick_says_how_its_choice_was_ranked():
     assert fidelity.describe(t.loc[4], t, "accuracy") == "accuracy 0.6335 after the refinement's 1.8 epochs (0.5570 after the search's fine-tune)"
     plain = table().drop(columns=["refine_epochs"])
     assert fidelity.describe(plain.loc[3], plain, "accuracy") is None
+
+
+def _record(name: str, rows: pd.DataFrame):
+    from pathlib import Path
+
+    from search.config import load_config
+    from search.records import SearchRecord
+
+    trials = fidelity.expected(rows, ["accuracy"])
+    trials["pareto"] = frontier.feasible_frontier(trials, {"accuracy": "max", "latency_ms": "min", "size_mb": "min"})
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
+    return SearchRecord(tracking_uri="sqlite:///unused.db", run_id=name * 32, run_name=name, experiment_id="0", status="FINISHED",
+                        config=config, dense={"accuracy": 0.75, "latency_ms": 10.0, "size_mb": 1.0}, checkpoint="",
+                        trials=trials, pareto_from_tags=True)
+
+
+def test_compare_puts_a_refined_search_beside_an_unrefined_one_at_the_searches_own_fine_tune():
+    from search.compare import compare_tables
+
+    refined = _record("a", table())
+    # the same policies, not refined: the search's own scores. Its fastest is 0.01 better than the
+    # refined search's 0.557 in search: with the refined 0.6335 it would look 0.06 worse
+    plain = table().drop(columns=["refine_epochs"]).assign(accuracy=lambda t: t["accuracy_in_search"].fillna(t["accuracy"]))
+    plain.loc[plain["trial"] == 4, "accuracy"] += 0.01
+    unrefined = _record("b", plain.drop(columns=["accuracy_in_search"]))
+    summary, combined = compare_tables([refined, unrefined])
+    assert list(summary["scores_at"]) == ["search fine-tune"] * 2 and list(summary["refined"]) == [4, 0]
+    fastest = combined[combined["latency_ms"] == 4.0].set_index("search")
+    assert bool(fastest.loc[unrefined.label, "overall"]) and not bool(fastest.loc[refined.label, "overall"])
+    assert fastest.loc[refined.label, "accuracy"] == pytest.approx(0.6335)  # the union shows what was measured
+    assert summary["best_accuracy"].tolist() == pytest.approx([0.7110, 0.7110])
+
+
+def test_compare_of_searches_that_all_refined_uses_each_ones_estimate():
+    from search.compare import compare_tables
+
+    first, second = _record("a", table()), _record("b", table().assign(latency_ms=lambda t: t["latency_ms"] + 0.1))
+    summary, combined = compare_tables([first, second])
+    assert list(summary["scores_at"]) == ["refined"] * 2
+    assert summary["best_accuracy"].tolist() == pytest.approx([0.7205, 0.7205])
+    # uniform 0.5 (unrefined, 0.603 at 4.5 ms) is ranked at its expected 0.6613: on the overall frontier.
+    # Measured, the refined uniform 0.75 (0.6335 at 4.0 ms) would dominate it
+    overall = combined[combined["overall"]]
+    assert set(overall["search"]) == {first.label} and 4.5 in set(overall["latency_ms"])
