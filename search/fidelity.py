@@ -84,7 +84,7 @@ def ranked(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
     """``table`` as policies are ranked: each score at the refinement's fidelity (:func:`expected`)."""
     view = expected(table, scores)
     for score in scores:
-        if score + SUFFIX in view:  # (rows of a search that refined nothing, in a union of searches: measured)
+        if score + SUFFIX in view:  # a row without an estimate keeps its measured score
             view[score] = view[score + SUFFIX].where(view[score + SUFFIX].notna(), view[score])
     return view
 
