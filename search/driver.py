@@ -37,7 +37,7 @@ from search.constraints import parse_all
 from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
 from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
-from search.refine import EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, makespan, refine_frontier
+from search.refine import EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, refine_frontier, rungs_makespan
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import RecordedTrial, SecateursSearch
@@ -96,8 +96,7 @@ class _Session:
     def end_s(self, rows: list[dict]) -> float:
         """Seconds the end of the search will take (refinement, re-timing, report), from ``rows``."""
         search = self.config.search
-        end = end_estimate(rows, self.config.measure, refine_candidates=search.refine.candidates if search.refine else 0,
-                           refine_epochs=search.refine.epochs if search.refine else 0.0,
+        end = end_estimate(rows, self.config.measure, refine=search.refine.plan(search.refine.epochs, search.refine.candidates) if search.refine else (),
                            finetune_epochs=self.config.finetune.epochs, concurrency=search.max_concurrent, objectives=self.objectives)
         if search.refine is not None and search.refine.share is not None:  # that part of the budget, or more if epochs needs it
             end = max(end, end_estimate(rows, self.config.measure, objectives=self.objectives) + search.refine.share * search.time_budget_s)
@@ -556,7 +555,7 @@ def _refine(session: _Session) -> None:
     refine_frontier(session.tracker, front, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
                     measure=config.measure, dense=session.dense,
                     resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial}, out=session.out,
-                    scores=session.objectives.quality, epochs=epochs, count=count)
+                    scores=session.objectives.quality, epochs=epochs, count=count, senses=session.objectives.mapping)
 
 
 def _refine_costs(session: _Session, chosen: pd.DataFrame) -> list[tuple[float, float]] | None:
@@ -580,8 +579,9 @@ def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags:
     (still spread over the frontier), and none when not for one. A resume keeps what was chosen first."""
     config = session.config
     settings = config.search.refine
+    first = settings.reduction_factor ** (settings.rungs - 1)  # policies in the first rung for each in the last
     if chosen_before(tags) and EPOCHS_TAG in tags:
-        return float(tags[EPOCHS_TAG]), len(chosen_before(tags))
+        return float(tags[EPOCHS_TAG]), -(-len(chosen_before(tags)) // first)
     left = session.seconds_left()
     if left is None:
         return settings.epochs, settings.candidates
@@ -589,12 +589,13 @@ def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags:
     left = 0.9 * (left - end_estimate(rows, config.measure, objectives=session.objectives))
     concurrency = config.search.max_concurrent
     for count in range(settings.candidates, 0, -1):
-        chosen = front[front["run_id"].isin(candidates(front, count))] if len(front) else front
+        chosen = front[front["run_id"].isin(candidates(front, count * first))] if len(front) else front
         costs = _refine_costs(session, chosen)
         if costs is None:  # nothing to plan from: what the config says
             return settings.epochs, settings.candidates
-        epochs = settings.epochs if settings.share is None else epochs_that_fit(left, costs, concurrency=concurrency, least=settings.epochs)
-        if makespan(costs, epochs, concurrency) <= left:
+        epochs = settings.epochs if settings.share is None else epochs_that_fit(left, costs, concurrency=concurrency, least=settings.epochs,
+                                                                                 settings=settings)
+        if rungs_makespan(costs, settings.plan(epochs, count), concurrency) <= left:
             return epochs, count
     return settings.epochs, 0
 

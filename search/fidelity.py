@@ -10,7 +10,10 @@ policies, and on the others the search's value plus the gain the refined pairs p
 The gain is a straight line in the search's score, fitted to the refined pairs (``<score>_in_search``,
 ``<score>``) by least squares (the more a policy lost, the more a longer fine-tune gives back), and
 held within the gains the pairs show: it never extrapolates past what was measured. One pair gives
-its gain to every policy. The estimate is a column of its own, ``<score>_expected``; ``<score>`` stays
+its gain to every policy. With successive halving (``search.refine.rungs``) the same is done one rung
+at a time: a policy is carried from the highest fidelity it was measured at (the search's, or the
+rung where the halving dropped it) up to the next by the line through the pairs measured at both,
+and so on to the last rung; only the policies of the last rung keep a measured score. The estimate is a column of its own, ``<score>_expected``; ``<score>`` stays
 what was measured. The frontier, ``secateurs pick`` and the benchmark rank on :func:`ranked`.
 
 >>> t = pd.DataFrame({"accuracy": [0.72, 0.6335, 0.603], "accuracy_in_search": [0.70, 0.557, None],
@@ -20,6 +23,7 @@ what was measured. The frontier, ``secateurs pick`` and the benchmark rank on :f
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -35,14 +39,33 @@ def refined(table: pd.DataFrame) -> pd.Series:
     return table["refine_epochs"].notna() & (pd.to_numeric(table["refine_epochs"], errors="coerce") > 0)
 
 
-def gain(table: pd.DataFrame, score: str) -> tuple[np.ndarray, np.ndarray]:
-    """The refined pairs of ``score``: the search's values and what the refinement added to each."""
+def levels(table: pd.DataFrame, score: str) -> list[pd.Series]:
+    """``score`` at each fidelity, lowest first: the search's fine-tune (``<score>_in_search`` on the
+    refined rows), then each rung of the refinement (``<score>_rung<r>``; a search that kept no rungs
+    has one, its refined ``score``); NaN where a policy was not measured at that fidelity."""
+    done = refined(table)
+    values = pd.to_numeric(table[score], errors="coerce")
     column = f"{score}_in_search"
-    if column not in table or score not in table:
+    search = values.where(~done, pd.to_numeric(table[column], errors="coerce") if column in table else np.nan)
+    rungs = sorted(int(m.group(1)) for c in table.columns if (m := re.fullmatch(re.escape(score) + r"_rung(\d+)", str(c))))
+    above = [pd.to_numeric(table[f"{score}_rung{r}"], errors="coerce") for r in rungs] if rungs else [values.where(done)]
+    while above and above[-1].isna().all():  # a rung a killed search never reached
+        above.pop()
+    return [search, *above]
+
+
+def gain(table: pd.DataFrame, score: str, rung: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of ``score`` that measured what rung ``rung`` of the refinement adds: the values
+    one fidelity below it (the search's, for rung 0) and the gain of each."""
+    if score not in table:
         return np.empty(0), np.empty(0)
-    pairs = table[refined(table) & table[column].notna() & table[score].notna()]
-    before = pairs[column].to_numpy(float)
-    return before, pairs[score].to_numpy(float) - before
+    scale = levels(table, score)
+    if rung + 1 >= len(scale):
+        return np.empty(0), np.empty(0)
+    lower, upper = scale[rung], scale[rung + 1]
+    pairs = lower.notna() & upper.notna()
+    before = lower[pairs].to_numpy(float)
+    return before, upper[pairs].to_numpy(float) - before
 
 
 def predicted_gain(before: np.ndarray, gains: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -62,21 +85,24 @@ def predicted_gain(before: np.ndarray, gains: np.ndarray, at: np.ndarray) -> np.
 
 def expected(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
     """A copy of ``table`` with ``<score>_expected`` for each of ``scores`` when some rows were refined
-    (the refined rows' measured score; the others' estimated, see the module); unchanged otherwise.
-    A column already there is kept: it was fitted on the whole search, ``table`` may be a part of it."""
+    (measured at the last rung; the others carried up from the highest fidelity they were measured at,
+    one rung at a time, see the module); unchanged otherwise. A column already there is kept: it was
+    fitted on the whole search, ``table`` may be a part of it."""
     table = table.copy()
-    done = refined(table)
-    if not done.any():
+    if not refined(table).any():
         return table
     for score in scores:
         if score not in table or score + SUFFIX in table:
             continue
-        before, gains = gain(table, score)
-        if not len(before):
+        scale = levels(table, score)
+        if len(scale) < 2 or not len(gain(table, score)[0]):
             continue
-        values = table[score].astype(float)
-        estimate = values + predicted_gain(before, gains, values.fillna(0.0).to_numpy())
-        table[score + SUFFIX] = values.where(done, estimate).where(values.notna())
+        value = scale[0]
+        for rung, upper in enumerate(scale[1:]):
+            before, gains = gain(table, score, rung)
+            carried = value + predicted_gain(before, gains, value.fillna(0.0).to_numpy())
+            value = upper.where(upper.notna(), carried)
+        table[score + SUFFIX] = value.where(table[score].notna())
     return table
 
 
@@ -107,8 +133,9 @@ def in_search(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
 
 
 def pairs_count(table: pd.DataFrame, score: str) -> int:
-    """How many refined pairs the estimate of ``score`` rests on."""
-    return len(gain(table, score)[0])
+    """How many policies the estimate of ``score`` rests on: those measured at the last rung."""
+    scale = levels(table, score) if score in table else []
+    return int(scale[-1].notna().sum()) if len(scale) > 1 else 0
 
 
 def describe(row: pd.Series, table: pd.DataFrame, score: str) -> str | None:
@@ -118,10 +145,14 @@ def describe(row: pd.Series, table: pd.DataFrame, score: str) -> str | None:
     if not done.any() or score not in row:
         return None
     epochs = float(pd.to_numeric(table.loc[done, "refine_epochs"]).max())
-    if refined(row.to_frame().T).iloc[0]:
-        return (f"{score} {float(row[score]):.4f} after the refinement's {float(row['refine_epochs']):g} epochs "
-                f"({float(row[f'{score}_in_search']):.4f} after the search's fine-tune)")
     guess = row.get(score + SUFFIX)
+    if refined(row.to_frame().T).iloc[0]:
+        measured = (f"{score} {float(row[score]):.4f} after the refinement's {float(row['refine_epochs']):g} epochs "
+                    f"({float(row[f'{score}_in_search']):.4f} after the search's fine-tune)")
+        if float(row["refine_epochs"]) >= epochs or guess is None or guess != guess:
+            return measured
+        return (f"{measured}, a rung the successive halving did not keep it past; ranked at {float(guess):.4f}, the {score} "
+                f"expected after its last rung's {epochs:g} epochs, estimated from {pairs_count(table, score)} policies (search.fidelity)")
     if guess is None or guess != guess:
         return None
     return (f"{score} {float(row[score]):.4f} after the search's fine-tune (not refined); ranked at {float(guess):.4f}, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 from ray import tune
@@ -259,11 +259,11 @@ class TimeBudget(tune.Stopper):
         return left is not None and left <= self.end_s(self.recorder.rows)
 
 
-def end_estimate(rows: list[dict], measure, *, refine_candidates: int = 0, refine_epochs: float = 0.0, finetune_epochs: float = 1.0,
+def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float]] = (), finetune_epochs: float = 1.0,
                  concurrency: int = 1, objectives: Objectives | None = None) -> float:
     """Seconds the end of a search takes, from the trials so far: the refinement (``search.refine``:
-    ``refine_candidates`` fine-tunes of ``refine_epochs``, ``concurrency`` at a time, each as long as a
-    trial's fine-tune scaled by the epochs), then each frontier model and the dense one rebuilt and
+    its rungs ``refine``, each ``(policies, epochs)``, one after the other, with ``concurrency`` fine-tunes
+    at a time, each as long as a trial's fine-tune scaled by the epochs), then each frontier model and the dense one rebuilt and
     timed (``measure.warmup + measure.repeats`` passes; a second pass for half of them), and 4 s for
     Ray's shut-down and the report."""
     table = pd.DataFrame(rows)
@@ -275,8 +275,8 @@ def end_estimate(rows: list[dict], measure, *, refine_candidates: int = 0, refin
     front = table[frontier.frontier_table(table, (objectives or DEFAULT).mapping)["pareto"].to_numpy()]
     median = {k: float(table[k].median()) if k in table else 0.0 for k in ("time_prune_s", "time_finetune_s", "time_measure_s")}
     per_model = median["time_prune_s"] + (measure.warmup + measure.repeats) * float(front["latency_ms"].max()) / 1000.0
-    refine = 0.0
-    if refine_candidates:
-        one = median["time_prune_s"] + median["time_finetune_s"] * refine_epochs / max(finetune_epochs, 1e-9) + median["time_measure_s"]
-        refine = -(-min(refine_candidates, len(front)) // concurrency) * one
-    return 4.0 + refine + 1.5 * (len(front) + 1) * per_model
+    refining = 0.0
+    for policies, epochs in refine:
+        one = median["time_prune_s"] + median["time_finetune_s"] * epochs / max(finetune_epochs, 1e-9) + median["time_measure_s"]
+        refining += -(-min(policies, len(front)) // concurrency) * one
+    return 4.0 + refining + 1.5 * (len(front) + 1) * per_model

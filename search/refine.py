@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
 import ray
 
 from evaluators.tasks import TaskConfig, make_task
+from search import frontier
 from evaluators.trial import FinetuneConfig, MeasureConfig, Reference, evaluate
 from spaces import Policy
 
@@ -49,6 +50,8 @@ class RefineSettings:
     epochs: float = 5.0    # the fine-tune each candidate gets (from the dense checkpoint, as a trial's)
     candidates: int = 4    # at most this many frontier policies, spread over its latency range
     share: float | None = None  # with search.time_budget_s: this part of it for the refinement, epochs as many as fit (>= epochs)
+    rungs: int = 1         # successive halving: rungs of refinement, each keeping 1/reduction_factor of the last (1 = off)
+    reduction_factor: int = 2  # each rung keeps 1/this of the policies and fine-tunes them this many times longer
 
     def __post_init__(self) -> None:
         if not 0 < self.epochs < float("inf"):
@@ -57,6 +60,23 @@ class RefineSettings:
             raise ValueError(f"candidates: must be an integer >= 1, but got {self.candidates!r}")
         if self.share is not None and not 0 < self.share < 1:
             raise ValueError(f"share: must be a part of search.time_budget_s, 0 < share < 1, or null, but got {self.share!r}")
+        if isinstance(self.rungs, bool) or not isinstance(self.rungs, int) or not 1 <= self.rungs <= 6:
+            raise ValueError(f"rungs: must be an integer from 1 (no successive halving) to 6, but got {self.rungs!r}")
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor: must be an integer >= 2 (each rung keeps 1/reduction_factor), "
+                             f"but got {self.reduction_factor!r}")
+
+    def plan(self, epochs: float, count: int) -> list[tuple[int, float]]:
+        """Each rung's (policies, epochs): ``count`` policies for ``epochs`` at the last rung, and
+        ``reduction_factor`` times as many for 1/``reduction_factor`` of the epochs at each rung before.
+
+        >>> RefineSettings(rungs=3).plan(2.0, 2)
+        [(8, 0.5), (4, 1.0), (2, 2.0)]
+        >>> RefineSettings().plan(2.0, 4)
+        [(4, 2.0)]
+        """
+        eta, last = self.reduction_factor, self.rungs - 1
+        return [(count * eta ** (last - r), round(epochs / eta ** (last - r), 6)) for r in range(self.rungs)]
 
 
 def makespan(costs: list[tuple[float, float]], epochs: float, concurrency: int) -> float:
@@ -75,10 +95,24 @@ def makespan(costs: list[tuple[float, float]], epochs: float, concurrency: int) 
     return max(slots)
 
 
-def epochs_that_fit(seconds: float, costs: list[tuple[float, float]], *, concurrency: int, least: float) -> float:
+def rungs_makespan(costs: list[tuple[float, float]], plan: list[tuple[int, float]], concurrency: int) -> float:
+    """Seconds the rungs of ``plan`` (each ``(policies, epochs)``, from :meth:`RefineSettings.plan`)
+    take, one after the other, for the candidates of ``costs``: each rung planned for the slowest of
+    them it may keep (which ones survive is not known before).
+
+    >>> rungs_makespan([(0, 10), (0, 20), (0, 30), (0, 40)], [(4, 0.5), (2, 1.0)], concurrency=2)
+    65.0
+    """
+    slowest = sorted(costs, key=lambda c: c[0] + c[1], reverse=True)
+    return sum(makespan(slowest[:count], epochs, concurrency) for count, epochs in plan)
+
+
+def epochs_that_fit(seconds: float, costs: list[tuple[float, float]], *, concurrency: int, least: float,
+                    settings: "RefineSettings | None" = None) -> float:
     """The most epochs, in tenths, that every fine-tune of ``costs`` (each ``(fixed seconds, seconds an
     epoch)``: a candidate's prune and timing, and its fine-tune's speed) can have with all of them
-    done in ``seconds`` (:func:`makespan`); at least ``least``.
+    done in ``seconds`` (:func:`makespan`); at least ``least``. With ``settings`` of more than one rung,
+    ``costs`` are the first rung's candidates and the epochs are the last rung's (:func:`rungs_makespan`).
 
     >>> epochs_that_fit(100, [(3, 20)] * 4, concurrency=2, least=0.5)
     2.3
@@ -89,10 +123,12 @@ def epochs_that_fit(seconds: float, costs: list[tuple[float, float]], *, concurr
     """
     if not costs:
         return float(least)
+    settings = settings or RefineSettings()
+    count = -(-len(costs) // settings.reduction_factor ** (settings.rungs - 1))
     lo, hi = 0, 1 + int(10 * seconds / max(min(per for _, per in costs), 1e-9))
     while lo < hi:  # the largest tenth whose makespan fits
         mid = (lo + hi + 1) // 2
-        if makespan(costs, mid / 10, concurrency) <= seconds:
+        if rungs_makespan(costs, settings.plan(mid / 10, count), concurrency) <= seconds:
             lo = mid
         else:
             hi = mid - 1
@@ -125,45 +161,101 @@ def _refine_one(policy: Policy, task: TaskConfig, checkpoint: bytes, finetune: F
             "time_refine_s": time.perf_counter() - started}
 
 
+def rung_column(score: str, rung: int) -> str:
+    """The metric that keeps ``score`` after rung ``rung`` of the refinement."""
+    return f"{score}_rung{rung}"
+
+
+def survivors(rows: pd.DataFrame, count: int, senses: Mapping[str, str]) -> list[str]:
+    """The ``count`` run ids of ``rows`` a rung keeps: the non-dominated on the objectives ``senses``
+    (their rung scores and costs) first, then the next front, and of the front that does not fit
+    whole, ones spread over its latency range (:func:`candidates`).
+
+    >>> rows = pd.DataFrame({"run_id": list("abcd"), "accuracy": [0.9, 0.8, 0.7, 0.6], "latency_ms": [4, 2, 3, 1]})
+    >>> survivors(rows, 2, {"accuracy": "max", "latency_ms": "min"})  # c is dominated by b
+    ['d', 'a']
+    """
+    names = [n for n in senses if n in rows]
+    left, kept = rows, []
+    while len(kept) < count and len(left):
+        front = left[frontier.non_dominated(left[names].to_numpy(float), [senses[n] for n in names])]
+        if front.empty:  # rows with a missing value: never on a front, kept last in latency order
+            front = left
+        take = front["run_id"].tolist() if len(kept) + len(front) <= count else candidates(front, count - len(kept))
+        kept += take
+        left = left[~left["run_id"].isin(take)]
+    return kept
+
+
 def _in_search(row: dict[str, Any], score: str) -> float:
     earlier = row.get(f"{score}_in_search")
     return float(row[score] if earlier is None or earlier != earlier else earlier)
 
 
+def _done(row: dict[str, Any], score: str, rung: int, epochs: float) -> float | None:
+    """``row``'s ``score`` at ``rung`` if it was refined there for ``epochs`` (an earlier session's), else None."""
+    value = row.get(rung_column(score, rung))
+    if rung == 0 and value is None and row.get("refine_epochs") == epochs:  # recorded before rungs were kept
+        value = row.get(score)
+    return None if value is None or value != value else float(value)
+
+
 def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings, *, task: TaskConfig, checkpoint: bytes,
                     finetune: FinetuneConfig, measure: MeasureConfig, dense: dict[str, float], resources: dict[str, float],
                     out: Callable[[str], None], scores: list[str] = ("accuracy",), epochs: float | None = None,
-                    count: int | None = None) -> list[str]:
+                    count: int | None = None, senses: Mapping[str, str] | None = None) -> list[str]:
     """Refine ``count`` (default ``settings.candidates``) candidates of ``front`` (rows with ``run_id``,
-    ``latency_ms`` and the ``scores``) on Ray, for ``epochs`` (default ``settings.epochs``), and record
-    the results on their runs (each score's search value kept as ``<score>_in_search``); returns the
-    run ids refined. Ray must be running."""
-    chosen = candidates(front, settings.candidates if count is None else count)
+    ``latency_ms`` and the ``scores``) on Ray, for ``epochs`` (default ``settings.epochs``), in the rungs
+    of ``settings.plan`` (the policies each keeps chosen on the objectives ``senses``, default the
+    ``scores`` to maximise and ``latency_ms``), and record the results on their runs (each score's
+    search value kept as ``<score>_in_search``, each rung's as ``<score>_rung<r>``); returns the run ids
+    refined at any rung. Ray must be running."""
+    epochs = settings.epochs if epochs is None else epochs
+    plan = settings.plan(epochs, settings.candidates if count is None else count)
+    chosen = candidates(front, plan[0][0])
     if not chosen:
         return []
-    epochs = settings.epochs if epochs is None else epochs
+    senses = dict(senses or {**{q: "max" for q in scores}, "latency_ms": "min"})
     # chosen once: a resume refines these, for as long, whatever the frontier became
     tracker.set_tags({CANDIDATES_TAG: ",".join(chosen), EPOCHS_TAG: f"{epochs:g}"})
     how = f" (search.refine.share: what fits in {settings.share:g} of the time budget)" if settings.share else ""
-    fewer = f"; {settings.candidates} asked for, {len(chosen)} fit in the time budget" if count is not None and count < settings.candidates else ""
-    out(f"refining {len(chosen)} frontier policies: {epochs:g} epochs of fine-tuning each{how}{fewer} (search.refine)")
-    # a resumed search whose driver was killed while refining: runs already refined keep their
-    # result, and each score in search of every run is the one the search measured
+    asked = settings.candidates * settings.reduction_factor ** (settings.rungs - 1)
+    fewer = f"; {asked} asked for, {len(chosen)} fit in the time budget" if count is not None and count < settings.candidates else ""
+    halving = (f" in {settings.rungs} rungs of successive halving: " + ", ".join(f"{n} for {e:g}" for n, e in plan)
+               if settings.rungs > 1 else "")
+    out(f"refining {len(chosen)} frontier policies: {epochs:g} epochs of fine-tuning each{halving}{how}{fewer} (search.refine)")
+    # a resumed search whose driver was killed while refining: runs already refined at a rung keep
+    # their result, and each score in search of every run is the one the search measured
     rows = front.set_index("run_id").to_dict("index")
-    done = {run_id for run_id in chosen if rows[run_id].get("refine_epochs") == epochs}
     policies = tracker.policies(chosen)
-    longer = dataclasses.replace(finetune, epochs=epochs, max_steps=None)
     remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(_refine_one)
     checkpoint_ref = ray.put(checkpoint)
-    # the slowest first (the least pruned: the highest latency), as epochs_that_fit planned them
-    slowest_first = sorted((r for r in chosen if r not in done), key=lambda r: -float(rows[r].get("latency_ms") or 0.0))
-    futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, Reference.from_record(dense))
-               for run_id in slowest_first}
-    for run_id, future in futures.items():
-        refined = ray.get(future)
-        kept = {f"{q}_in_search": _in_search(rows[run_id], q) for q in scores}
-        tracker.update_metrics(run_id, {**refined, **kept, "refine_epochs": epochs}, step=2)
-        q = scores[0]
-        out(f"  {run_id[:12]}: {q} {kept[f'{q}_in_search']:.4f} after the search's fine-tune, {refined[q]:.4f} after {epochs:g} epochs")
+    q = scores[0]
+    rung_runs = chosen
+    for rung, (keep, rung_epochs) in enumerate(plan):
+        if rung:
+            table = pd.DataFrame([{"run_id": r, **{n: rows[r].get(n) for n in senses if n not in scores},
+                                   **{s: rows[r][rung_column(s, rung - 1)] for s in scores}} for r in rung_runs])
+            rung_runs = survivors(table, keep, senses)
+            if settings.rungs > 1:
+                out(f"  rung {rung}: kept {len(rung_runs)} of {len(table)} on {', '.join(senses)} after {plan[rung - 1][1]:g} epochs")
+        longer = dataclasses.replace(finetune, epochs=rung_epochs, max_steps=None)
+        todo = [r for r in rung_runs if any(_done(rows[r], s, rung, rung_epochs) is None for s in scores)]
+        # the slowest first (the least pruned: the highest latency), as epochs_that_fit planned them
+        todo.sort(key=lambda r: -float(rows[r].get("latency_ms") or 0.0))
+        futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, Reference.from_record(dense))
+                   for run_id in todo}
+        for run_id, future in futures.items():
+            refined = ray.get(future)
+            kept = {f"{s}_in_search": _in_search(rows[run_id], s) for s in scores}
+            spent = float(rows[run_id].get("time_refine_s") or 0.0) if rung else 0.0
+            record = {**refined, **kept, **{rung_column(s, rung): refined[s] for s in scores}, "refine_epochs": rung_epochs,
+                      "time_refine_s": spent + refined["time_refine_s"]}
+            tracker.update_metrics(run_id, record, step=2 + rung)
+            rows[run_id].update(record)
+            out(f"  {run_id[:12]}: {q} {kept[f'{q}_in_search']:.4f} after the search's fine-tune, {refined[q]:.4f} after {rung_epochs:g} epochs")
+        for run_id in rung_runs:  # an earlier session's result at this rung (old records: only rung 0's value)
+            for s in scores:
+                rows[run_id][rung_column(s, rung)] = _done(rows[run_id], s, rung, rung_epochs)
     tracker.set_tags_on(chosen, {"secateurs.refined": "true"})
     return chosen

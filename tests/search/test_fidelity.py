@@ -140,3 +140,50 @@ def test_compare_of_searches_that_all_refined_uses_each_ones_estimate():
     # Measured, the refined uniform 0.75 (0.6335 at 4.0 ms) would dominate it
     overall = combined[combined["overall"]]
     assert set(overall["search"]) == {first.label} and 4.5 in set(overall["latency_ms"])
+
+
+def halving_table() -> pd.DataFrame:
+    # successive halving, 2 rungs: four policies refined for 1 epoch, the two that held up for 2;
+    # one policy not refined (0.60 after the search's fine-tune)
+    return pd.DataFrame({
+        "run_id": list("abcde"), "latency_ms": [9.0, 7.0, 5.0, 4.0, 3.0], "size_mb": 1.0,
+        "accuracy_in_search": [0.70, 0.66, 0.62, 0.58, None],
+        "accuracy_rung0": [0.74, 0.71, 0.64, 0.66, None],
+        "accuracy_rung1": [0.77, None, None, 0.70, None],
+        "accuracy": [0.77, 0.71, 0.64, 0.70, 0.60],
+        "refine_epochs": [2.0, 1.0, 1.0, 2.0, None]})
+
+
+def test_successive_halving_carries_each_policy_up_the_rungs_to_the_last():
+    t = fidelity.expected(halving_table(), ["accuracy"])
+    e = t["accuracy_expected"]
+    assert e[0] == 0.77 and e[3] == 0.70  # the last rung's policies keep what was measured
+    # one dropped at the first rung: its 1-epoch score plus the gain the two survivors' pairs predict
+    # (0.74 -> 0.77 and 0.66 -> 0.70: a line through them)
+    slope, intercept = np.polyfit([0.74, 0.66], [0.03, 0.04], 1)
+    assert e[1] == pytest.approx(0.71 + intercept + slope * 0.71)
+    assert e[2] == pytest.approx(0.64 + min(0.04, intercept + slope * 0.64))  # held within the gains measured
+    # one not refined: up to the first rung by the four (search, rung 0) pairs, then to the last
+    before = np.array([0.70, 0.66, 0.62, 0.58])
+    gains = np.array([0.74, 0.71, 0.64, 0.66]) - before
+    s, i = np.polyfit(before, gains, 1)
+    first = 0.60 + float(np.clip(i + s * 0.60, gains.min(), gains.max()))
+    assert e[4] == pytest.approx(first + float(np.clip(intercept + slope * first, 0.03, 0.04)))
+    assert (t["accuracy"] == halving_table()["accuracy"]).all()  # what was measured stays what is reported
+    assert fidelity.pairs_count(t, "accuracy") == 2
+
+
+def test_pick_says_a_policy_was_dropped_at_a_rung_and_how_it_was_ranked():
+    t = fidelity.expected(halving_table(), ["accuracy"])
+    dropped = fidelity.describe(t.loc[1], t, "accuracy")
+    assert dropped.startswith("accuracy 0.7100 after the refinement's 1 epochs (0.6600 after the search's fine-tune)")
+    assert "successive halving did not keep it" in dropped and f"ranked at {t.loc[1, 'accuracy_expected']:.4f}" in dropped
+    assert "after its last rung's 2 epochs" in dropped and "from 2 policies" in dropped
+    assert fidelity.describe(t.loc[0], t, "accuracy") == "accuracy 0.7700 after the refinement's 2 epochs (0.7000 after the search's fine-tune)"
+
+
+def test_a_halving_cut_off_before_its_last_rung_ranks_on_the_rungs_it_measured():
+    t = halving_table().drop(columns=["accuracy_rung1"]).assign(accuracy=[0.74, 0.71, 0.64, 0.66, 0.60], refine_epochs=[1.0] * 4 + [None])
+    t["accuracy_rung1"] = np.nan  # a resume that never reached the last rung
+    e = fidelity.expected(t, ["accuracy"])["accuracy_expected"]
+    assert e[:4].tolist() == [0.74, 0.71, 0.64, 0.66] and e[4] > 0.60

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 # Where a kill lands: after a line of the driver's output containing the marker (None: after the
 # start), a random delay in [low, high) seconds. Together they cover Ray's start-up, training and
 # measuring the dense model, creating the parent run, the sensitivity step, choosing the baselines,
-# trials running and being written to MLflow, the refinement, the final re-timing and the report.
+# trials running and being written to MLflow, the refinement (both rungs of its successive halving),
+# the final re-timing and the report.
 PHASES = {
     "start-up": (None, 0.2, 10.0),
     "dense recorded": ("dense: acc", 0.0, 1.0),
@@ -31,6 +32,7 @@ PHASES = {
     "first trials": ("searching ", 0.0, 3.0),
     "trial recorded": ("] trial ", 0.0, 0.6),
     "refining": ("refining ", 0.0, 4.0),
+    "second rung": ("rung 1: kept", 0.0, 2.0),  # search.refine.rungs: the survivors of the first rung refined longer
     "re-timing": ("re-measuring", 0.0, 1.5),
     "report": ("Pareto frontier", 0.0, 0.2),
 }
@@ -125,7 +127,7 @@ def children(client: MlflowClient, parent, kind: str) -> list:
                               max_results=1000)
 
 
-END = ("refining", "re-timing", "report")  # phases once every trial ran: a kill there lets the search end next time
+END = ("refining", "second rung", "re-timing", "report")  # phases once every trial ran: a kill there lets the search end next time
 
 
 def reachable(client: MlflowClient, parent, phases: tuple[str, ...], end: bool) -> list[str]:
@@ -218,7 +220,7 @@ SEEDS = [int(seed) for seed in os.environ.get("KILL_LOOP_SEEDS", "19").split(","
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_search_killed_at_random_moments_ends_with_exactly_its_budget(tmp_path, env, seed):
     config = write_config(tmp_path, num_trials=8, sensitivity={"ratios": [0.5], "samples": 200, "bn_batches": 2, "seed_drops": [0.05]},
-                          refine={"epochs": 0.6, "candidates": 2})
+                          refine={"epochs": 0.6, "candidates": 1, "rungs": 2})  # successive halving: 2 for 0.3 epochs, 1 of them for 0.6
     client, kills, walls = kill_loop(tmp_path, config, kills=7, seed=seed, env=env)
     print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
     assert sum(killed for _, _, killed in kills) >= 5, kills  # the search was really broken, again and again
@@ -232,18 +234,26 @@ def test_a_search_killed_at_random_moments_ends_with_exactly_its_budget(tmp_path
             if f"{metric}_in_search" in run.data.metrics:
                 first = min(client.get_metric_history(run.info.run_id, metric), key=lambda m: (m.step, m.timestamp))
                 assert run.data.metrics[f"{metric}_in_search"] == first.value, (run.info.run_name, metric)
-    assert sum(r.data.tags.get("secateurs.refined") == "true" for r in runs) == 2
+    refined = [r for r in runs if r.data.tags.get("secateurs.refined") == "true"]
+    assert len(refined) == 2
+    # each rung once, however often it was cut off: both at the first rung, the one kept at the second
+    assert sorted(r.data.metrics["refine_epochs"] for r in refined) == [0.3, 0.6]
+    (kept,) = [r for r in refined if r.data.metrics["refine_epochs"] == 0.6]
+    assert [h.step for h in sorted(client.get_metric_history(kept.info.run_id, "accuracy"), key=lambda h: h.step)] == [0, 2, 3]
+    assert kept.data.metrics["accuracy"] == kept.data.metrics["accuracy_rung1"]
+    assert all("accuracy_rung0" in r.data.metrics for r in refined)
     elapsed = [m.value for m in client.get_metric_history(parent.info.run_id, "elapsed_s")]
     assert elapsed == sorted(elapsed)  # each session goes on counting from the time the earlier ones spent
     # every session's time is counted but what a kill cut off since the last record (at most 10 s
     # while trials run) and the start-up of a session killed before it recorded anything
-    assert parent.data.metrics["elapsed_s"] >= 0.7 * sum(walls)
+    counted = sum(w for (phase, _, _), w in zip(kills, walls) if phase != "start-up") + sum(walls[len(kills):])
+    assert parent.data.metrics["elapsed_s"] >= 0.7 * counted
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_screened_search_killed_again_and_again_fine_tunes_exactly_its_budget(tmp_path, env, seed):
     config = write_config(tmp_path, num_trials=30, baseline_ratios=[], screening={"warmup": 2, "bn_batches": 2, "fine_tunes": 8})
-    phases = tuple(p for p in sorted(PHASES) if p not in ("sensitivity", "refining"))  # neither is configured here
+    phases = tuple(p for p in sorted(PHASES) if p not in ("sensitivity", "refining", "second rung"))  # none is configured here
     client, kills, walls = kill_loop(tmp_path, config, kills=5, seed=seed + 1, env=env, phases=phases)
     print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
     assert sum(killed for _, _, killed in kills) >= 3, kills
@@ -254,3 +264,26 @@ def test_a_screened_search_killed_again_and_again_fine_tunes_exactly_its_budget(
     assert len({r.data.tags["secateurs.ray_trial_id"] for r in runs}) == len(runs) < 30
     fine_tuned = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("secateurs.screened_out") != "true"]
     assert len(fine_tuned) == 8 and all(r.data.metrics["fidelity"] == 1 for r in fine_tuned)
+
+
+def test_a_successive_halving_killed_in_its_last_rung_again_and_again_refines_each_rung_once(tmp_path, env):
+    # search.refine.rungs: every session is killed while the first rung's survivor is refined longer;
+    # each resume keeps the first rung's results and refines only what no earlier session recorded
+    config = write_config(tmp_path, num_trials=4,
+                          refine={"epochs": 0.6, "candidates": 1, "rungs": 2, "reduction_factor": 3})
+    client, kills, walls = kill_loop(tmp_path, config, kills=3, seed=7, env=env, phases=("second rung",))
+    print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
+    assert sum(killed for _, _, killed in kills) >= 2, kills
+    parent, runs = check_trials(client, 4 + 2)
+    rung0 = [r for r in runs if "accuracy_rung0" in r.data.metrics]  # up to 3 frontier policies at 0.2 epochs
+    assert len(rung0) >= 2 and all(r.data.tags.get("secateurs.refined") == "true" for r in rung0)
+    assert all(r.data.metrics["refine_epochs"] in (0.2, 0.6) for r in rung0)
+    (kept,) = [r for r in runs if "accuracy_rung1" in r.data.metrics]  # the 1 of them kept, at 0.6
+    assert kept.info.run_id in {r.info.run_id for r in rung0}
+    for run in rung0:
+        steps = sorted(h.step for h in client.get_metric_history(run.info.run_id, "accuracy_rung0"))
+        assert steps == [2], (run.info.run_name, steps)  # the first rung measured once, in the first session
+    assert [h.step for h in client.get_metric_history(kept.info.run_id, "accuracy_rung1")] == [3]
+    assert kept.data.metrics["refine_epochs"] == 0.6 and kept.data.metrics["accuracy"] == kept.data.metrics["accuracy_rung1"]
+    assert sum(f"rung 1: kept 1 of {len(rung0)}" in line
+               for session in tmp_path.glob("session-*.log") for line in session.read_text().splitlines()) >= 3

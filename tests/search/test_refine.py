@@ -9,7 +9,7 @@ import pytest
 from search.config import validate
 from search.driver import _refine_plan, _Session
 from search.objectives import DEFAULT
-from search.refine import CANDIDATES_TAG, EPOCHS_TAG, epochs_that_fit, makespan
+from search.refine import CANDIDATES_TAG, EPOCHS_TAG, epochs_that_fit, makespan, rungs_makespan, survivors
 
 # three fine-tuned trials (0.5 epochs of fine-tuning in 10 s: 20 s an epoch) and one screened out
 ROWS = [{"run_id": f"r{i}", "accuracy": 0.9 - 0.1 * i, "latency_ms": 1.0 + i, "size_mb": 1.0 + i, "fidelity": 1.0,
@@ -96,3 +96,54 @@ def test_the_trials_leave_the_share_of_the_budget_to_the_end():
     # a share smaller than what refine.epochs needs leaves what epochs needs
     tiny = _Session.end_s(SimpleNamespace(config=config(share=0.01, epochs=5.0), objectives=DEFAULT), rows)
     assert tiny == _Session.end_s(SimpleNamespace(config=config(epochs=5.0), objectives=DEFAULT), rows) > 0.01 * 200
+
+
+# search.refine.rungs: successive halving
+
+def test_each_rung_of_successive_halving_has_the_compute_of_the_last():
+    plan = config(epochs=2.0, candidates=2, rungs=3, reduction_factor=2).search.refine.plan(2.0, 2)
+    assert plan == [(8, 0.5), (4, 1.0), (2, 2.0)]
+    assert {n * e for n, e in plan} == {4.0}
+    assert config(rungs=2, reduction_factor=3).search.refine.plan(0.6, 1) == [(3, 0.2), (1, 0.6)]  # epochs a metric can show
+    assert config().search.refine.plan(0.5, 2) == [(2, 0.5)]  # one rung: the plain refinement
+
+
+@pytest.mark.parametrize("field, value", [("rungs", 0), ("rungs", 7), ("rungs", 1.5), ("reduction_factor", 1)])
+def test_bad_rungs_or_reduction_factor_name_the_field_and_what_is_valid(field, value):
+    with pytest.raises(Exception) as caught:
+        config(**{field: value})
+    assert f"search.refine.{field}" in str(caught.value) or field in str(caught.value)
+    assert repr(value) in str(caught.value) or str(value) in str(caught.value)
+
+
+def test_a_rung_keeps_the_non_dominated_first_and_spreads_the_rest_of_a_front_over_its_latencies():
+    senses = {"accuracy": "max", "latency_ms": "min"}
+    rows = pd.DataFrame({"run_id": list("abcdef"), "accuracy": [0.9, 0.8, 0.7, 0.6, 0.5, 0.85],
+                         "latency_ms": [5.0, 4.0, 3.0, 2.0, 1.0, 6.0]})  # f is dominated by a
+    assert survivors(rows, 5, senses) == ["a", "b", "c", "d", "e"]
+    assert survivors(rows, 6, senses)[-1] == "f"  # the second front after the first
+    assert survivors(rows, 3, senses) == ["e", "c", "a"]  # of one front of five, three spread over it
+    # the rung's own scores decide: a policy that lost most in the longer fine-tune goes first
+    assert "b" not in survivors(rows.assign(accuracy=[0.9, 0.6, 0.7, 0.6, 0.5, 0.85]), 4, senses)
+
+
+def test_with_rungs_the_epochs_that_fit_are_the_last_rungs_and_all_rungs_fit():
+    settings = config(rungs=2).search.refine
+    costs = [(3.0, 20.0)] * 4  # 4 policies in the first rung, 2 in the last, 2 side by side
+    epochs = epochs_that_fit(120, costs, concurrency=2, least=0.1, settings=settings)
+    assert rungs_makespan(costs, settings.plan(epochs, 2), 2) <= 120 < rungs_makespan(costs, settings.plan(epochs + 0.1, 2), 2)
+    # the first rung: two rounds of two at half the epochs; the last: one round at the epochs
+    assert epochs == pytest.approx((120 - 3 * 3) / (2 * 20), abs=0.1)
+
+
+def test_a_plan_with_rungs_counts_every_rung_against_the_time_left():
+    front = pd.DataFrame(ROWS[:3])
+    plain, halving = config(epochs=2.0, candidates=2), config(epochs=2.0, candidates=1, rungs=2)
+    # one rung: 2 candidates side by side, 43 s; two rungs: 2 at 1 epoch (23 s), then 1 at 2 epochs (43 s)
+    assert _refine_plan(session(plain, 60.0), ROWS, front, {})[1] == 2
+    assert _refine_plan(session(halving, 60.0), ROWS, front, {}) == (2.0, 0)
+    assert _refine_plan(session(halving, 90.0), ROWS, front, {}) == (2.0, 1)
+    # a resume: the tag holds the first rung's candidates, the plan counts the last rung's
+    assert _refine_plan(session(halving, 5.0), ROWS, front, {CANDIDATES_TAG: "r0,r1", EPOCHS_TAG: "2"}) == (2.0, 1)
+    assert _Session.end_s(SimpleNamespace(config=halving, objectives=DEFAULT), ROWS) > _Session.end_s(
+        SimpleNamespace(config=config(epochs=2.0, candidates=1), objectives=DEFAULT), ROWS)
