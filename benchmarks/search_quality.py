@@ -14,7 +14,10 @@ with two trials at a time on one torch thread each. Methods:
 - ``secateurs``: the search (TPE after sensitivity seeds, screening, the channel rounding searched,
   the frontier's 4 candidates refined in 0.4 of the budget: ``search.refine.share``) under the same
   budget;
-- ``secateurs_2x``: the same search with twice the budget (does more budget buy a better pick?).
+- ``secateurs_2x``: the same search with twice the budget (does more budget buy a better pick?);
+- ``secateurs_2x_halving`` (only with ``--methods``): ``secateurs_2x`` whose refinement is a
+  successive halving (``search.refine.rungs: 2``: twice the candidates at half the epochs, the better
+  half of them, on the objectives, at the full epochs), in the same share of the budget.
 
 Per method and seed: the hypervolume of the final (re-timed) frontier over (accuracy, latency /
 dense, size / dense), the curve of the in-search hypervolume against the seconds spent, and the best
@@ -57,6 +60,10 @@ CONFIG = ROOT / "configs" / "cifar10_resnet20_converged.yaml"
 # refinement): the refinement gets 0.4 of the budget, its epochs as many as fit (search.refine.share).
 SEARCH = ["search.sampler=tpe", "search.num_trials=1000", "search.sensitivity={ratios: [0.5], samples: 500}",
           "search.screening={warmup: 4}", "space.round_to=[1, 8]", "search.refine={epochs: 1, candidates: 4, share: 0.4}"]
+# Successive halving in the same share (added 2026-11-30, after the 5-seed run whose 2x search refined
+# none of the policies it ranked first at 2x lower latency): 4 candidates at half the epochs, the 2
+# that hold up at the full epochs.
+HALVING = "search.refine={epochs: 1, candidates: 2, share: 0.4, rungs: 2}"
 
 
 def coarse_to_fine(levels: list[float]) -> list[float]:
@@ -88,7 +95,11 @@ def methods(high: float, budget: float, long_epochs: float) -> dict[str, list[st
         "uniform_long": [*sweep, f"search.baseline_ratios={coarse}", f"finetune.epochs={long_epochs}", f"search.time_budget_s={budget}"],
         "secateurs": [*SEARCH, f"search.time_budget_s={budget}"],
         "secateurs_2x": [*SEARCH, f"search.time_budget_s={2 * budget}"],
+        "secateurs_2x_halving": [*SEARCH, HALVING, f"search.time_budget_s={2 * budget}"],
     }
+
+
+DEFAULT_METHODS = ["uniform_fine", "uniform_long", "secateurs", "secateurs_2x"]
 
 
 def curve(client: MlflowClient, run_id: str, started: float) -> list[tuple[float, float]]:
@@ -144,8 +155,12 @@ def one(method: str, overrides: list[str], seed: int, tmp: Path, config_path: Pa
         "pick_trial": None if pick_row is None else int(pick_row["trial"]),
         "pick_accuracy": None if pick_row is None else float(pick_row["accuracy"]),
         "pick_refined": None if pick_row is None else bool(pd.notna(pick_row.get("refine_epochs"))),
+        "pick_refine_epochs": None if pick_row is None or pd.isna(pick_row.get("refine_epochs")) else float(pick_row["refine_epochs"]),
         "pick_accuracy_expected": None if pick_row is None else float(pick_row.get("accuracy_expected", pick_row["accuracy"])),
         "pick_latency_ms": None if pick_row is None else float(pick_row["latency_ms"]),
+        "refined": [{"trial": int(r["trial"]), "refine_epochs": float(r["refine_epochs"]),
+                     "latency_vs_dense": float(r["latency_ms"]) / dense["latency_ms"]}
+                    for _, r in trials.iterrows() if "refine_epochs" in trials and pd.notna(r["refine_epochs"])],
         "curve": curve(client, result.parent_run_id, epoch),
         "frontier": front[[c for c in ("trial", "accuracy", "latency_ms", "size_mb", "macs") if c in front]].to_dict("records"),
     }
@@ -232,7 +247,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    colors = {"uniform_fine": "tab:gray", "uniform_long": "tab:brown", "secateurs": "tab:blue", "secateurs_2x": "tab:cyan"}
+    colors = {"uniform_fine": "tab:gray", "uniform_long": "tab:brown", "secateurs": "tab:blue", "secateurs_2x": "tab:cyan",
+              "secateurs_2x_halving": "tab:purple"}
     for method in colors:
         runs = [r for r in rows if r["method"] == method and r["curve"]]
         if not runs:
@@ -274,7 +290,7 @@ def main() -> None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
     config_path = args.config.resolve()
     high = load_config(str(config_path)).space.ratio.high
-    chosen = {k: v for k, v in methods(high, args.budget_s, args.long_epochs).items() if args.methods is None or k in args.methods}
+    chosen = {k: v for k, v in methods(high, args.budget_s, args.long_epochs).items() if k in (args.methods or DEFAULT_METHODS)}
     rows: list[dict] = []
     finals: list[dict] = []
     started = time.time()
@@ -326,8 +342,8 @@ def summary(rows: list[dict], finals: list[dict]) -> dict:
         best_hv = max(b["hypervolume"] for b in baselines)
         accs = [b["best_acc_2x_latency"] for b in baselines if b["best_acc_2x_latency"] is not None]
         gain: dict = {"seed": seed}
-        for method in ("secateurs", "secateurs_2x"):
-            if method not in runs:
+        for method in runs:
+            if not method.startswith("secateurs"):
                 continue
             run = runs[method]
             gain[f"{method}_hv_vs_best_baseline"] = run["hypervolume"] / best_hv - 1 if best_hv else None
@@ -339,6 +355,9 @@ def summary(rows: list[dict], finals: list[dict]) -> dict:
         if (seed, "secateurs") in final and (seed, "secateurs_2x") in final:
             gain["final_2x_vs_1x_points"] = 100 * (final[(seed, "secateurs_2x")]["search_final_accuracy"]
                                                    - final[(seed, "secateurs")]["search_final_accuracy"])
+        if (seed, "secateurs_2x") in final and (seed, "secateurs_2x_halving") in final:
+            gain["final_halving_vs_2x_points"] = 100 * (final[(seed, "secateurs_2x_halving")]["search_final_accuracy"]
+                                                        - final[(seed, "secateurs_2x")]["search_final_accuracy"])
         gains.append(gain)
     out["per_seed"] = gains
     keys = sorted({k for g in gains for k in g if k != "seed"})
