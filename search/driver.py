@@ -579,7 +579,7 @@ def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags:
     (still spread over the frontier), and none when not for one. A resume keeps what was chosen first."""
     config = session.config
     settings = config.search.refine
-    first = settings.reduction_factor ** (settings.rungs - 1)  # policies in the first rung for each in the last
+    first = settings.widening
     if chosen_before(tags) and EPOCHS_TAG in tags:
         return float(tags[EPOCHS_TAG]), -(-len(chosen_before(tags)) // first)
     left = session.seconds_left()

@@ -62,10 +62,14 @@ def gain(table: pd.DataFrame, score: str, rung: int = 0) -> tuple[np.ndarray, np
     scale = levels(table, score)
     if rung + 1 >= len(scale):
         return np.empty(0), np.empty(0)
-    lower, upper = scale[rung], scale[rung + 1]
-    pairs = lower.notna() & upper.notna()
-    before = lower[pairs].to_numpy(float)
-    return before, upper[pairs].to_numpy(float) - before
+    return _pairs(scale[rung], scale[rung + 1])
+
+
+def _pairs(lower: pd.Series, upper: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The rows measured at both fidelities: their ``lower`` values and the gain of each."""
+    both = lower.notna() & upper.notna()
+    before = lower[both].to_numpy(float)
+    return before, upper[both].to_numpy(float) - before
 
 
 def predicted_gain(before: np.ndarray, gains: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -95,11 +99,11 @@ def expected(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
         if score not in table or score + SUFFIX in table:
             continue
         scale = levels(table, score)
-        if len(scale) < 2 or not len(gain(table, score)[0]):
+        if len(scale) < 2 or not len(_pairs(scale[0], scale[1])[0]):
             continue
         value = scale[0]
-        for rung, upper in enumerate(scale[1:]):
-            before, gains = gain(table, score, rung)
+        for lower, upper in zip(scale, scale[1:]):
+            before, gains = _pairs(lower, upper)
             carried = value + predicted_gain(before, gains, value.fillna(0.0).to_numpy())
             value = upper.where(upper.notna(), carried)
         table[score + SUFFIX] = value.where(table[score].notna())

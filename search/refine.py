@@ -27,8 +27,8 @@ import pandas as pd
 import ray
 
 from evaluators.tasks import TaskConfig, make_task
-from search import frontier
 from evaluators.trial import FinetuneConfig, MeasureConfig, Reference, evaluate
+from search import frontier
 from spaces import Policy
 
 
@@ -65,6 +65,11 @@ class RefineSettings:
         if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
             raise ValueError(f"reduction_factor: must be an integer >= 2 (each rung keeps 1/reduction_factor), "
                              f"but got {self.reduction_factor!r}")
+
+    @property
+    def widening(self) -> int:
+        """Policies in the first rung for each one in the last."""
+        return self.reduction_factor ** (self.rungs - 1)
 
     def plan(self, epochs: float, count: int) -> list[tuple[int, float]]:
         """Each rung's (policies, epochs): ``count`` policies for ``epochs`` at the last rung, and
@@ -124,7 +129,7 @@ def epochs_that_fit(seconds: float, costs: list[tuple[float, float]], *, concurr
     if not costs:
         return float(least)
     settings = settings or RefineSettings()
-    count = -(-len(costs) // settings.reduction_factor ** (settings.rungs - 1))
+    count = -(-len(costs) // settings.widening)
     lo, hi = 0, 1 + int(10 * seconds / max(min(per for _, per in costs), 1e-9))
     while lo < hi:  # the largest tenth whose makespan fits
         mid = (lo + hi + 1) // 2
@@ -219,7 +224,7 @@ def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings,
     # chosen once: a resume refines these, for as long, whatever the frontier became
     tracker.set_tags({CANDIDATES_TAG: ",".join(chosen), EPOCHS_TAG: f"{epochs:g}"})
     how = f" (search.refine.share: what fits in {settings.share:g} of the time budget)" if settings.share else ""
-    asked = settings.candidates * settings.reduction_factor ** (settings.rungs - 1)
+    asked = settings.candidates * settings.widening
     fewer = f"; {asked} asked for, {len(chosen)} fit in the time budget" if count is not None and count < settings.candidates else ""
     halving = (f" in {settings.rungs} rungs of successive halving: " + ", ".join(f"{n} for {e:g}" for n, e in plan)
                if settings.rungs > 1 else "")
@@ -237,8 +242,7 @@ def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings,
             table = pd.DataFrame([{"run_id": r, **{n: rows[r].get(n) for n in senses if n not in scores},
                                    **{s: rows[r][rung_column(s, rung - 1)] for s in scores}} for r in rung_runs])
             rung_runs = survivors(table, keep, senses)
-            if settings.rungs > 1:
-                out(f"  rung {rung}: kept {len(rung_runs)} of {len(table)} on {', '.join(senses)} after {plan[rung - 1][1]:g} epochs")
+            out(f"  rung {rung}: kept {len(rung_runs)} of {len(table)} on {', '.join(senses)} after {plan[rung - 1][1]:g} epochs")
         longer = dataclasses.replace(finetune, epochs=rung_epochs, max_steps=None)
         todo = [r for r in rung_runs if any(_done(rows[r], s, rung, rung_epochs) is None for s in scores)]
         # the slowest first (the least pruned: the highest latency), as epochs_that_fit planned them
