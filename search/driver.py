@@ -286,6 +286,9 @@ def _first_points(session: _Session) -> None:
         if settings.seed_latency:
             seeds += [s for s in sensitivity.latency_seed_points(config, prepared.space, rows, checkpoint, tracker, out)
                       if all(s.point != t.point for t in seeds)]
+        if settings.seed_macs:
+            seeds += [s for s in sensitivity.mac_seed_points(prepared.space, rows, settings.seed_macs, prepared.task, checkpoint, out)
+                      if all(s.point != t.point for t in seeds)]
         seeds = seeds[: config.search.num_trials]
     model = load_dense(prepared.task, prepared.checkpoint)
     baselines = reference_points(prepared.space, model, prepared.task.example(), config.baseline_kinds(), config.search.baseline_ratios)

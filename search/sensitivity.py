@@ -7,7 +7,9 @@ trial's resources), before the first trial. The table and plot go to the parent 
   ``seed_drops``, every group at the ratio where its proxy drop reaches that value; for each of
   ``seed_latency``, a policy measured at about that fraction of the dense latency, from a greedy
   path that prunes where the proxy loses least per millisecond saved (each single-group model is
-  then also timed, with the dense model, for the table's ``latency_ms``);
+  then also timed, with the dense model, for the table's ``latency_ms``); for each of
+  ``seed_macs``, the least pruned policy of the same path ranked by MACs saved whose MACs, counted
+  on the pruned model, are at most that fraction of the dense model's;
 - with ``narrow``, caps each group's range at the ratio where its proxy drop reaches ``narrow``.
 """
 from __future__ import annotations
@@ -24,7 +26,10 @@ import pandas as pd
 import ray
 
 from evaluators import sensitivity
-from evaluators.tasks import TaskConfig, make_task
+from evaluators.checkpoint import load_dense
+from evaluators.pruning import effective_macs_and_params
+from evaluators.tasks import Task, TaskConfig, make_task
+from evaluators.trial import prune_model
 from search.baselines import Baseline, snap, space_point
 from search.config import Config
 from search.tracking import SearchTracker
@@ -157,20 +162,14 @@ def latency_seed_points(config: Config, space: SearchSpace, rows: list[dict[str,
     timed_rows = [r for r in rows if "latency_ms" in r]
     if not targets or not timed_rows:
         return []
-    granularity = space.config.granularity[0]
-    sizes = {g.name: g.size for g in space.groups}
-    bounds = {m: (d.range.low, d.range.high) for d in space.dimensions(granularity) if d.range is not None for m in d.members}
-    low = {m: b[0] for m, b in bounds.items()}
-    step = min((d.range.step for d in space.dimensions(granularity) if d.range is not None and d.range.step), default=0.05)
-    path = sensitivity.allocation_path(timed_rows, timed_rows[0]["dense_latency_ms"], bounds, step)
+    path = allocation_points(space, timed_rows, timed_rows[0]["dense_latency_ms"], "latency_ms")
     if not path:
         return []
     picks = sorted({round(i * (len(path) - 1) / max(points - 1, 1)) for i in range(points)})
     candidates: dict[int, dict[str, Any]] = {}
     for i in picks:
-        point = space_point(space, granularity, {**low, **path[i]}, space.config.criteria[0], sizes)
-        if all(point != c for c in candidates.values()):
-            candidates[i] = point
+        if all(path[i] != c for c in candidates.values()):
+            candidates[i] = path[i]
     timed = _timed(config, ray.put(checkpoint), {"dense": _template(space), **{i: space.policy(p) for i, p in candidates.items()}})
     dense = timed["dense"]["latency_ms"]
     fractions = {i: timed[i]["latency_ms"] / dense for i in candidates}
@@ -189,6 +188,57 @@ def latency_seed_points(config: Config, space: SearchSpace, rows: list[dict[str,
         tracker.log_artifact(Path(tmp) / "sensitivity_path.csv")
     out("sensitivity: latency seeds at " + ", ".join(f"{fractions[i]:.2f}x" for i in chosen) + " of the dense latency "
         f"(targets {', '.join(f'{t:g}' for t in targets)}; {len(candidates)} policies along the path timed)")
+    return seeds
+
+
+def allocation_points(space: SearchSpace, rows: list[dict[str, Any]], dense_cost: float, cost: str) -> list[dict[str, Any]]:
+    """:func:`evaluators.sensitivity.allocation_path` over the space's groups of its first granularity
+    (each from its range's low, on its range's step), every step as a point of the space."""
+    granularity = space.config.granularity[0]
+    sizes = {g.name: g.size for g in space.groups}
+    bounds = {m: (d.range.low, d.range.high) for d in space.dimensions(granularity) if d.range is not None for m in d.members}
+    low = {m: b[0] for m, b in bounds.items()}
+    step = min((d.range.step for d in space.dimensions(granularity) if d.range is not None and d.range.step), default=0.05)
+    return [space_point(space, granularity, {**low, **ratios}, space.config.criteria[0], sizes)
+            for ratios in sensitivity.allocation_path(rows, dense_cost, bounds, step, cost=cost)]
+
+
+def mac_seed_points(space: SearchSpace, rows: list[dict[str, Any]], targets: Sequence[float], task: Task, checkpoint: bytes,
+                    out: Callable[[str], None]) -> list[Baseline]:
+    """Seeds at ``targets`` fractions of the dense model's MACs (``search.sensitivity.seed_macs``), as
+    ModelOpt's FastNAS takes a FLOPs target: along the greedy path that prunes where the proxy loses
+    least per MAC saved (the table's single-group ``macs``), each target takes the least pruned
+    policy whose MACs, counted on the pruned model, are at most that fraction (a binary search: MACs
+    only fall along the path). A target no policy of the path reaches gives no seed, and says so."""
+    if not targets or not rows:
+        return []
+    example = task.example()
+    dense_macs = effective_macs_and_params(load_dense(task, checkpoint).eval(), example)[0]
+    path = allocation_points(space, rows, dense_macs, "macs")
+    counted: dict[int, float] = {}
+
+    def fraction(i: int) -> float:
+        if i not in counted:
+            model, _ = prune_model(space.policy(path[i]), task, checkpoint)
+            counted[i] = effective_macs_and_params(model.eval(), example)[0] / dense_macs
+        return counted[i]
+
+    seeds: list[Baseline] = []
+    reached: list[str] = []
+    for target in targets:
+        if not path or fraction(len(path) - 1) > target:
+            out(f"sensitivity: no MAC seed at {target:g}x the dense MACs: the most pruned policy of the path keeps "
+                f"{fraction(len(path) - 1) if path else 1.0:.3f}x (prune further: more `ratios`, wider ranges)")
+            continue
+        first, last = 0, len(path) - 1
+        while first < last:
+            middle = (first + last) // 2
+            first, last = (first, middle) if fraction(middle) <= target else (middle + 1, last)
+        reached.append(f"{fraction(first):.3f}x (target {target:g})")
+        if all(path[first] != s.point for s in seeds):
+            seeds.append(Baseline(f"sensitivity macs<={target:g}x dense", path[first], kind="seed"))
+    if reached:
+        out(f"sensitivity: MAC seeds at {', '.join(reached)} of the dense MACs ({len(counted)} policies of the path counted)")
     return seeds
 
 

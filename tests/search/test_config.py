@@ -57,6 +57,8 @@ def test_parse_overrides_builds_nested_values():
         ("search:\n  sampler: annealing\n", r"`search.sampler`: unknown sampler 'annealing'; valid: gp, nsga2, nsga3, qmc, random, tpe"),
         ("search:\n  sensitivity: {seed_latency: [0.5, 1.2]}\n",
          r"`search.sensitivity.seed_latency`: each must be a fraction of the dense model's latency, 0 < fraction < 1, but got 1.2"),
+        ("search:\n  sensitivity: {seed_macs: [0.5, 0]}\n",
+         r"`search.sensitivity.seed_macs`: each must be a fraction of the dense model's MACs, 0 < fraction < 1, but got 0"),
         ("search:\n  screening: {fine_tunes: 0}\n",
          r"`search.screening.fine_tunes`: must be >= 1 \(or null: no budget of fine-tunes\), but got 0"),
         ("finetune:\n  epochs: lots\n", r"`finetune.epochs`: .*number.*'lots'"),

@@ -246,10 +246,11 @@ def test_sensitivity_analysis_is_logged_seeds_the_search_and_narrows_ranges(tmp_
     assert any(line.startswith("sensitivity: most fragile") for line in lines)
 
 
-def test_latency_seeds_are_timed_points_of_the_sensitivity_path(tmp_path, store):
+def test_latency_and_mac_seeds_are_points_of_the_sensitivity_path(tmp_path, store):
     raw = tiny_config(tmp_path)
-    raw["search"].update({"num_trials": 3, "baselines": [], "remeasure": False,
-                          "sensitivity": {"ratios": [0.3, 0.6], "samples": 300, "seed_drops": [], "seed_latency": [0.95, 0.2]}})
+    raw["search"].update({"num_trials": 4, "baselines": [], "remeasure": False,
+                          "sensitivity": {"ratios": [0.3, 0.6], "samples": 300, "seed_drops": [], "seed_latency": [0.95, 0.2],
+                                          "seed_macs": [0.6]}})
     lines: list[str] = []
     result = run_search(validate(raw), config_name="latency-seeded", tracking_uri=store, out=lines.append)
     client = MlflowClient(store)
@@ -268,11 +269,16 @@ def test_latency_seeds_are_timed_points_of_the_sensitivity_path(tmp_path, store)
         assert str(target) in str(closest["seed_for"]).split()
         run = seeds.get(f"sensitivity latency~{target:g}x dense")
         if run is None:  # the same point as the other target's: recorded once
-            assert len(seeds) == 1
+            assert len([name for name in seeds if "latency" in name]) == 1
             continue
         for column in ratios:
             assert float(run.data.params[column]) == pytest.approx(closest[column])
     assert any(line.startswith("sensitivity: latency seeds at") for line in lines)
+    # the MAC seed ran (once: a latency seed at the same point would stand for it), its MACs within its target
+    run = seeds.get("sensitivity macs<=0.6x dense") or min(seeds.values(), key=lambda r: r.data.metrics["macs"])
+    dense_macs = run.data.metrics["macs"] - run.data.metrics["macs_change"]
+    assert 0 < run.data.metrics["macs"] <= 0.6 * dense_macs
+    assert any(line.startswith("sensitivity: MAC seeds at") for line in lines)
 
 
 def test_a_budget_of_fine_tunes_stops_the_search_once_that_many_sampled_trials_were_fine_tuned(tmp_path, store):

@@ -279,3 +279,37 @@ def test_allocation_path_checks_its_input():
     with pytest.raises(ValueError, match="step: must be > 0, but got 0"):
         sensitivity.allocation_path([], 10.0, {}, 0)
     assert sensitivity.allocation_path(_path_rows([("a", 0.5, 0.1, 8.0)]), 10.0, {"a": (0.0, 0.5)}, 0.25, cost="latency_ms")
+
+
+# --------------------------------------------------------------------------- MAC-target seeds
+
+
+def test_mac_seeds_are_the_least_pruned_points_of_the_path_within_each_target(digits_task, dense_path):
+    from evaluators.trial import prune_model
+    from search.sensitivity import allocation_points, mac_seed_points
+    from spaces import RatioRange, SearchSpace, SpaceConfig
+
+    groups = pruning.discover_groups(digits_task.build_model().eval(), digits_task.example(), ("channel",))
+    space = SearchSpace(SpaceConfig(criteria=["l1"], ratio=RatioRange(0.0, 0.75, 0.05)), groups)
+    checkpoint = dense_path.read_bytes()
+    rows = analyse(digits_task, checkpoint, L1, {g.name: [0.25, 0.5, 0.75] for g in space.groups}, samples=100, bn_batches=2)
+    example = digits_task.example()
+    dense_macs = pruning.effective_macs_and_params(load_dense(digits_task, checkpoint), example)[0]
+
+    def counted(point):
+        model, _ = prune_model(space.policy(point), digits_task, checkpoint)
+        return pruning.effective_macs_and_params(model, example)[0] / dense_macs
+
+    path = allocation_points(space, rows, dense_macs, "macs")
+    fractions = [counted(p) for p in path]
+    assert all(a >= b for a, b in zip(fractions, fractions[1:]))  # MACs only fall along the path
+    lines: list[str] = []
+    seeds = mac_seed_points(space, rows, [0.8, 0.5, 0.01], digits_task, checkpoint, lines.append)
+    assert [s.name for s in seeds] == ["sensitivity macs<=0.8x dense", "sensitivity macs<=0.5x dense"]
+    for seed, target in zip(seeds, (0.8, 0.5)):
+        i = path.index(seed.point)
+        assert seed.kind == "seed" and fractions[i] <= target  # within the target, counted on the pruned model
+        assert i == 0 or fractions[i - 1] > target  # and the least pruned such point
+    assert fractions[-1] > 0.01
+    assert any(line.startswith("sensitivity: no MAC seed at 0.01x the dense MACs") for line in lines)
+    assert any(line.startswith("sensitivity: MAC seeds at") for line in lines)
