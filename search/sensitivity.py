@@ -8,8 +8,8 @@ trial's resources), before the first trial. The table and plot go to the parent 
   ``seed_latency``, a policy measured at about that fraction of the dense latency, from a greedy
   path that prunes where the proxy loses least per millisecond saved (each single-group model is
   then also timed, with the dense model, for the table's ``latency_ms``); for each of
-  ``seed_macs``, the least pruned policy of the same path ranked by MACs saved whose MACs, counted
-  on the pruned model, are at most that fraction of the dense model's;
+  ``seed_macs``, the least pruned policy of a path that prunes where the proxy loses least per MAC
+  saved whose MACs, counted on the pruned model, are at most that fraction of the dense model's;
 - with ``narrow``, caps each group's range at the ratio where its proxy drop reaches ``narrow``.
 """
 from __future__ import annotations
