@@ -277,10 +277,46 @@ def validate(data: Any) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config: the top level must be a mapping of sections ({', '.join(Config.model_fields)}), "
                           f"but got {type(data).__name__}")
+    _refuse_bools_as_numbers(data, Config.model_json_schema())
     try:
         return Config.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(_format_error(exc.errors()[0])) from None
+
+
+def _refuse_bools_as_numbers(raw: Any, schema: dict[str, Any], path: str = "", defs: dict[str, Any] | None = None) -> None:
+    """A ``true``/``false`` written where only a number goes (pydantic would take it as 1/0): one
+    clear error naming the field, before anything else checks the value. ``schema`` is the
+    config's JSON schema at ``raw``'s place.
+
+    >>> _refuse_bools_as_numbers({"search": {"num_trials": True}}, Config.model_json_schema())
+    Traceback (most recent call last):
+    ...
+    search.config.ConfigError: `search.num_trials`: must be an integer, but got True
+    """
+    defs = schema.get("$defs", {}) if defs is None else defs
+    while "$ref" in schema:
+        schema = defs.get(schema["$ref"].rsplit("/", 1)[-1], {})
+    options = schema.get("anyOf", [schema])
+    options = [defs.get(o["$ref"].rsplit("/", 1)[-1], {}) if "$ref" in o else o for o in options]
+    types = {o.get("type") for o in options}
+    if isinstance(raw, bool):
+        numbers = types & {"integer", "number"}
+        if numbers and not types & {"boolean", None}:
+            raise ConfigError(f"`{path}`: must be {'a number' if 'number' in numbers else 'an integer'}, but got {raw!r}")
+    elif isinstance(raw, dict):
+        for option in options:
+            if "properties" in option:
+                for key, value in raw.items():
+                    if key in option["properties"]:
+                        _refuse_bools_as_numbers(value, option["properties"][key], f"{path}.{key}" if path else str(key), defs)
+                return
+    elif isinstance(raw, list):
+        for option in options:
+            if isinstance(option.get("items"), dict):
+                for i, value in enumerate(raw):
+                    _refuse_bools_as_numbers(value, option["items"], f"{path}[{i}]", defs)
+                return
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -61,6 +61,8 @@ def test_parse_overrides_builds_nested_values():
          r"`search.sensitivity.seed_macs`: each must be a fraction of the dense model's MACs, 0 < fraction < 1, but got 0"),
         ("search:\n  screening: {fine_tunes: 0}\n",
          r"`search.screening.fine_tunes`: must be >= 1 \(or null: no budget of fine-tunes\), but got 0"),
+        ("search:\n  refine: {reduction_factor: true}\n", r"`search.refine.reduction_factor`: must be an integer, but got True"),
+        ("search:\n  baseline_ratios: [0.3, false]\n", r"`search.baseline_ratios\[1\]`: must be a number, but got False"),
         ("finetune:\n  epochs: lots\n", r"`finetune.epochs`: .*number.*'lots'"),
         ("task:\n  name: imagenet\n", r"`task.name`: unknown task 'imagenet'; valid: cifar10, digits, fashion_mnist, hf_causal_lm, hf_text_classification, sst2"),
         ("- a\n- b\n", r"top level must be a mapping"),
