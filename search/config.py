@@ -38,7 +38,7 @@ class SensitivitySettings:
     bn_batches: int = 8            # training batches that re-estimate BatchNorm statistics
     seed_drops: list[float] = dataclasses.field(default_factory=lambda: [0.02, 0.05, 0.1])  # first sampled policies: each group at its ratio for this proxy drop
     seed_latency: list[float] = dataclasses.field(default_factory=list)  # first sampled policies at these fractions of the dense latency, allocated by drop per ms saved
-    seed_macs: list[float] = dataclasses.field(default_factory=list)  # first sampled policies at or under these fractions of the dense MACs, allocated by drop per MAC saved
+    seed_macs: list[float] | None = None  # first sampled policies at or under these fractions of the dense MACs, allocated by drop per MAC saved (null: at each `macs <= X * dense` constraint)
     narrow: float | None = None    # cap each group's range at the ratio where its proxy drop reaches this (null = keep the ranges)
 
     def __post_init__(self) -> None:
@@ -53,7 +53,7 @@ class SensitivitySettings:
         for fraction in self.seed_latency:
             if not 0 < fraction < 1:
                 raise ValueError(f"seed_latency: each must be a fraction of the dense model's latency, 0 < fraction < 1, but got {fraction!r}")
-        for fraction in self.seed_macs:
+        for fraction in self.seed_macs or []:
             if not 0 < fraction < 1:
                 raise ValueError(f"seed_macs: each must be a fraction of the dense model's MACs, 0 < fraction < 1, but got {fraction!r}")
         if self.narrow is not None and not 0 < self.narrow <= 1:

@@ -286,8 +286,9 @@ def _first_points(session: _Session) -> None:
         if settings.seed_latency:
             seeds += [s for s in sensitivity.latency_seed_points(config, prepared.space, rows, checkpoint, tracker, out)
                       if all(s.point != t.point for t in seeds)]
-        if settings.seed_macs:
-            seeds += [s for s in sensitivity.mac_seed_points(prepared.space, rows, settings.seed_macs, prepared.task, checkpoint, out)
+        targets = sensitivity.mac_targets(settings.seed_macs, parse_all(config.search.constraints, metrics=None))
+        if targets:
+            seeds += [s for s in sensitivity.mac_seed_points(prepared.space, rows, targets, prepared.task, checkpoint, out)
                       if all(s.point != t.point for t in seeds)]
         seeds = seeds[: config.search.num_trials]
     model = load_dense(prepared.task, prepared.checkpoint)

@@ -8,8 +8,9 @@ trial's resources), before the first trial. The table and plot go to the parent 
   ``seed_latency``, a policy measured at about that fraction of the dense latency, from a greedy
   path that prunes where the proxy loses least per millisecond saved (each single-group model is
   then also timed, with the dense model, for the table's ``latency_ms``); for each of
-  ``seed_macs``, the least pruned policy of a path that prunes where the proxy loses least per MAC
-  saved whose MACs, counted on the pruned model, are at most that fraction of the dense model's;
+  ``seed_macs`` (by default the bound of each ``macs <= X * dense`` constraint), the least pruned
+  policy of a path that prunes where the proxy loses least per MAC saved whose MACs, counted on
+  the pruned model, are at most that fraction of the dense model's;
 - with ``narrow``, caps each group's range at the ratio where its proxy drop reaches ``narrow``.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from evaluators.tasks import Task, TaskConfig, make_task
 from evaluators.trial import prune_model
 from search.baselines import Baseline, snap, space_point
 from search.config import Config
+from search.constraints import Constraint
 from search.tracking import SearchTracker
 from spaces import Policy, Rule, SearchSpace
 
@@ -201,6 +203,21 @@ def allocation_points(space: SearchSpace, rows: list[dict[str, Any]], dense_cost
     step = min((d.range.step for d in space.dimensions(granularity) if d.range is not None and d.range.step), default=0.05)
     return [space_point(space, granularity, {**low, **ratios}, space.config.criteria[0], sizes)
             for ratios in sensitivity.allocation_path(rows, dense_cost, bounds, step, cost=cost)]
+
+
+def mac_targets(seed_macs: Sequence[float] | None, constraints: Sequence[Constraint]) -> list[float]:
+    """The fractions of the dense MACs to seed at: ``search.sensitivity.seed_macs`` when given, else
+    the bound of each ``macs <= X * dense`` constraint with X < 1 (a search held to a MAC budget
+    starts from the sensitivity path's policy at it, as FastNAS would give).
+
+    >>> mac_targets(None, [Constraint.parse("macs <= 0.5 * dense"), Constraint.parse("macs >= 0.4 * dense")])
+    [0.5]
+    >>> mac_targets([], [Constraint.parse("macs <= 0.5 * dense")])
+    []
+    """
+    if seed_macs is not None:
+        return list(seed_macs)
+    return [c.value for c in constraints if c.metric == "macs" and c.op == "<=" and c.relative and 0 < c.value < 1]
 
 
 def mac_seed_points(space: SearchSpace, rows: list[dict[str, Any]], targets: Sequence[float], task: Task, checkpoint: bytes,

@@ -231,8 +231,12 @@ def test_plot_refuses_no_rows(tmp_path):
 def test_module_doctests_pass():
     import doctest
 
+    import search.sensitivity
+
     result = doctest.testmod(sensitivity)
     assert result.attempted >= 2 and result.failed == 0
+    result = doctest.testmod(search.sensitivity)  # to_frame; mac_targets: seed_macs, else the MAC constraints' bounds
+    assert result.attempted >= 3 and result.failed == 0
 
 
 # --------------------------------------------------------------------------- allocation_path
