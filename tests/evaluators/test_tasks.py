@@ -15,14 +15,22 @@ from evaluators.models import MODELS
 from evaluators.builtin_tasks import make_cifar10_task, make_fashion_mnist_task, make_sst2_task
 from evaluators.tasks import TaskConfig, make_task
 from spaces import Policy
+from tests.data import DATA_DIRS, data_root
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FASHION_DIR = datasets.FASHION_MNIST_SYSTEM_DIR
 
 
 def _needs(path: Path) -> None:
     if not path.exists():
         pytest.skip(f"{path} is not available on this machine")
+
+
+def _shared(name: str) -> Path:
+    """The directory holding the real data file ``name``: $SECATEURS_DATA, else ../shared/data (tests/data.py)."""
+    root = data_root(name)
+    if root is None:
+        pytest.skip(f"{name} is not in any of {', '.join(map(str, DATA_DIRS))}")
+    return root
 
 
 @pytest.fixture
@@ -83,8 +91,8 @@ def _write_fashion_dir(directory: Path, gz: bool, labels: np.ndarray | None = No
 
 
 def test_cifar10_loads_shared_subset_balanced_and_normalised():
-    _needs(SHARED_DATA / "cifar10_10k.npz")
-    task = make_cifar10_task(TaskConfig(name="cifar10", data_root=str(SHARED_DATA), options={"train_size": 200, "test_size": 100}))
+    shared = _shared("cifar10_10k.npz")
+    task = make_cifar10_task(TaskConfig(name="cifar10", data_root=str(shared), options={"train_size": 200, "test_size": 100}))
     (x, y), (xt, yt) = task.train_data, task.eval_data
     assert x.shape == (200, 3, 32, 32) and xt.shape == (100, 3, 32, 32)
     assert x.dtype == torch.float32 and y.dtype == torch.int64
@@ -95,8 +103,7 @@ def test_cifar10_loads_shared_subset_balanced_and_normalised():
 
 
 def test_sst2_loads_shared_csv_with_train_vocabulary(monkeypatch):
-    _needs(SHARED_DATA / "sst2.csv")
-    monkeypatch.setenv(datasets.DATA_ENV_VAR, str(SHARED_DATA))
+    monkeypatch.setenv(datasets.DATA_ENV_VAR, str(_shared("sst2.csv")))
     task = make_sst2_task(TaskConfig(name="sst2", options={"max_len": 24}))
     (x, y), (xt, yt) = task.train_data, task.eval_data
     assert x.shape == (6920, 24) and xt.shape == (1821, 24)
