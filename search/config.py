@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -277,11 +278,17 @@ def validate(data: Any) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config: the top level must be a mapping of sections ({', '.join(Config.model_fields)}), "
                           f"but got {type(data).__name__}")
-    _refuse_bools_as_numbers(data, Config.model_json_schema())
+    _refuse_bools_as_numbers(data, _schema())
     try:
         return Config.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(_format_error(exc.errors()[0])) from None
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    """The config's JSON schema, built once (building it takes about as long as validating a config)."""
+    return Config.model_json_schema()
 
 
 def _refuse_bools_as_numbers(raw: Any, schema: dict[str, Any], path: str = "", defs: dict[str, Any] | None = None) -> None:
@@ -289,16 +296,19 @@ def _refuse_bools_as_numbers(raw: Any, schema: dict[str, Any], path: str = "", d
     clear error naming the field, before anything else checks the value. ``schema`` is the
     config's JSON schema at ``raw``'s place.
 
-    >>> _refuse_bools_as_numbers({"search": {"num_trials": True}}, Config.model_json_schema())
+    >>> _refuse_bools_as_numbers({"search": {"num_trials": True}}, _schema())
     Traceback (most recent call last):
     ...
     search.config.ConfigError: `search.num_trials`: must be an integer, but got True
     """
     defs = schema.get("$defs", {}) if defs is None else defs
-    while "$ref" in schema:
-        schema = defs.get(schema["$ref"].rsplit("/", 1)[-1], {})
-    options = schema.get("anyOf", [schema])
-    options = [defs.get(o["$ref"].rsplit("/", 1)[-1], {}) if "$ref" in o else o for o in options]
+
+    def resolved(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = defs.get(node["$ref"].rsplit("/", 1)[-1], {})
+        return node
+
+    options = [resolved(o) for o in resolved(schema).get("anyOf", [resolved(schema)])]
     types = {o.get("type") for o in options}
     if isinstance(raw, bool):
         numbers = types & {"integer", "number"}

@@ -54,17 +54,6 @@ def levels(table: pd.DataFrame, score: str) -> list[pd.Series]:
     return [search, *above]
 
 
-def gain(table: pd.DataFrame, score: str, rung: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs of ``score`` that measured what rung ``rung`` of the refinement adds: the values
-    one fidelity below it (the search's, for rung 0) and the gain of each."""
-    if score not in table:
-        return np.empty(0), np.empty(0)
-    scale = levels(table, score)
-    if rung + 1 >= len(scale):
-        return np.empty(0), np.empty(0)
-    return _pairs(scale[rung], scale[rung + 1])
-
-
 def _pairs(lower: pd.Series, upper: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """The rows measured at both fidelities: their ``lower`` values and the gain of each."""
     both = lower.notna() & upper.notna()
