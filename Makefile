@@ -28,10 +28,10 @@ quickstart: install
 	$(BIN)/secateurs search configs/quickstart.yaml
 
 test: install-test
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20
 
 test-fast: install-test  # everything not marked integration (no Ray, no MLflow store): under two minutes
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -n 2 -m "not integration"
 
 screenshots: install-test  # refresh docs/img from a real search in a real MLflow UI (needs Debian's chromium)
 	SECATEURS_UI_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q tests/search/test_ui_browser.py

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,20 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# Every local Ray the tests start (in this process, in the drivers they spawn, in `ray start`) keeps
+# its session logs under $RAY_TMPDIR/ray, /tmp/ray by default, and nothing removes them: a week of
+# test runs left 60 GB there. The suite's Rays get a folder of their own (one per pytest-xdist
+# worker), removed when it ends; it is under $TMPDIR or /tmp as Ray's own is, since Ray's unix
+# sockets live there and their paths must stay short. A $RAY_TMPDIR the developer set is kept.
+_RAY_TMPDIR = None
+if "RAY_TMPDIR" not in os.environ:
+    _RAY_TMPDIR = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="secateurs-ray-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _RAY_TMPDIR is not None:
+        shutil.rmtree(_RAY_TMPDIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +60,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# The longest tests (the kill loops and fault tests, the shared compress search, the Hugging Face
+# searches: about 40% of the suite's time) go first: pytest-xdist hands tests to its workers in
+# collection order, and a long one handed out last would leave the other worker idle at the end.
+FIRST = ("test_kill_loop.py", "test_faults.py", "test_compress_e2e.py", "test_hf_search.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the order within each part is kept

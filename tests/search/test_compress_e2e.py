@@ -29,7 +29,8 @@ from tests.data import DATA_DIRS, data_root
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "cifar10_resnet20_compress.yaml"
-pytestmark = pytest.mark.integration
+# the tests share one real search (a module fixture): pytest-xdist runs them on one worker (Makefile: --dist loadgroup)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("compress_e2e")]
 
 
 @pytest.fixture(scope="module")

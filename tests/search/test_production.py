@@ -36,7 +36,8 @@ from search.ui import check_ui, ui_argv
 from spaces import Policy
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.integration
+# the tests share one real search (a module fixture): pytest-xdist runs them on one worker (Makefile: --dist loadgroup)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("production")]
 OBJECTIVES = list(frontier.OBJECTIVES)
 
 

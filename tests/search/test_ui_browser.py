@@ -31,6 +31,7 @@ CHROMIUM = os.environ.get("SECATEURS_CHROMIUM", "/usr/bin/chromium")
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.xdist_group("ui_browser"),  # one MLflow server and search for all: one pytest-xdist worker
     pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)"),
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')")
