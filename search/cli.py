@@ -152,7 +152,7 @@ def _frontier(args: argparse.Namespace, uri: str) -> int:
 
 
 def _compare(args: argparse.Namespace, uri: str) -> int:
-    from search.compare import compare_tables, plot_compare
+    from search.compare import compare_tables, plot_compare, unlike_training
     from search.records import format_table, load_search
 
     records = [load_search(run_id, uri) for run_id in dict.fromkeys(args.run_ids)]
@@ -165,6 +165,9 @@ def _compare(args: argparse.Namespace, uri: str) -> int:
                  else "after each search's own fine-tune: not every search refined its frontier") + ")")
     if len({r.config.task.name for r in records}) > 1:
         print("note: these searches are on different tasks; their scores are not comparable")
+    if unlike := unlike_training(records, summary["scores_at"].iloc[0]):
+        print("note: the scores compared come from unlike training, and a longer fine-tune lifts a frontier "
+              "without a better policy:\n  " + "\n  ".join(unlike))
     if len(combined):
         print("\nunion of the frontiers, fastest first (overall = non-dominated among all of them):")
         print(format_table(combined, ["search", "trial", "kind", "criterion", *records[0].objectives.names, "overall", "run_id"]))

@@ -2,6 +2,7 @@
 ``secateurs compare`` (several searches' frontiers side by side, with hypervolumes on one box)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -93,6 +94,35 @@ def on_one_footing(records: list[SearchRecord]) -> tuple[str, list[pd.DataFrame]
     if records and all(fidelity.refined(r.trials).any() for r in records):
         return "refined", [fidelity.ranked(r.frontier, quality) for r in records]
     return "search fine-tune", [fidelity.in_search(r.frontier, quality) for r in records]
+
+
+def unlike_training(records: list[SearchRecord], footing: str) -> list[str]:
+    """What differs in the training behind the scores :func:`compare_tables` compares, one line per
+    difference (none: the searches trained alike): the fine-tune recipe, and on the ``refined``
+    footing the refinement's epochs. A longer fine-tune lifts a frontier without a better policy.
+
+    >>> from types import SimpleNamespace as NS
+    >>> import pandas as pd
+    >>> from evaluators.train import FinetuneConfig
+    >>> def record(label, epochs, refined):
+    ...     trials = pd.DataFrame({"refine_epochs": [refined, None]})
+    ...     return NS(label=label, trials=trials, config=NS(finetune=FinetuneConfig(epochs=epochs)))
+    >>> unlike_training([record("a", 0.5, 2.0), record("b", 0.5, 2.0)], "refined")
+    []
+    >>> unlike_training([record("a", 0.5, 2.0), record("b", 1.0, 1.2)], "refined")
+    ['finetune.epochs: a 0.5, b 1', 'refinement epochs: a 2, b 1.2']
+    """
+    def shown(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    recipes = [dataclasses.asdict(r.config.finetune) for r in records]
+    lines = [f"finetune.{field}: " + ", ".join(f"{r.label} {shown(recipe[field])}" for r, recipe in zip(records, recipes))
+             for field in recipes[0] if len({repr(recipe[field]) for recipe in recipes}) > 1] if records else []
+    if footing == "refined":
+        epochs = [float(pd.to_numeric(r.trials.loc[fidelity.refined(r.trials), "refine_epochs"]).max()) for r in records]
+        if len(set(epochs)) > 1:
+            lines.append("refinement epochs: " + ", ".join(f"{r.label} {e:g}" for r, e in zip(records, epochs)))
+    return lines
 
 
 def common_objectives(records: list[SearchRecord]) -> Objectives:

@@ -187,3 +187,33 @@ def test_a_halving_cut_off_before_its_last_rung_ranks_on_the_rungs_it_measured()
     t["accuracy_rung1"] = np.nan  # a resume that never reached the last rung
     e = fidelity.expected(t, ["accuracy"])["accuracy_expected"]
     assert e[:4].tolist() == [0.74, 0.71, 0.64, 0.66] and e[4] > 0.60
+
+
+def test_compare_names_the_unlike_training_behind_the_scores_it_compares():
+    import dataclasses
+
+    from search.compare import compare_tables, unlike_training
+
+    first = _record("a", table())
+    assert unlike_training([first, _record("b", table())], "refined") == []
+    # the same policies refined for half the epochs, after a longer fine-tune at a higher rate
+    second = _record("b", table().assign(refine_epochs=lambda t: t["refine_epochs"] / 2))
+    recipe = dataclasses.replace(second.config.finetune, epochs=first.config.finetune.epochs + 1, lr=0.2)
+    second.config = second.config.model_copy(update={"finetune": recipe})
+    summary, _ = compare_tables([first, second])
+    assert list(summary["scores_at"]) == ["refined"] * 2
+    lines = unlike_training([first, second], "refined")
+    assert lines == [f"finetune.epochs: {first.label} {first.config.finetune.epochs:g}, {second.label} {first.config.finetune.epochs + 1:g}",
+                     f"finetune.lr: {first.label} {first.config.finetune.lr:g}, {second.label} 0.2",
+                     f"refinement epochs: {first.label} 1.8, {second.label} 0.9"]
+    # at the searches' own fine-tunes the refinement is not what is compared
+    assert not any(line.startswith("refinement") for line in unlike_training([first, second], "search fine-tune"))
+
+
+def test_compare_module_doctests_pass():
+    import doctest
+
+    import search.compare
+
+    result = doctest.testmod(search.compare)
+    assert result.attempted > 0 and result.failed == 0

@@ -140,6 +140,7 @@ def test_compare_overlays_frontiers(search, capsys, tmp_path):
     code, out, err = _cli(capsys, "compare", record.run_id, record.run_id, "--out", str(tmp_path / "cli.png"),
                           "--tracking-uri", search["uri"])
     assert code == 0 and (tmp_path / "cli.png").is_file() and "hypervolume" in out
+    assert "unlike training" not in out  # one search: nothing to set apart
 
 
 # --- choosing -------------------------------------------------------------------------------
