@@ -220,6 +220,12 @@ def mac_targets(seed_macs: Sequence[float] | None, constraints: Sequence[Constra
     return [c.value for c in constraints if c.metric == "macs" and c.op == "<=" and c.relative and 0 < c.value < 1]
 
 
+def counted_cost(space: SearchSpace, point: Mapping[str, Any], task: Task, checkpoint: bytes, example: Any) -> tuple[int, int]:
+    """The MACs and parameters of ``point``'s pruned model, counted as a trial counts them."""
+    model, _ = prune_model(space.policy(point), task, checkpoint)
+    return effective_macs_and_params(model.eval(), example)
+
+
 def mac_seed_points(space: SearchSpace, rows: list[dict[str, Any]], targets: Sequence[float], task: Task, checkpoint: bytes,
                     out: Callable[[str], None]) -> list[Baseline]:
     """Seeds at ``targets`` fractions of the dense model's MACs (``search.sensitivity.seed_macs``), as
@@ -236,8 +242,7 @@ def mac_seed_points(space: SearchSpace, rows: list[dict[str, Any]], targets: Seq
 
     def fraction(i: int) -> float:
         if i not in counted:
-            model, _ = prune_model(space.policy(path[i]), task, checkpoint)
-            counted[i] = effective_macs_and_params(model.eval(), example)[0] / dense_macs
+            counted[i] = counted_cost(space, path[i], task, checkpoint, example)[0] / dense_macs
         return counted[i]
 
     seeds: list[Baseline] = []
@@ -257,6 +262,33 @@ def mac_seed_points(space: SearchSpace, rows: list[dict[str, Any]], targets: Seq
     if reached:
         out(f"sensitivity: MAC seeds at {', '.join(reached)} of the dense MACs ({len(counted)} policies of the path counted)")
     return seeds
+
+
+COUNTED = ("macs", "params")  # the metrics a policy's pruned model gives before any fine-tune or timing
+
+
+def within_counted_constraints(seeds: Sequence[Baseline], space: SearchSpace, task: Task, checkpoint: bytes,
+                               constraints: Sequence[Constraint], out: Callable[[str], None]) -> list[Baseline]:
+    """The ``seeds`` whose MACs and parameters, counted on their pruned models before any trial, meet
+    the search's constraints on them (``macs <= 0.5 * dense``): a seed that breaks one would be
+    fine-tuned and timed only to be found infeasible, so it is left out, with a line that says so.
+    The other metrics (accuracy, latency, size) are known only once a trial ran."""
+    counted = [c for c in constraints if c.metric in COUNTED]
+    if not counted or not seeds:
+        return list(seeds)
+    example = task.example()
+    macs, params = effective_macs_and_params(load_dense(task, checkpoint).eval(), example)
+    dense = {"macs": macs, "params": params}
+    kept: list[Baseline] = []
+    for seed in seeds:
+        macs, params = counted_cost(space, seed.point, task, checkpoint, example)
+        broken = [f"{c} ({c.metric} {dict(macs=macs, params=params)[c.metric] / dense[c.metric]:.3f}x dense)"
+                  for c in counted if c.violation({"macs": macs, "params": params}, dense) > 0]
+        if broken:
+            out(f"sensitivity: seed {seed.name!r} left out: its pruned model breaks {', '.join(broken)}")
+        else:
+            kept.append(seed)
+    return kept
 
 
 def to_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

@@ -268,6 +268,11 @@ def test_latency_and_mac_seeds_are_points_of_the_sensitivity_path(tmp_path, stor
         closest = path.loc[(path["latency_fraction"] - target).abs().idxmin()]
         assert str(target) in str(closest["seed_for"]).split()
         run = seeds.get(f"sensitivity latency~{target:g}x dense")
+        if target == 0.95:  # barely pruned: its pruned model breaks the MAC budget, so it is not run
+            assert run is None
+            assert any(line.startswith("sensitivity: seed 'sensitivity latency~0.95x dense' left out: "
+                                       "its pruned model breaks macs <= 0.6 * dense") for line in lines), lines
+            continue
         if run is None:  # the same point as the other target's: recorded once
             assert len([name for name in seeds if "latency" in name]) == 1
             continue

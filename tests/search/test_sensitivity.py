@@ -317,3 +317,34 @@ def test_mac_seeds_are_the_least_pruned_points_of_the_path_within_each_target(di
     assert fractions[-1] > 0.01
     assert any(line.startswith("sensitivity: no MAC seed at 0.01x the dense MACs") for line in lines)
     assert any(line.startswith("sensitivity: MAC seeds at") for line in lines)
+
+
+def test_seeds_that_break_a_mac_or_parameter_constraint_are_left_out_before_any_trial(digits_task, dense_path):
+    from search.baselines import Baseline
+    from search.constraints import Constraint
+    from search.sensitivity import counted_cost, within_counted_constraints
+    from spaces import RatioRange, SearchSpace, SpaceConfig
+
+    groups = pruning.discover_groups(digits_task.build_model().eval(), digits_task.example(), ("channel",))
+    space = SearchSpace(SpaceConfig(criteria=["l1"], ratio=RatioRange(0.0, 0.75, 0.05)), groups)
+    checkpoint = dense_path.read_bytes()
+    example = digits_task.example()
+    light = Baseline("light", {f"ratio.{g.name}": 0.05 for g in space.groups}, kind="seed")
+    heavy = Baseline("heavy", {f"ratio.{g.name}": 0.75 for g in space.groups}, kind="seed")
+    dense_macs, dense_params = pruning.effective_macs_and_params(load_dense(digits_task, checkpoint), example)
+    light_macs, light_params = counted_cost(space, light.point, digits_task, checkpoint, example)
+    heavy_macs, heavy_params = counted_cost(space, heavy.point, digits_task, checkpoint, example)
+    between = (heavy_macs + light_macs) / 2 / dense_macs  # a MAC budget the heavy seed meets and the light one breaks
+    assert heavy_macs / dense_macs < between < light_macs / dense_macs
+    lines: list[str] = []
+    kept = within_counted_constraints([light, heavy], space, digits_task, checkpoint,
+                                      [Constraint.parse(f"macs <= {between} * dense"), Constraint.parse("accuracy_drop <= 0.01")], lines.append)
+    assert kept == [heavy]
+    assert len(lines) == 1 and lines[0].startswith(f"sensitivity: seed 'light' left out: its pruned model breaks macs <= {between:g} * dense")
+    # an absolute bound on parameters, and a floor: the heavy seed keeps too few
+    kept = within_counted_constraints([light, heavy], space, digits_task, checkpoint,
+                                      [Constraint.parse(f"params >= {heavy_params + 1}")], lambda line: None)
+    assert kept == [light]
+    # constraints on what only a trial measures leave every seed in, without pruning any
+    assert within_counted_constraints([light, heavy], space, digits_task, checkpoint,
+                                      [Constraint.parse("latency_ms <= 0.5 * dense")], lines.append) == [light, heavy]
