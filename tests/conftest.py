@@ -63,7 +63,7 @@ def one_torch_thread():
 
 
 # The longest tests (the kill loops and fault tests, the shared compress search, the Hugging Face
-# searches: about 40% of the suite's time) go first: pytest-xdist hands tests to its workers in
+# searches: nearly half of the suite's time) go first: pytest-xdist hands tests to its workers in
 # collection order, and a long one handed out last would leave the other worker idle at the end.
 FIRST = ("test_kill_loop.py", "test_faults.py", "test_compress_e2e.py", "test_hf_search.py")
 
