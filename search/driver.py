@@ -291,7 +291,7 @@ def _first_points(session: _Session) -> None:
             seeds += [s for s in sensitivity.mac_seed_points(prepared.space, rows, targets, prepared.task, checkpoint, out)
                       if all(s.point != t.point for t in seeds)]
         seeds = sensitivity.within_counted_constraints(seeds, prepared.space, prepared.task, checkpoint,
-                                                       parse_all(config.search.constraints, metrics=None), out)
+                                                       parse_all(config.search.constraints, metrics=None), session.dense, out)
         seeds = seeds[: config.search.num_trials]
     model = load_dense(prepared.task, prepared.checkpoint)
     baselines = reference_points(prepared.space, model, prepared.task.example(), config.baseline_kinds(), config.search.baseline_ratios)

@@ -268,22 +268,22 @@ COUNTED = ("macs", "params")  # the metrics a policy's pruned model gives before
 
 
 def within_counted_constraints(seeds: Sequence[Baseline], space: SearchSpace, task: Task, checkpoint: bytes,
-                               constraints: Sequence[Constraint], out: Callable[[str], None]) -> list[Baseline]:
+                               constraints: Sequence[Constraint], dense: Mapping[str, float],
+                               out: Callable[[str], None]) -> list[Baseline]:
     """The ``seeds`` whose MACs and parameters, counted on their pruned models before any trial, meet
-    the search's constraints on them (``macs <= 0.5 * dense``): a seed that breaks one would be
-    fine-tuned and timed only to be found infeasible, so it is left out, with a line that says so.
-    The other metrics (accuracy, latency, size) are known only once a trial ran."""
+    the search's constraints on them (``macs <= 0.5 * dense``, judged against ``dense``, the
+    reference the trials are judged against): a seed that breaks one would be fine-tuned and timed
+    only to be found infeasible, so it is left out, with a line that says so. The other metrics
+    (accuracy, latency, size) are known only once a trial ran."""
     counted = [c for c in constraints if c.metric in COUNTED]
     if not counted or not seeds:
         return list(seeds)
     example = task.example()
-    macs, params = effective_macs_and_params(load_dense(task, checkpoint).eval(), example)
-    dense = {"macs": macs, "params": params}
     kept: list[Baseline] = []
     for seed in seeds:
-        macs, params = counted_cost(space, seed.point, task, checkpoint, example)
-        broken = [f"{c} ({c.metric} {dict(macs=macs, params=params)[c.metric] / dense[c.metric]:.3f}x dense)"
-                  for c in counted if c.violation({"macs": macs, "params": params}, dense) > 0]
+        cost = dict(zip(COUNTED, counted_cost(space, seed.point, task, checkpoint, example)))
+        broken = [f"{c} ({c.metric} {cost[c.metric] / dense[c.metric]:.3f}x dense)"
+                  for c in counted if c.violation(cost, dense) > 0]
         if broken:
             out(f"sensitivity: seed {seed.name!r} left out: its pruned model breaks {', '.join(broken)}")
         else:

@@ -332,19 +332,20 @@ def test_seeds_that_break_a_mac_or_parameter_constraint_are_left_out_before_any_
     light = Baseline("light", {f"ratio.{g.name}": 0.05 for g in space.groups}, kind="seed")
     heavy = Baseline("heavy", {f"ratio.{g.name}": 0.75 for g in space.groups}, kind="seed")
     dense_macs, dense_params = pruning.effective_macs_and_params(load_dense(digits_task, checkpoint), example)
-    light_macs, light_params = counted_cost(space, light.point, digits_task, checkpoint, example)
+    dense = {"macs": dense_macs, "params": dense_params}
+    light_macs, _ = counted_cost(space, light.point, digits_task, checkpoint, example)
     heavy_macs, heavy_params = counted_cost(space, heavy.point, digits_task, checkpoint, example)
     between = (heavy_macs + light_macs) / 2 / dense_macs  # a MAC budget the heavy seed meets and the light one breaks
     assert heavy_macs / dense_macs < between < light_macs / dense_macs
     lines: list[str] = []
     kept = within_counted_constraints([light, heavy], space, digits_task, checkpoint,
-                                      [Constraint.parse(f"macs <= {between} * dense"), Constraint.parse("accuracy_drop <= 0.01")], lines.append)
+                                      [Constraint.parse(f"macs <= {between} * dense"), Constraint.parse("accuracy_drop <= 0.01")], dense, lines.append)
     assert kept == [heavy]
     assert len(lines) == 1 and lines[0].startswith(f"sensitivity: seed 'light' left out: its pruned model breaks macs <= {between:g} * dense")
     # an absolute bound on parameters, and a floor: the heavy seed keeps too few
     kept = within_counted_constraints([light, heavy], space, digits_task, checkpoint,
-                                      [Constraint.parse(f"params >= {heavy_params + 1}")], lambda line: None)
+                                      [Constraint.parse(f"params >= {heavy_params + 1}")], dense, lambda line: None)
     assert kept == [light]
-    # constraints on what only a trial measures leave every seed in, without pruning any
+    # constraints on what only a trial measures leave every seed in
     assert within_counted_constraints([light, heavy], space, digits_task, checkpoint,
-                                      [Constraint.parse("latency_ms <= 0.5 * dense")], lines.append) == [light, heavy]
+                                      [Constraint.parse("latency_ms <= 0.5 * dense")], dense, lines.append) == [light, heavy]
