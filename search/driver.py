@@ -37,7 +37,7 @@ from search.constraints import parse_all
 from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
 from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
-from search.refine import EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, refine_frontier, rungs_makespan
+from search.refine import COUNT_TAG, EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, refine_frontier, rungs_makespan
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
 from search.searcher import RecordedTrial, SecateursSearch
@@ -548,9 +548,6 @@ def _refine(session: _Session) -> None:
     table = pd.DataFrame(rows)
     front = table[frontier.feasible_frontier(table, session.objectives.mapping)] if len(table) else table
     tags = session.tracker.client.get_run(session.tracker.parent_run_id).data.tags
-    chosen = chosen_before(tags)
-    if chosen:  # a resume after a kill while refining: the same candidates (refining changed the frontier)
-        front = table[table["run_id"].isin(chosen)]
     epochs, count = _refine_plan(session, rows, front, tags)
     if count == 0:
         session.out(f"not refining: the time budget leaves {max(session.seconds_left() or 0.0, 0.0):.0f} s, too little to fine-tune "
@@ -558,10 +555,30 @@ def _refine(session: _Session) -> None:
         return
     with open(session.prepared.checkpoint, "rb") as f:
         checkpoint = f.read()
-    refine_frontier(session.tracker, front, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
+    costs, seconds = _first_rung_time(session, rows, front, epochs, count)
+    refine_frontier(session.tracker, table, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
                     measure=config.measure, dense=session.dense,
                     resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial}, out=session.out,
-                    scores=session.objectives.quality, epochs=epochs, count=count, senses=session.objectives.mapping)
+                    scores=session.objectives.quality, epochs=epochs, count=count, senses=session.objectives.mapping,
+                    chosen=chosen_before(tags), concurrency=config.search.max_concurrent, seconds=seconds, costs=costs)
+
+
+def _first_rung_time(session: _Session, rows: list[dict], front: pd.DataFrame, epochs: float,
+                     count: int) -> tuple[dict[str, tuple[float, float]], float | None]:
+    """Each fine-tuned trial's refinement cost (:func:`_refine_costs`) and the seconds the refinement's
+    first rung may take: the time left after the re-timing, in the margin :func:`_refine_plan` planned
+    with, less the later rungs as planned for the first rung's spread candidates (None: no time budget)."""
+    table = pd.DataFrame(rows)
+    tuned = table[frontier.feasible_mask(table) & (table["time_finetune_s"].fillna(0) > 0)] if "time_finetune_s" in table else table[:0]
+    each = _refine_costs(session, tuned) or []
+    costs = dict(zip(tuned["run_id"], each)) if each else {}
+    left = session.seconds_left()
+    if left is None:
+        return costs, None
+    settings, concurrency = session.config.search.refine, session.config.search.max_concurrent
+    left = 0.9 * (left - end_estimate(rows, session.config.measure, objectives=session.objectives))
+    planned = [costs[r] for r in candidates(front, count * settings.widening) if r in costs] if len(front) else []
+    return costs, left - rungs_makespan(planned, settings.plan(epochs, count)[1:], concurrency)
 
 
 def _refine_costs(session: _Session, chosen: pd.DataFrame) -> list[tuple[float, float]] | None:
@@ -586,8 +603,8 @@ def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags:
     config = session.config
     settings = config.search.refine
     first = settings.widening
-    if chosen_before(tags) and EPOCHS_TAG in tags:
-        return float(tags[EPOCHS_TAG]), -(-len(chosen_before(tags)) // first)
+    if chosen_before(tags) and EPOCHS_TAG in tags:  # a resume: as many as planned first (older records: as were chosen)
+        return float(tags[EPOCHS_TAG]), int(tags.get(COUNT_TAG) or -(-len(chosen_before(tags)) // first))
     left = session.seconds_left()
     if left is None:
         return settings.epochs, settings.candidates

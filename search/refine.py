@@ -34,6 +34,7 @@ from spaces import Policy
 
 CANDIDATES_TAG = "secateurs.refine_candidates"  # parent run: the run ids chosen for refinement, comma-separated
 EPOCHS_TAG = "secateurs.refine_epochs"  # parent run: the epochs chosen for them (a resume keeps them)
+COUNT_TAG = "secateurs.refine_count"  # parent run: how many the last rung refines, as planned (a resume goes on to it)
 
 
 def chosen_before(tags: dict[str, str]) -> list[str]:
@@ -205,59 +206,124 @@ def _done(row: dict[str, Any], score: str, rung: int, epochs: float) -> float | 
     return None if value is None or value != value else float(value)
 
 
-def refine_frontier(tracker: Any, front: pd.DataFrame, settings: RefineSettings, *, task: TaskConfig, checkpoint: bytes,
+def next_in_line(table: pd.DataFrame, covered: set[str], senses: Mapping[str, str]) -> list[str]:
+    """The policies the refinement may take next, best first: those on the frontier as ranked now
+    (:func:`search.frontier.feasible_frontier`: a refined policy at its measured score, the others at
+    the score the refined pairs predict for them) that are not ``covered`` (refined, or being refined),
+    farthest first, in places along the frontier's latency order, from the covered policies still on
+    it; with none of those, from the fastest end. Each pick so fills the widest stretch of the frontier
+    that no measurement at the refinement's fidelity covers.
+
+    >>> t = pd.DataFrame({"run_id": list("abcde"), "accuracy": [0.5, 0.6, 0.7, 0.8, 0.9], "latency_ms": [1, 2, 3, 4, 5]})
+    >>> senses = {"accuracy": "max", "latency_ms": "min"}
+    >>> next_in_line(t, set(), senses)[0], next_in_line(t, {"a"}, senses)[0], next_in_line(t, {"a", "e"}, senses)
+    ('a', 'e', ['c', 'b', 'd'])
+    """
+    if table.empty:
+        return []
+    front = table[frontier.feasible_frontier(table, dict(senses))].sort_values("latency_ms", kind="stable")
+    ids = front["run_id"].tolist()
+    taken = [i for i, run_id in enumerate(ids) if run_id in covered]
+    gap = {i: min((abs(i - j) for j in taken), default=float("inf")) for i, run_id in enumerate(ids) if run_id not in covered}
+    return [ids[i] for i in sorted(gap, key=lambda i: (-gap[i], i))]
+
+
+def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings, *, task: TaskConfig, checkpoint: bytes,
                     finetune: FinetuneConfig, measure: MeasureConfig, dense: dict[str, float], resources: dict[str, float],
                     out: Callable[[str], None], scores: list[str] = ("accuracy",), epochs: float | None = None,
-                    count: int | None = None, senses: Mapping[str, str] | None = None) -> list[str]:
-    """Refine ``count`` (default ``settings.candidates``) candidates of ``front`` (rows with ``run_id``,
-    ``latency_ms`` and the ``scores``) on Ray, for ``epochs`` (default ``settings.epochs``), in the rungs
-    of ``settings.plan`` (the policies each keeps chosen on the objectives ``senses``, default the
-    ``scores`` to maximise and ``latency_ms``), and record the results on their runs (each score's
-    search value kept as ``<score>_in_search``, each rung's as ``<score>_rung<r>``); returns the run ids
-    refined at any rung. Ray must be running."""
+                    count: int | None = None, senses: Mapping[str, str] | None = None, chosen: list[str] = (),
+                    concurrency: int = 1, seconds: float | None = None,
+                    costs: Mapping[str, tuple[float, float]] | None = None) -> list[str]:
+    """Refine ``count`` (default ``settings.candidates``) policies of the search's trials ``table`` (rows
+    with ``run_id``, ``latency_ms`` and the objectives) on Ray, for ``epochs`` (default
+    ``settings.epochs``), in the rungs of ``settings.plan`` (the policies each later rung keeps chosen on
+    the objectives ``senses``, default the ``scores`` to maximise and ``latency_ms``), and record the
+    results on their runs (each score's search value kept as ``<score>_in_search``, each rung's as
+    ``<score>_rung<r>``); returns the run ids refined at any rung. Ray must be running.
+
+    The first rung's policies are chosen one at a time, ``concurrency`` fine-tuning at once: each next
+    one when a slot is free, from the frontier as ranked with the results so far (:func:`next_in_line`),
+    so that an estimate that pushes a measured policy off the frontier is measured in turn. ``chosen``
+    (an earlier session's picks) come first. With ``seconds``, a policy is started only if its fine-tune
+    (``costs``: its ``(fixed seconds, seconds an epoch)``) ends within that many seconds of the start;
+    the first rung stops early when no frontier policy is left to measure."""
     epochs = settings.epochs if epochs is None else epochs
     plan = settings.plan(epochs, settings.candidates if count is None else count)
-    chosen = candidates(front, plan[0][0])
-    if not chosen:
+    if table.empty:
         return []
     senses = dict(senses or {**{q: "max" for q in scores}, "latency_ms": "min"})
-    # chosen once: a resume refines these, for as long, whatever the frontier became
-    tracker.set_tags({CANDIDATES_TAG: ",".join(chosen), EPOCHS_TAG: f"{epochs:g}"})
     how = f" (search.refine.share: what fits in {settings.share:g} of the time budget)" if settings.share else ""
     asked = settings.candidates * settings.widening
-    fewer = f"; {asked} asked for, {len(chosen)} fit in the time budget" if count is not None and count < settings.candidates else ""
+    fewer = f"; {asked} asked for, {plan[0][0]} fit in the time budget" if count is not None and count < settings.candidates else ""
     halving = (f" in {settings.rungs} rungs of successive halving: " + ", ".join(f"{n} for {e:g}" for n, e in plan)
                if settings.rungs > 1 else "")
-    out(f"refining {len(chosen)} frontier policies: {epochs:g} epochs of fine-tuning each{halving}{how}{fewer} (search.refine)")
+    out(f"refining up to {plan[0][0]} frontier policies: {epochs:g} epochs of fine-tuning each{halving}{how}{fewer}; "
+        "each chosen as a slot frees, on the frontier as ranked with the results so far (search.refine)")
     # a resumed search whose driver was killed while refining: runs already refined at a rung keep
     # their result, and each score in search of every run is the one the search measured
-    rows = front.set_index("run_id").to_dict("index")
-    policies = tracker.policies(chosen)
+    rows = table.set_index("run_id").to_dict("index")
     remote = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(_refine_one)
     checkpoint_ref = ray.put(checkpoint)
     q = scores[0]
-    rung_runs = chosen
-    for rung, (keep, rung_epochs) in enumerate(plan):
-        if rung:
-            table = pd.DataFrame([{"run_id": r, **{n: rows[r].get(n) for n in senses if n not in scores},
-                                   **{s: rows[r][rung_column(s, rung - 1)] for s in scores}} for r in rung_runs])
-            rung_runs = survivors(table, keep, senses)
-            out(f"  rung {rung}: kept {len(rung_runs)} of {len(table)} on {', '.join(senses)} after {plan[rung - 1][1]:g} epochs")
+
+    def record(run_id: str, refined: dict[str, float], rung: int, rung_epochs: float) -> None:
+        kept = {f"{s}_in_search": _in_search(rows[run_id], s) for s in scores}
+        spent = float(rows[run_id].get("time_refine_s") or 0.0) if rung else 0.0
+        update = {**refined, **kept, **{rung_column(s, rung): refined[s] for s in scores}, "refine_epochs": rung_epochs,
+                  "time_refine_s": spent + refined["time_refine_s"]}
+        tracker.update_metrics(run_id, update, step=2 + rung)
+        rows[run_id].update(update)
+        out(f"  {run_id[:12]}: {q} {kept[f'{q}_in_search']:.4f} after the search's fine-tune, {refined[q]:.4f} after {rung_epochs:g} epochs")
+
+    def start(run_id: str, rung_epochs: float):
         longer = dataclasses.replace(finetune, epochs=rung_epochs, max_steps=None)
+        (policy,) = tracker.policies([run_id]).values()
+        return remote.remote(policy, task, checkpoint_ref, longer, measure, Reference.from_record(dense))
+
+    # the first rung, one policy at a time as slots free up
+    keep, rung_epochs = plan[0]
+    chosen, resumed = list(chosen), [r for r in chosen if any(_done(rows[r], s, 0, rung_epochs) is None for s in scores)]
+    began, running = time.perf_counter(), {}
+    while True:
+        while len(running) < max(concurrency, 1):
+            if resumed:
+                run_id = resumed.pop(0)
+            else:
+                if len(chosen) >= keep:
+                    break
+                line = next_in_line(pd.DataFrame([{"run_id": r, **v} for r, v in rows.items()]), set(chosen), senses)
+                fits = [r for r in line if seconds is None or costs is None or r not in costs
+                        or time.perf_counter() - began + costs[r][0] + rung_epochs * costs[r][1] <= seconds]
+                if not fits:
+                    break
+                run_id = fits[0]
+                chosen.append(run_id)
+                # a resume goes on from these, for as long, to as many
+                tracker.set_tags({CANDIDATES_TAG: ",".join(chosen), EPOCHS_TAG: f"{epochs:g}", COUNT_TAG: str(plan[-1][0])})
+            running[start(run_id, rung_epochs)] = run_id
+        if not running:
+            break
+        (ready,), _ = ray.wait(list(running), num_returns=1)
+        run_id = running.pop(ready)
+        record(run_id, ray.get(ready), 0, rung_epochs)
+    if len(chosen) < keep:
+        out(f"  {len(chosen)} refined: the frontier as ranked has no other policy to measure"
+            f"{' that fits in the time left' if seconds is not None else ''}")
+    for run_id in chosen:  # an earlier session's result (old records: only rung 0's value)
+        for s in scores:
+            rows[run_id][rung_column(s, 0)] = _done(rows[run_id], s, 0, rung_epochs)
+    rung_runs = chosen
+    for rung, (keep, rung_epochs) in enumerate(plan[1:], start=1):
+        table = pd.DataFrame([{"run_id": r, **{n: rows[r].get(n) for n in senses if n not in scores},
+                               **{s: rows[r][rung_column(s, rung - 1)] for s in scores}} for r in rung_runs])
+        rung_runs = survivors(table, keep, senses)
+        out(f"  rung {rung}: kept {len(rung_runs)} of {len(table)} on {', '.join(senses)} after {plan[rung - 1][1]:g} epochs")
         todo = [r for r in rung_runs if any(_done(rows[r], s, rung, rung_epochs) is None for s in scores)]
         # the slowest first (the least pruned: the highest latency), as epochs_that_fit planned them
         todo.sort(key=lambda r: -float(rows[r].get("latency_ms") or 0.0))
-        futures = {run_id: remote.remote(policies[run_id], task, checkpoint_ref, longer, measure, Reference.from_record(dense))
-                   for run_id in todo}
+        futures = {run_id: start(run_id, rung_epochs) for run_id in todo}
         for run_id, future in futures.items():
-            refined = ray.get(future)
-            kept = {f"{s}_in_search": _in_search(rows[run_id], s) for s in scores}
-            spent = float(rows[run_id].get("time_refine_s") or 0.0) if rung else 0.0
-            record = {**refined, **kept, **{rung_column(s, rung): refined[s] for s in scores}, "refine_epochs": rung_epochs,
-                      "time_refine_s": spent + refined["time_refine_s"]}
-            tracker.update_metrics(run_id, record, step=2 + rung)
-            rows[run_id].update(record)
-            out(f"  {run_id[:12]}: {q} {kept[f'{q}_in_search']:.4f} after the search's fine-tune, {refined[q]:.4f} after {rung_epochs:g} epochs")
+            record(run_id, ray.get(future), rung, rung_epochs)
         for run_id in rung_runs:  # an earlier session's result at this rung (old records: only rung 0's value)
             for s in scores:
                 rows[run_id][rung_column(s, rung)] = _done(rows[run_id], s, rung, rung_epochs)

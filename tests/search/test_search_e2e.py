@@ -376,7 +376,7 @@ def test_time_budget_bounds_the_whole_command_and_refine_share_fills_its_part(tm
     refined = [r for r in children(client, result, "trial") + children(client, result, "baseline")
                if r.data.tags.get("secateurs.refined") == "true"]
     assert len(refined) == 2
-    announced = [(t, line) for t, line in lines if line.startswith("refining 2 frontier policies")]
+    announced = [(t, line) for t, line in lines if line.startswith("refining up to 2 frontier policies")]
     assert len(announced) == 1, lines
     at, line = announced[0]
     epochs = float(re.search(r"policies: ([0-9.]+) epochs", line).group(1))
