@@ -599,7 +599,8 @@ def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags:
     ``candidates``; with ``share``, as many epochs as fit in the time left after the re-timing (at
     least ``epochs``), planned from each candidate's own trial (:func:`_refine_costs`). With a time
     budget the budget wins: when even ``epochs`` does not fit for every candidate, fewer candidates
-    (still spread over the frontier), and none when not for one. A resume keeps what was chosen first."""
+    (planned as spread over the frontier), and none when not for one. A resume keeps the epochs and
+    the count chosen first."""
     config = session.config
     settings = config.search.refine
     first = settings.widening

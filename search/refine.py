@@ -2,8 +2,10 @@
 
 A trial's fine-tune is short, so its accuracy is a proxy for what a real fine-tune would give,
 and it can rank policies wrongly. With ``search.refine: {epochs: 5, candidates: 4}`` the driver
-takes up to ``candidates`` frontier policies spread over its latency range, fine-tunes each from
-the dense checkpoint for ``epochs`` (on Ray, with a trial's resources) and records the result on
+takes up to ``candidates`` frontier policies, one at a time as a slot frees (the frontier's ends
+first, then the one the frontier, ranked with the results so far, most lacks a measurement at:
+:func:`next_in_line`), fine-tunes each from the dense checkpoint for ``epochs`` (on Ray, with a
+trial's resources) and records the result on
 the trial's run: ``accuracy`` (and ``accuracy_drop``) become the refined values, the short
 fine-tune's stay as ``accuracy_in_search``, and ``refine_epochs`` / ``time_refine_s`` say what it
 cost. The frontier and ``secateurs pick`` then compare every policy at that fidelity: the refined
