@@ -268,10 +268,15 @@ def test_latency_and_mac_seeds_are_points_of_the_sensitivity_path(tmp_path, stor
         closest = path.loc[(path["latency_fraction"] - target).abs().idxmin()]
         assert str(target) in str(closest["seed_for"]).split()
         run = seeds.get(f"sensitivity latency~{target:g}x dense")
-        if target == 0.95:  # barely pruned: its pruned model breaks the MAC budget, so it is not run
-            assert run is None
-            assert any(line.startswith("sensitivity: seed 'sensitivity latency~0.95x dense' left out: "
-                                       "its pruned model breaks macs <= 0.6 * dense") for line in lines), lines
+        if target == 0.95:
+            # barely pruned, its pruned model breaks the MAC budget and is left out before any trial;
+            # which path point is closest depends on the timings, so when a point pruned enough is
+            # closest (a noisy machine), the seed runs, within the budget
+            if run is None:
+                assert any(line.startswith("sensitivity: seed 'sensitivity latency~0.95x dense' left out: "
+                                           "its pruned model breaks macs <= 0.6 * dense") for line in lines), lines
+            else:
+                assert run.data.metrics["macs"] <= 0.6 * (run.data.metrics["macs"] - run.data.metrics["macs_change"])
             continue
         if run is None:  # the same point as the other target's: recorded once
             assert len([name for name in seeds if "latency" in name]) == 1
