@@ -555,7 +555,7 @@ def _refine(session: _Session) -> None:
         return
     with open(session.prepared.checkpoint, "rb") as f:
         checkpoint = f.read()
-    costs, seconds = _first_rung_time(session, rows, front, epochs, count)
+    costs, seconds = _first_rung_time(session, rows, table, front, epochs, count)
     refine_frontier(session.tracker, table, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
                     measure=config.measure, dense=session.dense,
                     resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial}, out=session.out,
@@ -563,20 +563,25 @@ def _refine(session: _Session) -> None:
                     chosen=chosen_before(tags), concurrency=config.search.max_concurrent, seconds=seconds, costs=costs)
 
 
-def _first_rung_time(session: _Session, rows: list[dict], front: pd.DataFrame, epochs: float,
+def _refine_seconds(session: _Session, rows: list[dict]) -> float | None:
+    """The seconds the refinement may take: 0.9 of the time left after the re-timing (Ray's scheduling
+    and a neighbour's noise are not in the plan); None without a time budget."""
+    left = session.seconds_left()
+    return None if left is None else 0.9 * (left - end_estimate(rows, session.config.measure, objectives=session.objectives))
+
+
+def _first_rung_time(session: _Session, rows: list[dict], table: pd.DataFrame, front: pd.DataFrame, epochs: float,
                      count: int) -> tuple[dict[str, tuple[float, float]], float | None]:
     """Each fine-tuned trial's refinement cost (:func:`_refine_costs`) and the seconds the refinement's
-    first rung may take: the time left after the re-timing, in the margin :func:`_refine_plan` planned
-    with, less the later rungs as planned for the first rung's spread candidates (None: no time budget)."""
-    table = pd.DataFrame(rows)
+    first rung may take: :func:`_refine_seconds`, as :func:`_refine_plan` planned with, less the later
+    rungs as planned for the first rung's spread candidates (None: no time budget)."""
     tuned = table[frontier.feasible_mask(table) & (table["time_finetune_s"].fillna(0) > 0)] if "time_finetune_s" in table else table[:0]
     each = _refine_costs(session, tuned) or []
     costs = dict(zip(tuned["run_id"], each)) if each else {}
-    left = session.seconds_left()
+    left = _refine_seconds(session, rows)
     if left is None:
         return costs, None
     settings, concurrency = session.config.search.refine, session.config.search.max_concurrent
-    left = 0.9 * (left - end_estimate(rows, session.config.measure, objectives=session.objectives))
     planned = [costs[r] for r in candidates(front, count * settings.widening) if r in costs] if len(front) else []
     return costs, left - rungs_makespan(planned, settings.plan(epochs, count)[1:], concurrency)
 
@@ -606,11 +611,9 @@ def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags:
     first = settings.widening
     if chosen_before(tags) and EPOCHS_TAG in tags:  # a resume: as many as planned first (older records: as were chosen)
         return float(tags[EPOCHS_TAG]), int(tags.get(COUNT_TAG) or -(-len(chosen_before(tags)) // first))
-    left = session.seconds_left()
+    left = _refine_seconds(session, rows)
     if left is None:
         return settings.epochs, settings.candidates
-    # 0.9: Ray's scheduling and a neighbour's noise are not in the plan
-    left = 0.9 * (left - end_estimate(rows, config.measure, objectives=session.objectives))
     concurrency = config.search.max_concurrent
     for count in range(settings.candidates, 0, -1):
         chosen = front[front["run_id"].isin(candidates(front, count * first))] if len(front) else front
