@@ -36,7 +36,7 @@ from search.config import Config, ConfigError, validate
 from search.constraints import parse_all
 from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
-from search.recorder import HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
+from search.recorder import REPORT_S, SHUTDOWN_S, HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
 from search.refine import COUNT_TAG, EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, refine_frontier, rungs_makespan
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
@@ -556,18 +556,28 @@ def _refine(session: _Session) -> None:
     with open(session.prepared.checkpoint, "rb") as f:
         checkpoint = f.read()
     costs, seconds = _first_rung_time(session, rows, table, front, epochs, count)
+    until = _until_retiming(session, rows)
     refine_frontier(session.tracker, table, config.search.refine, task=config.task, checkpoint=checkpoint, finetune=config.finetune,
                     measure=config.measure, dense=session.dense,
                     resources={"cpu": config.search.cpus_per_trial, "gpu": config.search.gpus_per_trial}, out=session.out,
                     scores=session.objectives.quality, epochs=epochs, count=count, senses=session.objectives.mapping,
-                    chosen=chosen_before(tags), concurrency=config.search.max_concurrent, seconds=seconds, costs=costs)
+                    chosen=chosen_before(tags), concurrency=config.search.max_concurrent, seconds=seconds, costs=costs,
+                    deadline=None if until is None else time.perf_counter() + until)
+
+
+def _until_retiming(session: _Session, rows: list[dict]) -> float | None:
+    """Seconds until the re-timing (and the report) must start for the search to end within its time
+    budget; None without a time budget."""
+    left = session.seconds_left()
+    return None if left is None else left - end_estimate(rows, session.config.measure, objectives=session.objectives)
 
 
 def _refine_seconds(session: _Session, rows: list[dict]) -> float | None:
-    """The seconds the refinement may take: 0.9 of the time left after the re-timing (Ray's scheduling
-    and a neighbour's noise are not in the plan); None without a time budget."""
-    left = session.seconds_left()
-    return None if left is None else 0.9 * (left - end_estimate(rows, session.config.measure, objectives=session.objectives))
+    """The seconds the refinement is planned to take: 0.9 of :func:`_until_retiming` (Ray's scheduling
+    and a neighbour's noise are not in the plan; a fine-tune still running at the end of it all is
+    stopped); None without a time budget."""
+    left = _until_retiming(session, rows)
+    return None if left is None else 0.9 * left
 
 
 def _first_rung_time(session: _Session, rows: list[dict], table: pd.DataFrame, front: pd.DataFrame, epochs: float,
@@ -630,14 +640,15 @@ def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags:
 def _remeasure(session: _Session) -> None:
     """Re-time the frontier with the dense model (:func:`search.outcome.remeasure_frontier`), unless
     ``search.time_budget_s`` leaves too little time for it."""
-    left = session.seconds_left()
-    needed = end_estimate(session.tracker.trial_table()[0], session.config.measure, objectives=session.objectives)
+    left = session.seconds_left()  # Ray is shut down by now
+    needed = end_estimate(session.tracker.trial_table()[0], session.config.measure, objectives=session.objectives) - SHUTDOWN_S
     if left is not None and left < needed:
         session.out(f"not re-timing the frontier: the time budget leaves {max(left, 0):.0f} s, it needs about {needed:.0f} s; "
                     "latencies are the in-search ones")
         return
     outcome.remeasure_frontier(session.tracker, session.prepared.task, session.prepared.checkpoint, session.config.measure,
-                               session.dense, session.out, objectives=session.objectives)
+                               session.dense, session.out, objectives=session.objectives,
+                               deadline=None if left is None else time.perf_counter() + left - REPORT_S)
 
 
 def _trial_context(session: _Session) -> TrialContext:

@@ -61,14 +61,16 @@ def _trials(tracker: SearchTracker, objectives: Objectives) -> tuple[pd.DataFram
 
 
 def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, measure: MeasureConfig, dense: dict[str, float],
-                       out: Log, passes: int = 3, objectives: Objectives | None = None) -> None:
+                       out: Log, passes: int = 3, objectives: Objectives | None = None, deadline: float | None = None) -> None:
     """Time the dense model and the frontier's policies again, together (round-robin, with no trial
     running), and record those latencies; the in-search ones stay as ``latency_ms_in_search``.
 
     New timings can reshape the frontier. Then the dense model and the new frontier are timed
     together again (at most ``passes`` times), so that the reported frontier and the dense latency
     it is compared with come from one measurement. Each policy is the one its trial ran (policy.json).
-    ``dense`` is updated in place."""
+    With ``deadline`` (a ``time.perf_counter()`` value: the time budget's end, less the report), a pass
+    that would end after it (as long as the last one) is not started, and the log says how many frontier
+    policies were not timed in the last pass. ``dense`` is updated in place."""
     dense_run_id = tracker.child_runs("dense").iloc[0]["run_id"]
     # a session killed while re-timing left some latencies re-timed: their in-search ones are kept aside
     dense_in_search = dense.get("latency_ms_in_search", dense["latency_ms"])
@@ -79,7 +81,12 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
         front = table[frontier.feasible_frontier(table, (objectives or DEFAULT).mapping)] if len(table) else table
         if front.empty or set(front["run_id"]) <= timed:
             return
+        if timed and deadline is not None and time.perf_counter() + took > deadline:
+            out(f"not re-timing the new frontier again: the time budget leaves too little for a pass ({took:.1f} s); "
+                f"{len(set(front['run_id']) - timed)} of its {len(front)} policies were not timed in the last pass beside the dense model")
+            return
         out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
+        began = time.perf_counter()
         policies = {"dense": Policy(criterion="l1", ratios={}), **tracker.policies(list(front["run_id"]))}
         for row in front.to_dict("records"):
             earlier = row.get("latency_ms_in_search")
@@ -90,7 +97,7 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
         tracker.update_metrics(dense_run_id, {**dense_fresh, "latency_ms_in_search": dense_in_search})
         for run_id, metrics in fresh.items():
             tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
-        timed = set(fresh)
+        timed, took = set(fresh), time.perf_counter() - began
 
 
 def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, status: str, started: float, out: Log,

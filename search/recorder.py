@@ -259,19 +259,23 @@ class TimeBudget(tune.Stopper):
         return left is not None and left <= self.end_s(self.recorder.rows)
 
 
+SHUTDOWN_S = 2.0  # seconds kept at the end of a time budget for Ray's shut-down (before the re-timing)
+REPORT_S = 2.0  # and for the report (after it)
+
+
 def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float]] = (), finetune_epochs: float = 1.0,
                  concurrency: int = 1, objectives: Objectives | None = None) -> float:
     """Seconds the end of a search takes, from the trials so far: the refinement (``search.refine``:
     its rungs ``refine``, each ``(policies, epochs)``, one after the other, with ``concurrency`` fine-tunes
     at a time, each as long as a trial's fine-tune scaled by the epochs), then each frontier model and the dense one rebuilt and
-    timed (``measure.warmup + measure.repeats`` passes; a second pass for half of them), and 4 s for
-    Ray's shut-down and the report."""
+    timed (``measure.warmup + measure.repeats`` passes; a second pass for half of them), and
+    :data:`SHUTDOWN_S` and :data:`REPORT_S` for Ray's shut-down and the report."""
     table = pd.DataFrame(rows)
     if table.empty or "latency_ms" not in table:
-        return 4.0
+        return SHUTDOWN_S + REPORT_S
     table = table[frontier.feasible_mask(table)]
     if table.empty:
-        return 4.0
+        return SHUTDOWN_S + REPORT_S
     front = table[frontier.frontier_table(table, (objectives or DEFAULT).mapping)["pareto"].to_numpy()]
     median = {k: float(table[k].median()) if k in table else 0.0 for k in ("time_prune_s", "time_finetune_s", "time_measure_s")}
     per_model = median["time_prune_s"] + (measure.warmup + measure.repeats) * float(front["latency_ms"].max()) / 1000.0
@@ -279,4 +283,4 @@ def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float
     for policies, epochs in refine:
         one = median["time_prune_s"] + median["time_finetune_s"] * epochs / max(finetune_epochs, 1e-9) + median["time_measure_s"]
         refining += -(-min(policies, len(front)) // concurrency) * one
-    return 4.0 + refining + 1.5 * (len(front) + 1) * per_model
+    return SHUTDOWN_S + REPORT_S + refining + 1.5 * (len(front) + 1) * per_model

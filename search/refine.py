@@ -235,7 +235,7 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
                     out: Callable[[str], None], scores: list[str] = ("accuracy",), epochs: float | None = None,
                     count: int | None = None, senses: Mapping[str, str] | None = None, chosen: list[str] = (),
                     concurrency: int = 1, seconds: float | None = None,
-                    costs: Mapping[str, tuple[float, float]] | None = None) -> list[str]:
+                    costs: Mapping[str, tuple[float, float]] | None = None, deadline: float | None = None) -> list[str]:
     """Refine ``count`` (default ``settings.candidates``) policies of the search's trials ``table`` (rows
     with ``run_id``, ``latency_ms`` and the objectives) on Ray, for ``epochs`` (default
     ``settings.epochs``), in the rungs of ``settings.plan`` (the policies each later rung keeps chosen on
@@ -248,7 +248,10 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
     so that an estimate that pushes a measured policy off the frontier is measured in turn. ``chosen``
     (an earlier session's picks) come first. With ``seconds``, a policy is started only if its fine-tune
     (``costs``: its ``(fixed seconds, seconds an epoch)``) ends within that many seconds of the start;
-    the first rung stops early when no frontier policy is left to measure."""
+    the first rung stops early when no frontier policy is left to measure. With ``deadline`` (a
+    ``time.perf_counter()`` value: when the time budget needs the re-timing to start), a fine-tune still
+    running then is stopped (its worker killed, as Ray Tune stops trials at a time budget) and its run
+    keeps the search's values: a machine slower than planned costs refinements, not the budget."""
     epochs = settings.epochs if epochs is None else epochs
     plan = settings.plan(epochs, settings.candidates if count is None else count)
     if table.empty:
@@ -282,12 +285,31 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
         (policy,) = tracker.policies([run_id]).values()
         return remote.remote(policy, task, checkpoint_ref, longer, measure, Reference.from_record(dense))
 
+    def finished(running: dict, rung: int, rung_epochs: float) -> bool:
+        """Wait for one of ``running`` to end and record it; False (the others stopped) at the deadline."""
+        timeout = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+        if ready:
+            run_id = running.pop(ready[0])
+            record(run_id, ray.get(ready[0]), rung, rung_epochs)
+            return True
+        for future, run_id in running.items():
+            ray.cancel(future, force=True)
+            stopped.append(run_id)
+            out(f"  {run_id[:12]}: stopped at the time budget before its {rung_epochs:g} epochs ended; "
+                f"it keeps {'the search' if rung == 0 else f'rung {rung - 1}'}'s {q}")
+        running.clear()
+        return False
+
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() >= deadline
+
     # the first rung, one policy at a time as slots free up
     keep, rung_epochs = plan[0]
     chosen, resumed = list(chosen), [r for r in chosen if any(_done(rows[r], s, 0, rung_epochs) is None for s in scores)]
-    began, running = time.perf_counter(), {}
+    began, running, stopped = time.perf_counter(), {}, []
     while True:
-        while len(running) < max(concurrency, 1):
+        while len(running) < max(concurrency, 1) and not late():
             if resumed:
                 run_id = resumed.pop(0)
             else:
@@ -303,19 +325,19 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
                 # a resume goes on from these, for as long, to as many
                 tracker.set_tags({CANDIDATES_TAG: ",".join(chosen), EPOCHS_TAG: f"{epochs:g}", COUNT_TAG: str(plan[-1][0])})
             running[start(run_id, rung_epochs)] = run_id
-        if not running:
+        if not running or not finished(running, 0, rung_epochs):
             break
-        (ready,), _ = ray.wait(list(running), num_returns=1)
-        run_id = running.pop(ready)
-        record(run_id, ray.get(ready), 0, rung_epochs)
-    if len(chosen) < keep:
+    if len(chosen) < keep and not stopped and not late():
         out(f"  {len(chosen)} refined: the frontier as ranked has no other policy to measure"
             f"{' that fits in the time left' if seconds is not None else ''}")
     for run_id in chosen:  # an earlier session's result (old records: only rung 0's value)
         for s in scores:
             rows[run_id][rung_column(s, 0)] = _done(rows[run_id], s, 0, rung_epochs)
-    rung_runs = chosen
+    measured = rung_runs = [r for r in chosen if all(rows[r][rung_column(s, 0)] is not None for s in scores)]
     for rung, (keep, rung_epochs) in enumerate(plan[1:], start=1):
+        if stopped or late():
+            out(f"  not going on to rung {rung}: the time budget is spent")
+            break
         table = pd.DataFrame([{"run_id": r, **{n: rows[r].get(n) for n in senses if n not in scores},
                                **{s: rows[r][rung_column(s, rung - 1)] for s in scores}} for r in rung_runs])
         rung_runs = survivors(table, keep, senses)
@@ -323,11 +345,11 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
         todo = [r for r in rung_runs if any(_done(rows[r], s, rung, rung_epochs) is None for s in scores)]
         # the slowest first (the least pruned: the highest latency), as epochs_that_fit planned them
         todo.sort(key=lambda r: -float(rows[r].get("latency_ms") or 0.0))
-        futures = {run_id: start(run_id, rung_epochs) for run_id in todo}
-        for run_id, future in futures.items():
-            record(run_id, ray.get(future), rung, rung_epochs)
+        running = {start(run_id, rung_epochs): run_id for run_id in todo}
+        while running and finished(running, rung, rung_epochs):
+            pass
         for run_id in rung_runs:  # an earlier session's result at this rung (old records: only rung 0's value)
             for s in scores:
                 rows[run_id][rung_column(s, rung)] = _done(rows[run_id], s, rung, rung_epochs)
-    tracker.set_tags_on(chosen, {"secateurs.refined": "true"})
-    return chosen
+    tracker.set_tags_on(measured, {"secateurs.refined": "true"})
+    return measured

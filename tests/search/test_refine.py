@@ -1,6 +1,7 @@
 """``search.refine.share``: the refinement's part of the time budget, and the epochs that fill it."""
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pandas as pd
@@ -152,19 +153,27 @@ def test_a_plan_with_rungs_counts_every_rung_against_the_time_left():
 # The first rung's picks, one at a time: a fake Ray that runs each fine-tune when it is started and
 # hands results back in the order they were started, and a fake tracker that keeps what is recorded.
 class _Future:
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value, slow=False):
+        self.value, self.slow = value, slow
 
 
 class _Ray:
+    def __init__(self, slow=()):
+        self.slow, self.cancelled = set(slow), []  # "slow" fine-tunes never end before a deadline
+
     def remote(self, **resources):
-        return lambda fn: SimpleNamespace(remote=lambda *args: _Future(fn(*args)))
+        return lambda fn: SimpleNamespace(remote=lambda policy, *args: _Future(fn(policy, *args), slow=policy in self.slow))
 
     def put(self, value):
         return value
 
-    def wait(self, futures, num_returns):
-        return futures[:num_returns], futures[num_returns:]
+    def wait(self, futures, num_returns, timeout=None):
+        ready = [f for f in futures if not f.slow] if timeout is not None else futures
+        return ready[:num_returns], [f for f in futures if f not in ready[:num_returns]]
+
+    def cancel(self, future, force):
+        assert force  # a fine-tune is stopped by killing its worker
+        self.cancelled.append(future)
 
     def get(self, future):
         return future.value
@@ -185,7 +194,7 @@ class _Tracker:
         self.metrics[run_id] = dict(metrics)
 
     def set_tags_on(self, run_ids, tags):
-        pass
+        self.refined = list(run_ids)
 
 
 # five fine-tuned policies on the search's frontier; "b" (0.64 in the search, faster) and "c" (0.63,
@@ -197,18 +206,19 @@ FRONT = pd.DataFrame({"run_id": list("abcde"), "accuracy": [0.30, 0.64, 0.635, 0
 AFTER = {"a": 0.50, "b": 0.705, "c": 0.701, "d": 0.77, "e": 0.79}  # each policy's accuracy after the refinement
 
 
-def refine(monkeypatch, count, concurrency=1, chosen=(), seconds=None, costs=None, table=FRONT):
+def refine(monkeypatch, count, concurrency=1, chosen=(), seconds=None, costs=None, table=FRONT, slow=(), deadline=None, rungs=1):
     import search.refine as refine_module
 
-    monkeypatch.setattr(refine_module, "ray", _Ray())
+    monkeypatch.setattr(refine_module, "ray", fake := _Ray(slow))
     monkeypatch.setattr(refine_module, "_refine_one", lambda policy, *rest: {"accuracy": AFTER[policy], "time_refine_s": 1.0})
     tracker, lines = _Tracker(), []
     from search.refine import RefineSettings, refine_frontier
 
-    done = refine_frontier(tracker, table, RefineSettings(epochs=1.0, candidates=count), task=None, checkpoint=b"",
+    tracker.ray = fake
+    done = refine_frontier(tracker, table, RefineSettings(epochs=1.0, candidates=count, rungs=rungs), task=None, checkpoint=b"",
                            finetune=config().finetune, measure=None, dense={"accuracy": 0.8}, resources={"cpu": 1, "gpu": 0},
                            out=lines.append, senses={"accuracy": "max", "latency_ms": "min"}, chosen=list(chosen),
-                           concurrency=concurrency, seconds=seconds, costs=costs)
+                           concurrency=concurrency, seconds=seconds, costs=costs, deadline=deadline)
     return done, tracker, lines
 
 
@@ -258,3 +268,20 @@ def test_a_resumed_refinement_finishes_the_earlier_picks_first_and_goes_on_to_th
                          refine_epochs=[1.0, None, None, None, None], accuracy_rung0=[0.50, None, None, None, None])
     done, tracker, _ = refine(monkeypatch, count=3, chosen=["a", "e"], table=table)
     assert tracker.started == ["e", "b"] and done == ["a", "e", "b"]  # "a" is not fine-tuned again
+
+
+def test_a_fine_tune_still_running_at_the_time_budget_is_stopped_and_keeps_the_search_values(monkeypatch):
+    # "e" fine-tunes past the point where the re-timing must start (a machine slower than planned):
+    # it is stopped (its worker killed), recorded nowhere and not tagged refined; the others are kept
+    done, tracker, lines = refine(monkeypatch, count=3, concurrency=2, slow={"e"}, deadline=time.perf_counter() + 60)
+    assert done == ["a", "b"] and tracker.refined == done and set(tracker.metrics) == {"a", "b"}
+    assert len(tracker.ray.cancelled) == 1 and tracker.ray.cancelled[0].slow
+    assert any(line.startswith("  e: stopped at the time budget before its 1 epochs ended; it keeps the search's accuracy")
+               for line in lines), lines
+    assert not any("no other policy to measure" in line for line in lines)
+    # past the deadline nothing more starts, a resumed pick included
+    done, tracker, lines = refine(monkeypatch, count=3, chosen=["a", "e"], deadline=time.perf_counter() - 1)
+    assert done == [] and tracker.started == [] and tracker.metrics == {}
+    # successive halving: a stop ends the rungs; what the first rung measured is kept
+    done, tracker, lines = refine(monkeypatch, count=1, concurrency=2, rungs=2, slow={"e"}, deadline=time.perf_counter() + 60)
+    assert done == ["a"] and any(line == "  not going on to rung 1: the time budget is spent" for line in lines), lines

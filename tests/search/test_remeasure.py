@@ -2,6 +2,8 @@
 again while the new timings change the frontier (a real MLflow store; the timer is scripted)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from search import outcome
@@ -77,3 +79,28 @@ def test_a_re_timing_cut_off_by_a_kill_keeps_the_in_search_latencies(recorded, m
     assert tracker.client.get_run(ids["best"]).data.metrics["latency_ms_in_search"] == 8.0
     dense_metrics = tracker.client.get_run(dense_run).data.metrics
     assert dense_metrics["latency_ms"] == 11.0 and dense_metrics["latency_ms_in_search"] == 10.0
+
+
+def test_a_second_pass_that_would_end_after_the_time_budget_is_not_started(recorded, monkeypatch):
+    # the first pass takes 0.3 s and reshapes the frontier ("slower" joins it); the deadline leaves
+    # 0.2 s after it: a second pass of 0.3 s would overrun the budget, so the log says what was not timed
+    tracker, ids, _ = recorded
+    by_id = {v: k for k, v in ids.items()}
+    retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}
+    passes = []
+
+    def timed_measure(policies, *args):
+        passes.append({by_id.get(key, key) for key in policies})
+        time.sleep(0.3)
+        return {key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
+
+    monkeypatch.setattr(outcome, "measure_latencies", timed_measure)
+    lines = []
+    outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, deadline=time.perf_counter() + 0.5)
+    assert passes == [{"dense", "fast", "best"}]
+    assert lines[-1].startswith("not re-timing the new frontier again: the time budget leaves too little for a pass")
+    assert lines[-1].endswith("1 of its 3 policies were not timed in the last pass beside the dense model")
+    # a later re-timing with time for it times the whole frontier as it now stands
+    passes.clear()
+    outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, deadline=time.perf_counter() + 60)
+    assert passes == [{"dense", "fast", "slower", "best"}]

@@ -380,7 +380,10 @@ def test_time_budget_bounds_the_whole_command_and_refine_share_fills_its_part(tm
     assert any("re-measuring the latency" in line or "not re-timing the frontier" in line for _, line in lines)
     refined = [r for r in children(client, result, "trial") + children(client, result, "baseline")
                if r.data.tags.get("secateurs.refined") == "true"]
-    assert len(refined) == 2
+    # both are refined, unless the machine got slower than the trials planned with (CI runs another
+    # test beside this one): then a fine-tune still running when the re-timing must start is stopped
+    stopped = [line for _, line in lines if "stopped at the time budget before its" in line]
+    assert len(refined) + len(stopped) == 2, lines
     announced = [(t, line) for t, line in lines if line.startswith("refining up to 2 frontier policies")]
     assert len(announced) == 1, lines
     at, line = announced[0]
@@ -395,15 +398,22 @@ def test_time_budget_bounds_the_whole_command_and_refine_share_fills_its_part(tm
         assert [h.step for h in history] == [0, 2] and m["accuracy"] == history[-1].value
         assert m["accuracy_drop"] == pytest.approx(result.dense["accuracy"] - m["accuracy"])
     # the trials left the refinement its share of the budget, and the refinement used it, within the budget
-    assert budget - at >= 0.75 * share * budget, f"refinement started at {at:.1f} s of {budget:g}"
-    assert sum(r.data.metrics["time_refine_s"] for r in refined) >= 0.25 * share * budget
+    timeline = "\n".join(f"{t:6.1f} s  {line}" for t, line in lines)
+    assert budget - at >= 0.75 * share * budget, f"refinement started at {at:.1f} s of {budget:g}:\n{timeline}"
+    ended = min(t for t, line in lines if "re-measuring the latency" in line or "not re-timing the frontier" in line)
+    assert ended - at >= 0.25 * share * budget, timeline
+    if not stopped:
+        assert sum(r.data.metrics["time_refine_s"] for r in refined) >= 0.25 * share * budget
     # the re-timing and the report are inside the budget too (Ray's shut-down may add a moment)
-    assert wall <= budget + 5, f"the command took {wall:.1f} s on a budget of {budget:g} s"
+    assert wall <= budget + 5, f"the command took {wall:.1f} s on a budget of {budget:g} s:\n{timeline}"
     # the frontier compares the accuracies at one fidelity (search.fidelity): the refined ones as
     # measured, the others with the gain the refined pairs predict; frontier.csv shows both
     trials = load_search(result.parent_run_id, store).trials
+    if not refined:  # both stopped: the frontier is the search's own
+        assert "refine_epochs" not in trials and trials["pareto"].any()
+        return
     done = trials["refine_epochs"].notna()
-    assert done.sum() == 2 and (trials.loc[done, "accuracy_expected"] == trials.loc[done, "accuracy"]).all()
+    assert done.sum() == len(refined) and (trials.loc[done, "accuracy_expected"] == trials.loc[done, "accuracy"]).all()
     fine = frontier.feasible_mask(trials)
     at_one_fidelity = trials.loc[fine, ["accuracy_expected", "latency_ms", "size_mb"]].to_numpy(float)
     assert trials.loc[fine, "pareto"].tolist() == frontier.non_dominated(at_one_fidelity, ["max", "min", "min"]).tolist()
