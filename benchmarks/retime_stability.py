@@ -9,7 +9,13 @@ torch tasks and shut down (what comes just before the re-timing in a search), an
 policy's latency / dense for every repeat and its spread. Writes
 benchmarks/results/retime_stability.json.
 
-    SECATEURS_DATA=../shared/data python benchmarks/retime_stability.py [--repeats 3]
+With ``--instances N`` it also asks whether a pruned model's latency depends on the instance (where
+its weights were allocated), not only on its shapes: each of uniform 0.5 and one non-uniform policy
+(channels as pruned, and rounded to 8) is built N times, by separate prunes, and all are timed
+together with the dense model ``--repeats`` times; it reports each policy's spread over its
+instances in each repeat.
+
+    SECATEURS_DATA=../shared/data python benchmarks/retime_stability.py [--repeats 3] [--instances 3]
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(ROOT / "configs" / "cifar10_resnet20_converged.yaml"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "retime_stability.json"))
     args = parser.parse_args()
     config = load_config(args.config)
@@ -65,10 +72,31 @@ def main() -> None:
     spread = {k: {"min": min(r["vs_dense"][k] for r in runs), "max": max(r["vs_dense"][k] for r in runs)} for k in runs[0]["vs_dense"]}
     for k, s in spread.items():
         s["spread_pct"] = 100 * (s["max"] / s["min"] - 1)
+    instances = _instances(prepared, config, names, args.instances, args.repeats) if args.instances > 1 else None
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "config": str(Path(args.config).resolve().relative_to(ROOT)), "measure": {
         "batch_size": config.measure.batch_size, "threads": config.measure.threads, "warmup": config.measure.warmup,
-        "repeats": config.measure.repeats}, "runs": runs, "spread": spread}, indent=2) + "\n")
+        "repeats": config.measure.repeats}, "runs": runs, "spread": spread, "instances": instances}, indent=2) + "\n")
     print(json.dumps(spread, indent=2))
+
+
+def _instances(prepared, config, names: list[str], count: int, repeats: int) -> dict:
+    """Each policy built ``count`` times and all timed together, ``repeats`` times: per repeat, each
+    instance's latency / dense, and the policy's spread over its instances (max / min - 1, %)."""
+    mixed = {n: (0.0, 0.2, 0.35, 0.5, 0.65)[i % 5] * (0.7 if "stem" in n or "shortcut" in n else 1.0) for i, n in enumerate(names)}
+    kinds = {"uniform 0.5": Policy(criterion="l1", ratios={n: 0.5 for n in names}),
+             "mixed": Policy(criterion="l1", ratios=mixed), "mixed round_to 8": Policy(criterion="l1", ratios=mixed, round_to=8)}
+    policies = {"dense": Policy(criterion="l1", ratios={}), **{f"{k} #{i}": p for k, p in kinds.items() for i in range(count)}}
+    out = []
+    for _ in range(repeats):
+        latencies = measure_latencies(policies, prepared.task, prepared.checkpoint, config.measure)
+        dense = latencies["dense"]["latency_ms"]
+        ratios = {k: v["latency_ms"] / dense for k, v in latencies.items() if k != "dense"}
+        spread = {k: 100 * (max(ratios[f"{k} #{i}"] for i in range(count)) / min(ratios[f"{k} #{i}"] for i in range(count)) - 1)
+                  for k in kinds}
+        out.append({"dense_ms": dense, "vs_dense": ratios, "spread_pct": spread})
+        print(json.dumps(out[-1]), flush=True)
+    return {"count": count, "policies": {k: p.ratios for k, p in kinds.items()}, "repeats": out,
+            "max_spread_pct": {k: max(r["spread_pct"][k] for r in out) for k in kinds}}
 
 
 if __name__ == "__main__":

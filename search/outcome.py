@@ -60,30 +60,46 @@ def _trials(tracker: SearchTracker, objectives: Objectives) -> tuple[pd.DataFram
     return table.sort_values("trial").reset_index(drop=True), failed
 
 
+STEADY = 0.10  # two timings of a model agree when their ratios to the dense model differ by at most this part
+
+
 def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, measure: MeasureConfig, dense: dict[str, float],
-                       out: Log, passes: int = 3, objectives: Objectives | None = None, deadline: float | None = None) -> None:
+                       out: Log, passes: int = 4, objectives: Objectives | None = None, deadline: float | None = None) -> None:
     """Time the dense model and the frontier's policies again, together (round-robin, with no trial
     running), and record those latencies; the in-search ones stay as ``latency_ms_in_search``.
 
-    New timings can reshape the frontier. Then the dense model and the new frontier are timed
-    together again (at most ``passes`` times), so that the reported frontier and the dense latency
-    it is compared with come from one measurement. Each policy is the one its trial ran (policy.json).
-    With ``deadline`` (a ``time.perf_counter()`` value: the time budget's end, less the report), a pass
-    that would end after it (as long as the last one) is not started, and the log says how many frontier
-    policies were not timed in the last pass. ``dense`` is updated in place."""
+    One pass is not trusted alone: the dense model and the frontier are timed together again until
+    every frontier policy's latency relative to the dense model agrees with its previous timing
+    within :data:`STEADY` (a busy neighbour once put a pruned ResNet-20 at 1.26x its dense model in one
+    pass), and while new timings reshape the frontier; at most ``passes`` passes. What is recorded is
+    the last pass, so the reported frontier and the dense latency it is compared with come from one
+    measurement; if the passes never agreed, the log names the policies whose ratios moved. Each
+    policy is the one its trial ran (policy.json). With ``deadline`` (a ``time.perf_counter()`` value:
+    the time budget's end, less the report), a pass that would end after it (as long as the last one)
+    is not started, and the log says why. ``dense`` is updated in place."""
     dense_run_id = tracker.child_runs("dense").iloc[0]["run_id"]
     # a session killed while re-timing left some latencies re-timed: their in-search ones are kept aside
     dense_in_search = dense.get("latency_ms_in_search", dense["latency_ms"])
     in_search: dict[str, float] = {}
+    ratios: dict[str, list[float]] = {}  # each policy's latency / the dense latency, pass by pass
+
+    def steady(run_id: str) -> bool:
+        seen = ratios.get(run_id, [])
+        return len(seen) >= 2 and abs(seen[-1] / seen[-2] - 1) <= STEADY
+
     timed: set[str] = set()
+    front = pd.DataFrame()
     for _ in range(passes):
         table, _ = _trials(tracker, objectives or DEFAULT)
         front = table[frontier.feasible_frontier(table, (objectives or DEFAULT).mapping)] if len(table) else table
-        if front.empty or set(front["run_id"]) <= timed:
+        ids = set(front["run_id"]) if len(front) else set()
+        if not ids or (ids <= timed and all(steady(r) for r in ids)):
             return
         if timed and deadline is not None and time.perf_counter() + took > deadline:
-            out(f"not re-timing the new frontier again: the time budget leaves too little for a pass ({took:.1f} s); "
-                f"{len(set(front['run_id']) - timed)} of its {len(front)} policies were not timed in the last pass beside the dense model")
+            new, moved = len(ids - timed), sum(not steady(r) for r in ids & timed)
+            out(f"not re-timing the frontier again: the time budget leaves too little for a pass ({took:.1f} s); "
+                f"{new} of its {len(ids)} policies were not timed in the last pass beside the dense model, "
+                f"{moved} not confirmed by a second timing")
             return
         out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
         began = time.perf_counter()
@@ -97,7 +113,13 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
         tracker.update_metrics(dense_run_id, {**dense_fresh, "latency_ms_in_search": dense_in_search})
         for run_id, metrics in fresh.items():
             tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
+            ratios.setdefault(run_id, []).append(metrics["latency_ms"] / dense_fresh["latency_ms"])
         timed, took = set(fresh), time.perf_counter() - began
+    moved = [r for r in front["run_id"] if not steady(r)]
+    if moved:
+        out(f"warning: after {passes} passes the latency of {len(moved)} frontier policies still moved by more than "
+            f"{STEADY:.0%} between passes (" + ", ".join(f"{r[:12]}: " + ", ".join(f"{x:.3f}" for x in ratios.get(r, [])) + "x dense"
+                                                      for r in moved[:3]) + "); the machine was busy: the last pass is recorded")
 
 
 def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, status: str, started: float, out: Log,

@@ -268,7 +268,7 @@ def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float
     """Seconds the end of a search takes, from the trials so far: the refinement (``search.refine``:
     its rungs ``refine``, each ``(policies, epochs)``, one after the other, with ``concurrency`` fine-tunes
     at a time, each as long as a trial's fine-tune scaled by the epochs), then each frontier model and the dense one rebuilt and
-    timed (``measure.warmup + measure.repeats`` passes; a second pass for half of them), and
+    timed twice (``measure.warmup + measure.repeats`` runs each time: the re-timing confirms each pass with another), and
     :data:`SHUTDOWN_S` and :data:`REPORT_S` for Ray's shut-down and the report."""
     table = pd.DataFrame(rows)
     if table.empty or "latency_ms" not in table:
@@ -283,4 +283,4 @@ def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float
     for policies, epochs in refine:
         one = median["time_prune_s"] + median["time_finetune_s"] * epochs / max(finetune_epochs, 1e-9) + median["time_measure_s"]
         refining += -(-min(policies, len(front)) // concurrency) * one
-    return SHUTDOWN_S + REPORT_S + refining + 1.5 * (len(front) + 1) * per_model
+    return SHUTDOWN_S + REPORT_S + refining + 2 * (len(front) + 1) * per_model

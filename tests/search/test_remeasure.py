@@ -52,8 +52,9 @@ def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_
     lines = []
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dense, lines.append)
 
-    assert passes == [{"dense", "fast", "best"}, {"dense", "fast", "slower", "best"}]
-    assert len(lines) == 2 and "the dense model and 3 frontier policies, together" in lines[1]
+    # the second pass times the new frontier; the third confirms "slower", timed once so far
+    assert passes == [{"dense", "fast", "best"}, {"dense", "fast", "slower", "best"}, {"dense", "fast", "slower", "best"}]
+    assert len(lines) == 3 and "the dense model and 3 frontier policies, together" in lines[1]
     assert dense["latency_ms"] == 11.0
     metrics = {name: tracker.client.get_run(run_id).data.metrics for name, run_id in ids.items()}
     assert metrics["fast"]["latency_ms"] == 7.0 and metrics["fast"]["latency_ms_in_search"] == 5.0  # not the first pass's 7.0
@@ -98,9 +99,37 @@ def test_a_second_pass_that_would_end_after_the_time_budget_is_not_started(recor
     lines = []
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, deadline=time.perf_counter() + 0.5)
     assert passes == [{"dense", "fast", "best"}]
-    assert lines[-1].startswith("not re-timing the new frontier again: the time budget leaves too little for a pass")
-    assert lines[-1].endswith("1 of its 3 policies were not timed in the last pass beside the dense model")
-    # a later re-timing with time for it times the whole frontier as it now stands
+    assert lines[-1].startswith("not re-timing the frontier again: the time budget leaves too little for a pass")
+    assert lines[-1].endswith("1 of its 3 policies were not timed in the last pass beside the dense model, "
+                              "2 not confirmed by a second timing")
+    # a later re-timing with time for it times the whole frontier as it now stands, twice: they agree
     passes.clear()
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, deadline=time.perf_counter() + 60)
-    assert passes == [{"dense", "fast", "slower", "best"}]
+    assert passes == [{"dense", "fast", "slower", "best"}] * 2
+
+
+def test_a_pass_a_busy_machine_disturbed_is_timed_again_until_two_agree(recorded, monkeypatch):
+    # pass 2 puts "best" at 1.26x its usual ratio to the dense model (a neighbour's burst, as on seed 1 of
+    # the 5-seed benchmark); pass 3 agrees with neither... pass 4 agrees with pass 3: that one is recorded
+    tracker, ids, _ = recorded
+    by_id = {v: k for k, v in ids.items()}
+    timings = [{"dense": 10.0, "fast": 5.0, "best": 8.0}, {"dense": 10.0, "fast": 5.0, "best": 10.1},
+               {"dense": 11.0, "fast": 5.5, "best": 8.9}, {"dense": 10.4, "fast": 5.2, "best": 8.3}]
+    done = []
+
+    def scripted(policies, *args):
+        latency = timings[len(done)]
+        done.append(set(policies))
+        return {key: {"latency_ms": latency[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
+
+    monkeypatch.setattr(outcome, "measure_latencies", scripted)
+    lines, dense = [], dict(DENSE)
+    outcome.remeasure_frontier(tracker, None, "dense.pt", None, dense, lines.append)
+    assert len(done) == 4 and not any(line.startswith("warning") for line in lines)
+    assert dense["latency_ms"] == 10.4 and tracker.client.get_run(ids["best"]).data.metrics["latency_ms"] == 8.3
+    # with 3 passes it never agrees: the log says so, naming the ratios
+    done.clear()
+    lines = []
+    outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, passes=3)
+    assert len(done) == 3 and lines[-1].startswith("warning: after 3 passes the latency of 1 frontier policies still moved")
+    assert f"{ids['best'][:12]}: 0.800, 1.010, 0.809x dense" in lines[-1]
