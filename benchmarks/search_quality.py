@@ -233,7 +233,7 @@ def final_entries(seed: int, seed_rows: list[dict], baselines: list[dict], epoch
 
 
 def stats(values: list[float]) -> dict | None:
-    values = [v for v in values if v is not None]
+    values = [float(v) for v in values if v is not None and v == v]  # a method with no policy at 2x: None, or NaN from pandas
     if not values:
         return None
     return {"mean": statistics.mean(values), "median": statistics.median(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
