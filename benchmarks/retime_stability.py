@@ -63,10 +63,8 @@ def main() -> None:
             ray.get([_torch_work.remote(), _torch_work.remote()])
             ray.shutdown()
         started = time.perf_counter()
-        latencies = measure_latencies(policies, prepared.task, prepared.checkpoint, config.measure)
-        dense = latencies["dense"]["latency_ms"]
-        run = {"when": when, "seconds": time.perf_counter() - started, "dense_ms": dense,
-               "vs_dense": {k: v["latency_ms"] / dense for k, v in latencies.items() if k != "dense"}}
+        dense, ratios = _vs_dense(policies, prepared, config)
+        run = {"when": when, "seconds": time.perf_counter() - started, "dense_ms": dense, "vs_dense": ratios}
         runs.append(run)
         print(json.dumps(run), flush=True)
     spread = {k: {"min": min(r["vs_dense"][k] for r in runs), "max": max(r["vs_dense"][k] for r in runs)} for k in runs[0]["vs_dense"]}
@@ -79,6 +77,13 @@ def main() -> None:
     print(json.dumps(spread, indent=2))
 
 
+def _vs_dense(policies: dict, prepared, config) -> tuple[float, dict[str, float]]:
+    """``policies`` (one of them ``"dense"``) timed together: the dense latency (ms) and each other's latency / it."""
+    latencies = measure_latencies(policies, prepared.task, prepared.checkpoint, config.measure)
+    dense = latencies["dense"]["latency_ms"]
+    return dense, {k: v["latency_ms"] / dense for k, v in latencies.items() if k != "dense"}
+
+
 def _instances(prepared, config, names: list[str], count: int, repeats: int) -> dict:
     """Each policy built ``count`` times and all timed together, ``repeats`` times: per repeat, each
     instance's latency / dense, and the policy's spread over its instances (max / min - 1, %)."""
@@ -88,9 +93,7 @@ def _instances(prepared, config, names: list[str], count: int, repeats: int) -> 
     policies = {"dense": Policy(criterion="l1", ratios={}), **{f"{k} #{i}": p for k, p in kinds.items() for i in range(count)}}
     out = []
     for _ in range(repeats):
-        latencies = measure_latencies(policies, prepared.task, prepared.checkpoint, config.measure)
-        dense = latencies["dense"]["latency_ms"]
-        ratios = {k: v["latency_ms"] / dense for k, v in latencies.items() if k != "dense"}
+        dense, ratios = _vs_dense(policies, prepared, config)
         spread = {k: 100 * (max(ratios[f"{k} #{i}"] for i in range(count)) / min(ratios[f"{k} #{i}"] for i in range(count)) - 1)
                   for k in kinds}
         out.append({"dense_ms": dense, "vs_dense": ratios, "spread_pct": spread})
