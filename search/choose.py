@@ -149,11 +149,12 @@ def choose(table: pd.DataFrame, constraints: Constraints = Constraints(), prefer
         raise ProductionError(f"--prefer: unknown preference {prefer!r}; valid: knee, {', '.join(objectives.names)}")
     if not len(table):
         raise NoFeasiblePolicyError("the frontier is empty: the search completed no trial")
+    table = fidelity.expected(table, objectives.quality)  # search.refine: each score at one fidelity, fitted on all of it
     feasible = table[constraints.satisfied_by(table, dense)]
     if not len(feasible):
         raise NoFeasiblePolicyError(_infeasible_message(table, constraints, what, dense))
-    feasible = fidelity.expected(feasible, objectives.quality)  # search.refine: each score at one fidelity too
-    view = fidelity.ranked(feasible.reset_index(drop=True), objectives.quality)  # (ranked keeps the estimate made here)
+    quality = {name: objectives.mapping[name] for name in objectives.quality}
+    view = fidelity.ranked(feasible.reset_index(drop=True), quality)  # (ranked keeps the estimate made here)
     if prefer == "knee":
         at = frontier.knee_point(view[objectives.names].to_numpy(dtype=float), objectives.senses)
     else:

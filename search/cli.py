@@ -142,7 +142,7 @@ def _frontier(args: argparse.Namespace, uri: str) -> int:
     print(describe_search(record))
     if len(table):
         scores = [c for q in record.objectives.quality
-                  for c in (q, "accuracy_drop" if q == "accuracy" else f"{q}_change", f"{q}_expected")]  # _expected: search.refine
+                  for c in (q, "accuracy_drop" if q == "accuracy" else f"{q}_change", f"{q}_expected", f"{q}_expected_error")]  # search.refine
         columns = ["trial", "kind", "criterion", *scores, "latency_ms", "size_mb", "macs", "params"]
         extra = (["pareto"] + ([] if table["feasible"].all() else ["feasible"])) if args.all else []
         print(format_table(table, columns + extra + ["run_id"]))

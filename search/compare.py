@@ -86,13 +86,14 @@ def compare_tables(records: list[SearchRecord]) -> tuple[pd.DataFrame, pd.DataFr
 
 def on_one_footing(records: list[SearchRecord]) -> tuple[str, list[pd.DataFrame]]:
     """Each search's frontier with its scores where the searches are compared: at the refinement's
-    fidelity (:func:`search.fidelity.ranked`: each search's own estimate) when every search refined
+    fidelity (:func:`search.fidelity.ranked`: each search's own estimate, its error aside) when every search refined
     some policies, else at the searches' own fine-tunes (:func:`search.fidelity.in_search`). A
     refined accuracy beside an unrefined one compares training lengths, not policies; the fine-tunes
     themselves must match for the comparison to be fair. Returns which footing, and the frontiers."""
-    quality = common_objectives(records).quality
+    objectives = common_objectives(records)
+    quality = objectives.quality
     if records and all(fidelity.refined(r.trials).any() for r in records):
-        return "refined", [fidelity.ranked(r.frontier, quality) for r in records]
+        return "refined", [fidelity.ranked(r.frontier, {q: objectives.mapping[q] for q in quality}, caution=0.0) for r in records]
     return "search fine-tune", [fidelity.in_search(r.frontier, quality) for r in records]
 
 

@@ -639,11 +639,15 @@ def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags:
 
 def _remeasure(session: _Session) -> None:
     """Re-time the frontier with the dense model (:func:`search.outcome.remeasure_frontier`), unless
-    ``search.time_budget_s`` leaves too little time for it."""
+    ``search.time_budget_s`` leaves too little time for one pass of it. The trials stopped in time for
+    two (:func:`search.recorder.end_estimate`); when the end of the last trials ate into that, one
+    pass, beside the dense model and unconfirmed, is still truer than the in-search latencies, and
+    ``remeasure_frontier``'s deadline starts a second only if it fits."""
     left = session.seconds_left()  # Ray is shut down by now
-    needed = end_estimate(session.tracker.trial_table()[0], session.config.measure, objectives=session.objectives) - SHUTDOWN_S
+    two = end_estimate(session.tracker.trial_table()[0], session.config.measure, objectives=session.objectives) - SHUTDOWN_S - REPORT_S
+    needed = two / 2 + REPORT_S
     if left is not None and left < needed:
-        session.out(f"not re-timing the frontier: the time budget leaves {max(left, 0):.0f} s, it needs about {needed:.0f} s; "
+        session.out(f"not re-timing the frontier: the time budget leaves {max(left, 0):.0f} s, one pass needs about {needed:.0f} s; "
                     "latencies are the in-search ones")
         return
     outcome.remeasure_frontier(session.tracker, session.prepared.task, session.prepared.checkpoint, session.config.measure,

@@ -14,7 +14,16 @@ its gain to every policy. With successive halving (``search.refine.rungs``) the 
 at a time: a policy is carried from the highest fidelity it was measured at (the search's, or the
 rung where the halving dropped it) up to the next by the line through the pairs measured at both,
 and so on to the last rung; only the policies of the last rung keep a measured score. The estimate is a column of its own, ``<score>_expected``; ``<score>`` stays
-what was measured. The frontier, ``secateurs pick`` and the benchmark rank on :func:`ranked`.
+what was measured.
+
+An estimate is not a measurement. Each step's fit carries an error, the root-mean-square of its
+leave-one-out residuals (each pair's gain predicted from the other pairs: with one pair, the whole
+gain), kept in ``<score>_expected_error``. The frontier and ``secateurs pick`` rank on
+:func:`ranked`: an estimate less its error (more, for a score to minimise), a measured score as it
+is. So an estimate takes a measured policy's place only by more than it can be wrong by. On seed 3
+of the 5-seed benchmark (2026-12-01) the estimate of an unrefined ``uniform 0.5`` (0.7014) pushed
+the refined ``global_magnitude 0.5`` (0.7010, measured) off the frontier, and the user was left with
+``uniform 0.5``'s 0.6455 at 2x lower latency; the fit's error there is 0.032.
 
 >>> t = pd.DataFrame({"accuracy": [0.72, 0.6335, 0.603], "accuracy_in_search": [0.70, 0.557, None],
 ...                   "refine_epochs": [2.0, 2.0, None]})
@@ -24,12 +33,13 @@ what was measured. The frontier, ``secateurs pick`` and the benchmark rank on :f
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 SUFFIX = "_expected"
+ERROR = "_expected_error"  # the estimate's error: 0 where the score was measured at the last rung
 
 
 def refined(table: pd.DataFrame) -> pd.Series:
@@ -76,11 +86,26 @@ def predicted_gain(before: np.ndarray, gains: np.ndarray, at: np.ndarray) -> np.
     return np.clip(intercept + slope * np.asarray(at, float), gains.min(), gains.max())
 
 
+def fit_error(before: np.ndarray, gains: np.ndarray) -> float:
+    """How far :func:`predicted_gain` can be off: the root-mean-square of its leave-one-out
+    residuals, each pair's gain predicted from the others (one pair: nothing checks it, the whole gain).
+
+    >>> round(fit_error(np.array([0.5515, 0.658, 0.7455]), np.array([0.094, 0.043, 0.024])), 4)
+    0.0322
+    """
+    if len(before) == 0:
+        return 0.0
+    rest = [np.arange(len(before)) != i for i in range(len(before))]
+    residuals = [gains[i] - predicted_gain(before[keep], gains[keep], before[i:i + 1])[0] for i, keep in enumerate(rest)]
+    return float(np.sqrt(np.mean(np.square(residuals))))
+
+
 def expected(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
-    """A copy of ``table`` with ``<score>_expected`` for each of ``scores`` when some rows were refined
-    (measured at the last rung; the others carried up from the highest fidelity they were measured at,
-    one rung at a time, see the module); unchanged otherwise. A column already there is kept: it was
-    fitted on the whole search, ``table`` may be a part of it."""
+    """A copy of ``table`` with ``<score>_expected`` and its error ``<score>_expected_error`` for each
+    of ``scores`` when some rows were refined (measured at the last rung, error 0; the others carried
+    up from the highest fidelity they were measured at, one rung at a time, each step's error added in
+    quadrature, see the module); unchanged otherwise. A column already there is kept: it was fitted
+    on the whole search, ``table`` may be a part of it."""
     table = table.copy()
     if not refined(table).any():
         return table
@@ -90,21 +115,30 @@ def expected(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
         scale = levels(table, score)
         if len(scale) < 2 or not len(_pairs(scale[0], scale[1])[0]):
             continue
-        value = scale[0]
+        value, error = scale[0], pd.Series(0.0, index=table.index)
         for lower, upper in zip(scale, scale[1:]):
             before, gains = _pairs(lower, upper)
             carried = value + predicted_gain(before, gains, value.fillna(0.0).to_numpy())
+            error = pd.Series(np.where(upper.notna(), 0.0, np.hypot(error, fit_error(before, gains))), index=table.index)
             value = upper.where(upper.notna(), carried)
         table[score + SUFFIX] = value.where(table[score].notna())
+        table[score + ERROR] = error.where(table[score].notna())
     return table
 
 
-def ranked(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
-    """``table`` as policies are ranked: each score at the refinement's fidelity (:func:`expected`)."""
-    view = expected(table, scores)
-    for score in scores:
-        if score + SUFFIX in view:  # a row without an estimate keeps its measured score
-            view[score] = view[score + SUFFIX].where(view[score + SUFFIX].notna(), view[score])
+def ranked(table: pd.DataFrame, senses: Mapping[str, str], caution: float = 1.0) -> pd.DataFrame:
+    """``table`` as policies are ranked: each score of ``senses`` (name: ``max`` or ``min``) at the
+    refinement's fidelity (:func:`expected`), measured where it was and estimated elsewhere, an
+    estimate held back by ``caution`` times its error. The frontier and ``pick`` rank with the whole
+    error (an estimate within its error of a measured score never takes the measured policy's place);
+    the refinement, choosing what to measure next, and ``secateurs compare`` on the estimate itself (0)."""
+    view = expected(table, list(senses))
+    for score, sense in senses.items():
+        if score + SUFFIX not in view:
+            continue
+        value = view[score + SUFFIX].where(view[score + SUFFIX].notna(), view[score])  # a row without an estimate keeps its own
+        error = caution * pd.to_numeric(view.get(score + ERROR, pd.Series(0.0, index=view.index)), errors="coerce").fillna(0.0)
+        view[score] = value - error if sense == "max" else value + error
     return view
 
 
@@ -131,23 +165,30 @@ def pairs_count(table: pd.DataFrame, score: str) -> int:
     return int(scale[-1].notna().sum()) if len(scale) > 1 else 0
 
 
-def describe(row: pd.Series, table: pd.DataFrame, score: str) -> str | None:
+def describe(row: pd.Series, table: pd.DataFrame, score: str, sense: str = "max") -> str | None:
     """How ``row``'s ``score`` was ranked, for ``pick``'s report and model card (None: the search
-    refined nothing, every score is the search's own)."""
+    refined nothing, every score is the search's own). ``sense``: ``max`` or ``min``, which way the
+    estimate's error was taken (:func:`ranked`)."""
     done = refined(table)
     if not done.any() or score not in row:
         return None
     epochs = float(pd.to_numeric(table.loc[done, "refine_epochs"]).max())
     guess = row.get(score + SUFFIX)
+
+    def at(what: str, refined_word: str = "") -> str:  # the value ranked on, and how it came about
+        error = float(row.get(score + ERROR, 0.0) or 0.0)
+        error = 0.0 if error != error else error
+        rank = float(guess) - error if sense == "max" else float(guess) + error
+        held = (f" {'less' if sense == 'max' else 'plus'} its error {error:.4f} (the fit's leave-one-out error)" if error else "")
+        return (f"ranked at {rank:.4f}: the {score} expected after {what}, {float(guess):.4f}, estimated from "
+                f"{pairs_count(table, score)}{refined_word} policies{held} (search.fidelity)")
+
     if refined(row.to_frame().T).iloc[0]:
         measured = (f"{score} {float(row[score]):.4f} after the refinement's {float(row['refine_epochs']):g} epochs "
                     f"({float(row[f'{score}_in_search']):.4f} after the search's fine-tune)")
         if float(row["refine_epochs"]) >= epochs or guess is None or guess != guess:
             return measured
-        return (f"{measured}, a rung the successive halving did not keep it past; ranked at {float(guess):.4f}, the {score} "
-                f"expected after its last rung's {epochs:g} epochs, estimated from {pairs_count(table, score)} policies (search.fidelity)")
+        return f"{measured}, a rung the successive halving did not keep it past; " + at(f"its last rung's {epochs:g} epochs")
     if guess is None or guess != guess:
         return None
-    return (f"{score} {float(row[score]):.4f} after the search's fine-tune (not refined); ranked at {float(guess):.4f}, "
-            f"the {score} expected after the refinement's {epochs:g} epochs, estimated from {pairs_count(table, score)} refined "
-            "policies (search.fidelity)")
+    return f"{score} {float(row[score]):.4f} after the search's fine-tune (not refined); " + at(f"the refinement's {epochs:g} epochs", " refined")

@@ -231,15 +231,16 @@ def feasible_mask(table: pd.DataFrame) -> pd.Series:
     return mask
 
 
-def feasible_frontier(table: pd.DataFrame, objectives: dict[str, str] = OBJECTIVES) -> pd.Series:
+def feasible_frontier(table: pd.DataFrame, objectives: dict[str, str] = OBJECTIVES, caution: float = 1.0) -> pd.Series:
     """True for the rows on the frontier of the feasible rows (:func:`feasible_mask`) of one search,
-    its scores compared at one fidelity when ``search.refine`` fine-tuned some rows longer
-    (:func:`search.fidelity.ranked`)."""
+    its scores compared at one fidelity when ``search.refine`` fine-tuned some rows longer, an
+    estimate held back by ``caution`` times its error (:func:`search.fidelity.ranked`)."""
     on_front = pd.Series(False, index=table.index)
     feasible = feasible_mask(table)
     if feasible.any():
         scores = [name for name in objectives if name not in COSTS]
-        on_front[feasible] = frontier_table(fidelity.ranked(table[feasible], scores), objectives)["pareto"].to_numpy()
+        ranked = fidelity.ranked(table[feasible], {name: objectives[name] for name in scores}, caution)
+        on_front[feasible] = frontier_table(ranked, objectives)["pareto"].to_numpy()
     return on_front
 
 

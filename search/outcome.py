@@ -38,7 +38,7 @@ class SearchResult:
 
 def format_frontier(table: pd.DataFrame, objectives: Objectives | None = None) -> str:
     objectives = objectives or DEFAULT
-    scores = [c for q in objectives.quality for c in (q, _change(q), q + fidelity.SUFFIX) if c in table]
+    scores = [c for q in objectives.quality for c in (q, _change(q), q + fidelity.SUFFIX, q + fidelity.ERROR) if c in table]
     compress = [c for c, used in (("blocks_dropped", lambda s: s.fillna(0) > 0), ("quantization", lambda s: s.fillna("none") != "none"))
                 if c in table and used(table[c]).any()]  # shown when the search dropped blocks or quantized
     columns = ["trial", "criterion", *compress, *scores, "latency_ms", "size_mb", "macs", "params", "run_id"]

@@ -346,7 +346,8 @@ def _card(result: PickResult, command: str | None, tolerance: float, stage: Path
         facts.append(("export checks", f"output diff vs torch on {int(result.check_diffs['check_inputs'])} test inputs: "
                                        f"{', '.join(checked) or 'none checked'} (tolerance {tolerance:g}, relative to the largest output)"))
         facts += [("export note", line) for line in result.export_notes]
-    ranking = fidelity.describe(row, record.trials, record.objectives.quality[0])
+    first = record.objectives.quality[0]
+    ranking = fidelity.describe(row, record.trials, first, record.objectives.mapping[first])
     if ranking:
         facts.insert(3, ("ranked on", ranking))
     facts += _quantization_facts(result)
@@ -384,7 +385,7 @@ def format_pick(result: PickResult) -> str:
         "",
     ]
     scores = record.objectives.quality
-    ranking = fidelity.describe(row, record.trials, scores[0])
+    ranking = fidelity.describe(row, record.trials, scores[0], record.objectives.mapping[scores[0]])
     if ranking:
         lines.insert(-1, f"ranked: {ranking}")
     table = [{"": "dense (search)", **record.dense}, {"": f"{_name(row)} (search)", **_row_metrics(row, scores)}]

@@ -211,7 +211,8 @@ def _done(row: dict[str, Any], score: str, rung: int, epochs: float) -> float | 
 def next_in_line(table: pd.DataFrame, covered: set[str], senses: Mapping[str, str]) -> list[str]:
     """The policies the refinement may take next, best first: those on the frontier as ranked now
     (:func:`search.frontier.feasible_frontier`: a refined policy at its measured score, the others at
-    the score the refined pairs predict for them) that are not ``covered`` (refined, or being refined),
+    the score the refined pairs predict for them, not held back by its error: the refinement measures
+    where the frontier is expected to be) that are not ``covered`` (refined, or being refined),
     farthest first, in places along the frontier's latency order, from the covered policies still on
     it; with none of those, from the fastest end. Each pick so fills the widest stretch of the frontier
     that no measurement at the refinement's fidelity covers.
@@ -223,7 +224,7 @@ def next_in_line(table: pd.DataFrame, covered: set[str], senses: Mapping[str, st
     """
     if table.empty:
         return []
-    front = table[frontier.feasible_frontier(table, dict(senses))].sort_values("latency_ms", kind="stable")
+    front = table[frontier.feasible_frontier(table, dict(senses), caution=0.0)].sort_values("latency_ms", kind="stable")
     ids = front["run_id"].tolist()
     taken = [i for i, run_id in enumerate(ids) if run_id in covered]
     gap = {i: min((abs(i - j) for j in taken), default=float("inf")) for i, run_id in enumerate(ids) if run_id not in covered}

@@ -133,3 +133,32 @@ def test_a_pass_a_busy_machine_disturbed_is_timed_again_until_two_agree(recorded
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, passes=3)
     assert len(done) == 3 and lines[-1].startswith("warning: after 3 passes the latency of 1 frontier policies still moved")
     assert f"{ids['best'][:12]}: 0.800, 1.010, 0.809x dense" in lines[-1]
+
+
+def test_the_driver_re_times_when_one_pass_fits_though_two_were_planned(monkeypatch):
+    # The trials stop in time for two passes (search.recorder.end_estimate). When the last trials ate
+    # into that, one pass still fits and is made; the benchmark's uniform sweeps once skipped the
+    # re-timing with 5-29 s left and about 16-36 s planned, and kept latencies a busy neighbour skewed.
+    from types import SimpleNamespace
+
+    from search import driver
+    from search.recorder import REPORT_S, SHUTDOWN_S, end_estimate
+
+    rows = [{"accuracy": 0.8, "latency_ms": 100.0, "size_mb": 1.0, "time_prune_s": 1.0, "time_finetune_s": 5.0, "time_measure_s": 1.0}]
+    measure = SimpleNamespace(warmup=2, repeats=8)
+    two = end_estimate(rows, measure) - SHUTDOWN_S - REPORT_S  # 2 passes of (1 policy + dense) x (1 s + 10 x 0.1 s)
+    assert two == pytest.approx(8.0)
+    calls, lines = [], []
+    monkeypatch.setattr(driver.outcome, "remeasure_frontier", lambda *a, deadline=None, **k: calls.append(deadline))
+
+    def session(left: float):
+        return SimpleNamespace(seconds_left=lambda: left, tracker=SimpleNamespace(trial_table=lambda: (rows, 0, None)),
+                               config=SimpleNamespace(measure=measure), objectives=driver.DEFAULT, out=lines.append,
+                               prepared=SimpleNamespace(task=None, checkpoint="dense.pt"), dense={})
+
+    before = time.perf_counter()
+    driver._remeasure(session(7.0))  # one pass (4 s) and the report fit; two (8 s) do not
+    assert len(calls) == 1 and calls[0] == pytest.approx(before + 7.0 - REPORT_S, abs=0.5) and not lines
+    driver._remeasure(session(5.0))
+    assert len(calls) == 1 and lines == ["not re-timing the frontier: the time budget leaves 5 s, one pass needs about 6 s; "
+                                         "latencies are the in-search ones"]

@@ -407,7 +407,7 @@ def test_time_budget_bounds_the_whole_command_and_refine_share_fills_its_part(tm
     # the re-timing and the report are inside the budget too (Ray's shut-down may add a moment)
     assert wall <= budget + 5, f"the command took {wall:.1f} s on a budget of {budget:g} s:\n{timeline}"
     # the frontier compares the accuracies at one fidelity (search.fidelity): the refined ones as
-    # measured, the others with the gain the refined pairs predict; frontier.csv shows both
+    # measured, the others with the gain the refined pairs predict less its error; frontier.csv shows them
     trials = load_search(result.parent_run_id, store).trials
     if not refined:  # both stopped: the frontier is the search's own
         assert "refine_epochs" not in trials and trials["pareto"].any()
@@ -415,7 +415,9 @@ def test_time_budget_bounds_the_whole_command_and_refine_share_fills_its_part(tm
     done = trials["refine_epochs"].notna()
     assert done.sum() == len(refined) and (trials.loc[done, "accuracy_expected"] == trials.loc[done, "accuracy"]).all()
     fine = frontier.feasible_mask(trials)
-    at_one_fidelity = trials.loc[fine, ["accuracy_expected", "latency_ms", "size_mb"]].to_numpy(float)
+    assert (trials.loc[done, "accuracy_expected_error"] == 0).all() and (trials.loc[fine & ~done, "accuracy_expected_error"] >= 0).all()
+    ranked_at = trials["accuracy_expected"] - trials["accuracy_expected_error"]
+    at_one_fidelity = trials.loc[fine].assign(accuracy=ranked_at)[["accuracy", "latency_ms", "size_mb"]].to_numpy(float)
     assert trials.loc[fine, "pareto"].tolist() == frontier.non_dominated(at_one_fidelity, ["max", "min", "min"]).tolist()
     csv = pd.read_csv(client.download_artifacts(result.parent_run_id, "frontier.csv", str(tmp_path)))
-    assert {"accuracy", "accuracy_expected"} <= set(csv.columns)
+    assert {"accuracy", "accuracy_expected", "accuracy_expected_error"} <= set(csv.columns)
