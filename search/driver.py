@@ -569,7 +569,7 @@ def _until_retiming(session: _Session, rows: list[dict]) -> float | None:
     """Seconds until the re-timing (and the report) must start for the search to end within its time
     budget; None without a time budget."""
     left = session.seconds_left()
-    return None if left is None else left - end_estimate(rows, session.config.measure, objectives=session.objectives)
+    return None if left is None else left - end_estimate(rows, session.config.measure, objectives=session.objectives, trials_running=False)
 
 
 def _refine_seconds(session: _Session, rows: list[dict]) -> float | None:
@@ -644,7 +644,8 @@ def _remeasure(session: _Session) -> None:
     pass, beside the dense model and unconfirmed, is still truer than the in-search latencies, and
     ``remeasure_frontier``'s deadline starts a second only if it fits."""
     left = session.seconds_left()  # Ray is shut down by now
-    two = end_estimate(session.tracker.trial_table()[0], session.config.measure, objectives=session.objectives) - SHUTDOWN_S - REPORT_S
+    two = end_estimate(session.tracker.trial_table()[0], session.config.measure, objectives=session.objectives,
+                       trials_running=False) - SHUTDOWN_S - REPORT_S
     needed = two / 2 + REPORT_S
     if left is not None and left < needed:
         session.out(f"not re-timing the frontier: the time budget leaves {max(left, 0):.0f} s, one pass needs about {needed:.0f} s; "

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 from ray import tune
 
@@ -261,21 +262,43 @@ class TimeBudget(tune.Stopper):
 
 SHUTDOWN_S = 2.0  # seconds kept at the end of a time budget for Ray's shut-down (before the re-timing)
 REPORT_S = 2.0  # and for the report (after it)
+# Ray Tune stops a running trial by a call to its actor, which waits behind the trial's own work (a
+# trial reports once, at its end), and kills the actor only after this long (TuneController's
+# _actor_force_cleanup_timeout, fixed at 10 s in Ray 2.x). So a stop that finds trials running ends
+# when they finish or after this, whichever comes first: in the 5-seed benchmark, whose trials of
+# 1.5 epochs took about 70 s, 8.5 and 13 s went from the stop to the re-timing, not 2.
+TUNE_STOP_S = 10.0
+
+
+def teardown_s(rows: list[dict]) -> float:
+    """Seconds from the time budget's stop of the trials to Ray shut down: the running trials end
+    (as long as a median trial, at most :data:`TUNE_STOP_S`), then :data:`SHUTDOWN_S`.
+
+    >>> teardown_s([]), teardown_s([{"time_prune_s": 0.5, "time_finetune_s": 2.0, "time_measure_s": 0.5}])
+    (2.0, 5.0)
+    >>> teardown_s([{"time_prune_s": 1.0, "time_finetune_s": 60.0, "time_measure_s": 9.0}])
+    12.0
+    """
+    spent = [sum(float(r.get(k) or 0.0) for k in ("time_prune_s", "time_finetune_s", "time_measure_s")) for r in rows]
+    spent = [s for s in spent if s == s and s > 0]
+    return SHUTDOWN_S + (min(TUNE_STOP_S, float(np.median(spent))) if spent else 0.0)
 
 
 def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float]] = (), finetune_epochs: float = 1.0,
-                 concurrency: int = 1, objectives: Objectives | None = None) -> float:
+                 concurrency: int = 1, objectives: Objectives | None = None, trials_running: bool = True) -> float:
     """Seconds the end of a search takes, from the trials so far: the refinement (``search.refine``:
     its rungs ``refine``, each ``(policies, epochs)``, one after the other, with ``concurrency`` fine-tunes
     at a time, each as long as a trial's fine-tune scaled by the epochs), then each frontier model and the dense one rebuilt and
     timed twice (``measure.warmup + measure.repeats`` runs each time: the re-timing confirms each pass with another), and
-    :data:`SHUTDOWN_S` and :data:`REPORT_S` for Ray's shut-down and the report."""
+    the stop of the running trials and Ray's shut-down (:func:`teardown_s`; only :data:`SHUTDOWN_S` once the trials
+    have ended: ``trials_running=False``) and :data:`REPORT_S` for the report."""
+    base = (teardown_s(rows) if trials_running else SHUTDOWN_S) + REPORT_S
     table = pd.DataFrame(rows)
     if table.empty or "latency_ms" not in table:
-        return SHUTDOWN_S + REPORT_S
+        return base
     table = table[frontier.feasible_mask(table)]
     if table.empty:
-        return SHUTDOWN_S + REPORT_S
+        return base
     front = table[frontier.frontier_table(table, (objectives or DEFAULT).mapping)["pareto"].to_numpy()]
     median = {k: float(table[k].median()) if k in table else 0.0 for k in ("time_prune_s", "time_finetune_s", "time_measure_s")}
     per_model = median["time_prune_s"] + (measure.warmup + measure.repeats) * float(front["latency_ms"].max()) / 1000.0
@@ -283,4 +306,4 @@ def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float
     for policies, epochs in refine:
         one = median["time_prune_s"] + median["time_finetune_s"] * epochs / max(finetune_epochs, 1e-9) + median["time_measure_s"]
         refining += -(-min(policies, len(front)) // concurrency) * one
-    return SHUTDOWN_S + REPORT_S + refining + 2 * (len(front) + 1) * per_model
+    return base + refining + 2 * (len(front) + 1) * per_model
