@@ -177,7 +177,7 @@ def test_the_time_budget_keeps_time_for_tune_to_stop_the_running_trials():
         return [{"accuracy": 0.8, "latency_ms": 10.0, "size_mb": 1.0, "time_prune_s": 1.0, "time_finetune_s": finetune_s,
                  "time_measure_s": 1.0}]
 
-    assert end_estimate(rows(68.0), measure) - end_estimate(rows(68.0), measure, trials_running=False) == TUNE_STOP_S
+    assert end_estimate(rows(68.0), measure) - end_estimate(rows(68.0), measure, trials_running=False) == pytest.approx(TUNE_STOP_S)
     assert end_estimate(rows(1.0), measure) - end_estimate(rows(1.0), measure, trials_running=False) == pytest.approx(3.0)
     assert end_estimate([], measure) == end_estimate([], measure, trials_running=False) and SHUTDOWN_S > 0
 
