@@ -115,11 +115,18 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
             tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
             ratios.setdefault(run_id, []).append(metrics["latency_ms"] / dense_fresh["latency_ms"])
         timed, took = set(fresh), time.perf_counter() - began
-    moved = [r for r in front["run_id"] if not steady(r)]
+    unsteady = [r for r in front["run_id"] if not steady(r)]
+    moved = [r for r in unsteady if len(ratios.get(r, [])) >= 2]  # timed again and not agreeing
+    once = len(unsteady) - len(moved)  # joined the frontier in the last pass: nothing to agree with yet
+    parts = []
     if moved:
-        out(f"warning: after {passes} passes the latency of {len(moved)} frontier policies still moved by more than "
-            f"{STEADY:.0%} between passes (" + ", ".join(f"{r[:12]}: " + ", ".join(f"{x:.3f}" for x in ratios.get(r, [])) + "x dense"
-                                                      for r in moved[:3]) + "); the machine was busy: the last pass is recorded")
+        parts.append(f"the latency of {len(moved)} frontier policies still moved by more than {STEADY:.0%} between passes ("
+                     + ", ".join(f"{r[:12]}: " + ", ".join(f"{x:.3f}" for x in ratios[r]) + "x dense" for r in moved[:3])
+                     + "); the machine was busy")
+    if once:
+        parts.append(f"{once} frontier policies joined the frontier in the last pass and were timed once")
+    if parts:
+        out(f"warning: after {passes} passes " + "; ".join(parts) + ": the last pass is recorded")
 
 
 def finish(tracker: SearchTracker, dense: dict[str, float], config_name: str, status: str, started: float, out: Log,

@@ -135,6 +135,20 @@ def test_a_pass_a_busy_machine_disturbed_is_timed_again_until_two_agree(recorded
     assert f"{ids['best'][:12]}: 0.800, 1.010, 0.809x dense" in lines[-1]
 
 
+def test_a_policy_that_joined_the_frontier_in_the_last_pass_is_not_called_moved(recorded, monkeypatch):
+    # pass 1 times "fast" slower than "slower" was timed in the search: "slower" joins the frontier and
+    # pass 2, the last, times it once; "fast" and "best" agree across both passes
+    tracker, ids, _ = recorded
+    by_id = {v: k for k, v in ids.items()}
+    retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}
+    monkeypatch.setattr(outcome, "measure_latencies", lambda policies, *a: {
+        key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies})
+    lines = []
+    outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, passes=2)
+    assert lines[-1] == ("warning: after 2 passes 1 frontier policies joined the frontier in the last pass and were timed once: "
+                         "the last pass is recorded")
+
+
 def test_the_driver_re_times_when_one_pass_fits_though_two_were_planned(monkeypatch):
     # The trials stop in time for two passes (search.recorder.end_estimate). When the last trials ate
     # into that, one pass still fits and is made; the benchmark's uniform sweeps once skipped the
