@@ -28,7 +28,7 @@ quickstart: install
 	$(BIN)/secateurs search configs/quickstart.yaml
 
 test: install-test
-	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --durations=20
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20
 
 test-fast: install-test  # everything not marked integration (no Ray, no MLflow store): under two minutes
 	$(BIN)/python -m pytest -q -n 2 -m "not integration"
