@@ -285,3 +285,20 @@ def test_a_fine_tune_still_running_at_the_time_budget_is_stopped_and_keeps_the_s
     # successive halving: a stop ends the rungs; what the first rung measured is kept
     done, tracker, lines = refine(monkeypatch, count=1, concurrency=2, rungs=2, slow={"e"}, deadline=time.perf_counter() + 60)
     assert done == ["a"] and any(line == "  not going on to rung 1: the time budget is spent" for line in lines), lines
+
+
+def test_a_resumed_halving_keeps_the_policy_an_earlier_session_refined_at_a_rung_and_refines_no_other(monkeypatch):
+    # an earlier session measured "b" and "d" at the first rung (0.5 epochs), kept "b" and refined it at
+    # the second (1 epoch), then was killed while re-timing the frontier: "d" was re-timed faster and
+    # now dominates "b" on the first rung's results. The choice made stands; nothing is refined again.
+    table = FRONT.assign(latency_ms=[1.0, 2.0, 2.1, 1.5, 4.0], accuracy=[0.30, 0.70, 0.635, 0.76, 0.78],
+                         accuracy_in_search=[None, 0.64, None, 0.74, None], refine_epochs=[None, 1.0, None, 0.5, None],
+                         accuracy_rung0=[None, 0.66, None, 0.76, None], accuracy_rung1=[None, 0.70, None, None, None])
+    done, tracker, lines = refine(monkeypatch, count=1, chosen=["b", "d"], table=table, rungs=2)
+    assert tracker.started == [] and tracker.metrics == {}, (tracker.started, lines)
+    assert done == ["b", "d"] and "  rung 1: kept 1 of 2 on accuracy, latency_ms after 0.5 epochs" in lines
+    # without the earlier session's second rung, the choice is made now, on the results as they are
+    fresh = table.assign(accuracy=[0.30, 0.66, 0.635, 0.76, 0.78], refine_epochs=[None, 0.5, None, 0.5, None],
+                         accuracy_rung1=None)
+    done, tracker, lines = refine(monkeypatch, count=1, chosen=["b", "d"], table=fresh, rungs=2)
+    assert tracker.started == ["d"] and set(tracker.metrics) == {"d"}
