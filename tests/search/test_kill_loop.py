@@ -142,21 +142,25 @@ def reachable(client: MlflowClient, parent, phases: tuple[str, ...], end: bool) 
 
 
 def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict,
-              phases: tuple[str, ...] = tuple(sorted(PHASES))) -> tuple[MlflowClient, list[tuple[str, float, bool]], list[float]]:
+              phases: tuple[str, ...] = tuple(sorted(PHASES)),
+              recorded: list[int] | None = None) -> tuple[MlflowClient, list[tuple[str, float, bool]], list[float]]:
     """Start the search, SIGKILL it ``kills`` times at seeded random moments of ``phases`` (each time
     going on with ``--resume``, or starting again if no parent run was made yet), then let it
     finish. Returns the client, the kills made (phase, delay, whether it landed before the driver
-    ended) and the wall seconds of each session."""
+    ended) and the wall seconds of each session; ``recorded``, if given, gets how many trial runs
+    MLflow held finished as each session began (session-N.log is session N)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     rng = random.Random(seed)
     made, walls = [], []
     kept: set[str] = set()  # trial runs finished before a kill: each must be in the final record, unchanged
+    recorded = [] if recorded is None else recorded
     while len(made) < kills:
         found = parents(client)
         assert len(found) <= 1, f"{len(found)} parent runs after {len(made)} kills"
         if found:
             kept |= {r.info.run_id for kind in ("trial", "baseline") for r in children(client, found[0], kind) if r.info.status == "FINISHED"}
+        recorded.append(len(kept))
         if found and found[0].info.status == "FINISHED":
             break  # killed after it ended its parent run (printing the report)
         args = ["--resume", found[0].info.run_id] if found else [str(config)]
@@ -179,6 +183,8 @@ def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict,
     found = parents(client)
     assert len(found) == 1
     if found[0].info.status != "FINISHED":
+        recorded.append(len({r.info.run_id for kind in ("trial", "baseline") for r in children(client, found[0], kind)
+                             if r.info.status == "FINISHED"}))
         driver = Driver(["--resume", found[0].info.run_id, "--tracking-uri", uri], tmp_path, env, tmp_path / f"session-{len(walls) + 1}.log")
         rc = driver.finish(timeout_s=600)
         walls.append(driver.wall_s)
@@ -254,8 +260,11 @@ def test_a_search_killed_at_random_moments_ends_with_exactly_its_budget(tmp_path
 def test_a_screened_search_killed_again_and_again_fine_tunes_exactly_its_budget(tmp_path, env, seed):
     config = write_config(tmp_path, num_trials=30, baseline_ratios=[], screening={"warmup": 2, "bn_batches": 2, "fine_tunes": 8})
     phases = tuple(p for p in sorted(PHASES) if p not in ("sensitivity", "refining", "second rung"))  # none is configured here
-    client, kills, walls = kill_loop(tmp_path, config, kills=5, seed=seed + 1, env=env, phases=phases)
-    print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
+    # Ray's own experiment snapshot would be an hour stale: a resume must not need it (MLflow is the record)
+    env = {**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}
+    recorded: list[int] = []
+    client, kills, walls = kill_loop(tmp_path, config, kills=5, seed=seed + 1, env=env, phases=phases, recorded=recorded)
+    print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls], "trials recorded before each:", recorded)
     assert sum(killed for _, _, killed in kills) >= 3, kills
     (parent,) = parents(client)
     assert parent.info.status == "FINISHED"
@@ -264,14 +273,34 @@ def test_a_screened_search_killed_again_and_again_fine_tunes_exactly_its_budget(
     assert len({r.data.tags["secateurs.ray_trial_id"] for r in runs}) == len(runs) < 30
     fine_tuned = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("secateurs.screened_out") != "true"]
     assert len(fine_tuned) == 8 and all(r.data.metrics["fidelity"] == 1 for r in fine_tuned)
+    # each resume goes on from what MLflow held: every recorded trial told to the sampler once, and the
+    # screening scheduler given every recorded screening result, not started from scratch
+    resumes = 0
+    for number, before in enumerate(recorded, start=1):
+        log = (tmp_path / f"session-{number}.log").read_text()
+        if f"resuming search {parent.info.run_id}" not in log:
+            continue
+        resumes += 1
+        assert f"resuming search {parent.info.run_id}: {before} trials completed, 0 failed" in log, (number, before, log[-2000:])
+        assert f"the sampler is told of {before} of them" in log, (number, before)
+        if "searching until" in log:  # the next line after these, unless a kill came between them
+            assert f"screening: {before} recorded screening results restored" in log, (number, before)
+    assert resumes >= 2, recorded
+    # a finished search is not run again: one line, exit 2
+    again = subprocess.run([sys.executable, "-m", "search.cli", "search", "--resume", parent.info.run_id,
+                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already finished" in again.stderr and again.stderr.count("\n") == 1, again.stderr
 
 
 def test_a_successive_halving_killed_in_its_last_rung_again_and_again_refines_each_rung_once(tmp_path, env):
-    # search.refine.rungs: every session is killed while the first rung's survivor is refined longer;
-    # each resume keeps the first rung's results and refines only what no earlier session recorded
+    # search.refine.rungs: every session is killed while the first rung's survivor is refined longer, or
+    # after it, while the frontier is re-timed (which moves the latencies the survivor was chosen on);
+    # each resume keeps the first rung's results and the survivor chosen, and refines only what no
+    # earlier session recorded
     config = write_config(tmp_path, num_trials=4,
                           refine={"epochs": 0.6, "candidates": 1, "rungs": 2, "reduction_factor": 3})
-    client, kills, walls = kill_loop(tmp_path, config, kills=3, seed=7, env=env, phases=("second rung",))
+    client, kills, walls = kill_loop(tmp_path, config, kills=3, seed=7, env=env, phases=("second rung", "re-timing"))
     print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
     assert sum(killed for _, _, killed in kills) >= 2, kills
     parent, runs = check_trials(client, 4 + 2)
