@@ -36,7 +36,7 @@ from search.config import Config, ConfigError, validate
 from search.constraints import parse_all
 from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
-from search.recorder import REPORT_S, SHUTDOWN_S, HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics
+from search.recorder import REPORT_S, SHUTDOWN_S, HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics, trial_s
 from search.refine import COUNT_TAG, EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, refine_frontier, rungs_makespan
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
@@ -101,6 +101,13 @@ class _Session:
         if search.refine is not None and search.refine.share is not None:  # that part of the budget, or more if epochs needs it
             end = max(end, end_estimate(rows, self.config.measure, objectives=self.objectives) + search.refine.share * search.time_budget_s)
         return end
+
+    def trial_fits(self, rows: list[dict]) -> bool:
+        """Whether a trial started now, as long as a median trial so far (:func:`search.recorder.trial_s`),
+        is expected to end before ``search.time_budget_s`` stops the trials (when what is left is what
+        the end of the search takes: :meth:`end_s`); True without a budget or a finished trial."""
+        left, median = self.seconds_left(), trial_s(rows)
+        return left is None or median is None or left - median > self.end_s(rows)
 
     def log_elapsed(self) -> None:
         """Record the time spent so far (parent metric ``elapsed_s``), which a resume starts from."""
@@ -467,6 +474,7 @@ def _run(session: _Session) -> SearchResult:
             fine_tunes=fine_tunes,
             exempt=sum(b.kind == "baseline" for b in remaining_first),
             history=history,
+            fits=None if config.search.time_budget_s is None else lambda: session.trial_fits(recorder.rows),
         )
         if recorded:
             out(f"resuming search {tracker.parent_run_id}: {len(rows)} trials completed, {failed} failed, budget {session.budget}; "
@@ -499,7 +507,7 @@ def _run(session: _Session) -> SearchResult:
             fit_wall = time.perf_counter() - fit_started
         tracker.log_search_metrics({"fit_wall_s": fit_wall, "fit_started_unix_s": fit_started_unix})
         session.log_elapsed()
-        status = _status(session, stoppers, recorder)
+        status = _status(session, stoppers, recorder, out_of_time=searcher.out_of_time)
         if status == "FINISHED" and config.search.refine is not None:
             _refine(session)
     except KeyboardInterrupt:
@@ -523,8 +531,9 @@ def _combined(stoppers: list):
     return stoppers[0] if len(stoppers) == 1 else CombinedStopper(*stoppers)
 
 
-def _status(session: _Session, stoppers: list, recorder: TrialRecorder) -> str:
-    """FINISHED or KILLED, from what MLflow holds once fit() returned; says why it stopped."""
+def _status(session: _Session, stoppers: list, recorder: TrialRecorder, out_of_time: bool = False) -> str:
+    """FINISHED or KILLED, from what MLflow holds once fit() returned; says why it stopped
+    (``out_of_time``: the searcher started no trial that would not end before the time budget's stop)."""
     config, out = session.config, session.out
     rows, failed, _ = session.tracker.trial_table()
     done = len(rows) + failed
@@ -533,6 +542,9 @@ def _status(session: _Session, stoppers: list, recorder: TrialRecorder) -> str:
         out(f"stopped: {fine_tunes} sampled policies were fine-tuned (search.screening.fine_tunes), {done} trials recorded")
     elif any(isinstance(s, HypervolumePlateau) and s.stop_all() for s in stoppers):
         out(f"stopped early: the hypervolume did not grow for {config.search.patience} trials")
+    elif out_of_time and done < session.budget:
+        out(f"stopped: the time budget of {config.search.time_budget_s:g} s was spent ({done} trials recorded; "
+            f"no trial was started that would not end before the rest of the search needs the time)")
     elif any(isinstance(s, TimeBudget) and s.stop_all() for s in stoppers) and done < session.budget:
         out(f"stopped: the time budget of {config.search.time_budget_s:g} s was spent ({done} trials recorded)")
     elif done < session.budget:

@@ -270,6 +270,17 @@ REPORT_S = 2.0  # and for the report (after it)
 TUNE_STOP_S = 10.0
 
 
+def trial_s(rows: list[dict]) -> float | None:
+    """A median trial's seconds (pruning, fine-tune and measurement) among ``rows``; None before any.
+
+    >>> trial_s([]), trial_s([{"time_prune_s": 0.5, "time_finetune_s": 2.0, "time_measure_s": 0.5}])
+    (None, 3.0)
+    """
+    spent = [sum(float(r.get(k) or 0.0) for k in ("time_prune_s", "time_finetune_s", "time_measure_s")) for r in rows]
+    spent = [s for s in spent if s == s and s > 0]
+    return float(np.median(spent)) if spent else None
+
+
 def teardown_s(rows: list[dict]) -> float:
     """Seconds from the time budget's stop of the trials to Ray shut down: the running trials end
     (as long as a median trial, at most :data:`TUNE_STOP_S`), then :data:`SHUTDOWN_S`.
@@ -279,9 +290,8 @@ def teardown_s(rows: list[dict]) -> float:
     >>> teardown_s([{"time_prune_s": 1.0, "time_finetune_s": 60.0, "time_measure_s": 9.0}])
     12.0
     """
-    spent = [sum(float(r.get(k) or 0.0) for k in ("time_prune_s", "time_finetune_s", "time_measure_s")) for r in rows]
-    spent = [s for s in spent if s == s and s > 0]
-    return SHUTDOWN_S + (min(TUNE_STOP_S, float(np.median(spent))) if spent else 0.0)
+    median = trial_s(rows)
+    return SHUTDOWN_S + (min(TUNE_STOP_S, median) if median is not None else 0.0)
 
 
 def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float]] = (), finetune_epochs: float = 1.0,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import optuna
 from ray.tune.search import Searcher
@@ -62,6 +62,11 @@ class SecateursSearch(OptunaSearch):
     Optuna hands out enqueued points first and in order, so the first ``len(origins)`` suggestions
     are those points. A sampled policy that happens to equal a baseline is therefore still a sampled trial.
 
+    With ``fits`` (``search.time_budget_s``: whether a trial started now is expected to end before the
+    time budget stops the trials) it stops suggesting, for good, once one would not: the trials
+    running end the search's trials, where a trial started anyway would be killed at the stop, its
+    compute lost and the stop held up while Ray Tune waits for it.
+
     With ``fine_tunes`` (``search.screening.fine_tunes``) it stops suggesting once that many trials
     after the first ``exempt`` (the baselines) have completed fine-tuned (a final ``fidelity`` other
     than 0). While the trials running could still reach the budget it suggests nothing and waits,
@@ -77,8 +82,11 @@ class SecateursSearch(OptunaSearch):
     """
 
     def __init__(self, *, constraints: list[Constraint], dense: Mapping[str, float], origins: list[str] = (),
-                 fine_tunes: int | None = None, exempt: int = 0, history: Sequence[RecordedTrial] = (), **kwargs: Any) -> None:
+                 fine_tunes: int | None = None, exempt: int = 0, history: Sequence[RecordedTrial] = (),
+                 fits: Callable[[], bool] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._fits = fits
+        self.out_of_time = False  # it stopped suggesting because no trial started now would end in time
         self._constraints = list(constraints)
         self._dense = dict(dense)
         self._origins = list(origins)
@@ -116,6 +124,9 @@ class SecateursSearch(OptunaSearch):
         return True
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if self.out_of_time or (self._fits is not None and not self._fits()):
+            self.out_of_time = True  # time only runs out: the trials running end the search's trials
+            return Searcher.FINISHED
         if self._fine_tunes is not None and self._suggested >= self._exempt:
             if self._fine_tuned >= self._fine_tunes:
                 return Searcher.FINISHED
@@ -129,6 +140,15 @@ class SecateursSearch(OptunaSearch):
                 self._counted.add(trial_id)
             self._suggested += 1
         return config
+
+    def save(self, checkpoint_path: str) -> None:
+        """Ray Tune's snapshot of the searcher (never read back: MLflow is the record), without ``fits``,
+        which holds the session and does not pickle."""
+        fits, self._fits = self._fits, None
+        try:
+            super().save(checkpoint_path)
+        finally:
+            self._fits = fits
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._counted:

@@ -204,3 +204,33 @@ def test_the_hypervolume_plateau_count_goes_on_across_a_resume():
     assert recorder.best_hypervolume > 0
     rows.append(row(7, 0.9, 0.5))
     assert TrialRecorder(tracker, None, 10, print, dense=DENSE).since_improvement == 0
+
+
+def test_a_searcher_whose_next_trial_would_not_end_in_time_stops_suggesting_for_good(tmp_path):
+    from ray.tune.search import Searcher
+
+    fits = [True]
+    searcher = SecateursSearch(
+        space=space(), metric=["accuracy", "latency_ms", "size_mb"], mode=["max", "min", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0), constraints=[], dense=DENSE, fits=lambda: fits[0],
+    )
+    assert isinstance(searcher.suggest("t1"), dict) and not searcher.out_of_time
+    fits[0] = False  # the time budget's stop comes before a trial started now would end
+    assert searcher.suggest("t2") == Searcher.FINISHED and searcher.out_of_time
+    fits[0] = True  # a trial that ended early does not bring the time back: the trials are over
+    assert searcher.suggest("t3") == Searcher.FINISHED
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Ray Tune snapshots the searcher: the check of the time does not pickle
+    assert searcher._fits is not None
+
+
+def test_a_trial_fits_when_a_median_trial_ends_before_the_end_of_the_search_needs_the_time():
+    from types import SimpleNamespace
+
+    from search.driver import _Session
+
+    rows = [{"time_prune_s": 1.0, "time_finetune_s": t, "time_measure_s": 1.0} for t in (8.0, 13.0, 30.0)]  # median 15 s
+    session = SimpleNamespace(seconds_left=lambda: 100.0, end_s=lambda rows: 80.0)
+    assert _Session.trial_fits(session, rows)  # 100 - 15 > 80: it ends 5 s before the stop
+    assert not _Session.trial_fits(SimpleNamespace(seconds_left=lambda: 94.0, end_s=lambda rows: 80.0), rows)
+    assert _Session.trial_fits(SimpleNamespace(seconds_left=lambda: 94.0, end_s=lambda rows: 80.0), [])  # nothing to go by yet
+    assert _Session.trial_fits(SimpleNamespace(seconds_left=lambda: None, end_s=lambda rows: 80.0), rows)  # no time budget
