@@ -136,7 +136,10 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
     # the dense model and the whole frontier were timed together in one round-robin pass: the
     # passes repeat until the frontier is within the last pass's policies
     passes = [int(n) for n in re.findall(r"re-measuring the latency of the dense model and (\d+) frontier policies, together", output)]
-    assert passes and passes[-1] >= len(front)
+    # (on a busy machine the timings can reshape the frontier in every pass up to the cap of 4, and
+    # then the last pass need not cover it: a full-suite run at 2aefeb9 timed 7, 6, 8 and 6 for a
+    # frontier of 7)
+    assert passes and (passes[-1] >= len(front) or len(passes) == 4), passes
     assert "[8/8]" in output and "Pareto frontier" in output and "mlflow ui --backend-store-uri" in output
 
 
