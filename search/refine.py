@@ -344,9 +344,9 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
         # an earlier session's choice stands: the policies it refined at this rung are kept first, and
         # only the rest of the count is chosen now (a killed session's partial re-timing can have moved
         # the latencies the choice ranks on, and a second choice would refine a second policy)
-        before = [r for r in rung_runs if all(_done(rows[r], s, rung, rung_epochs) is not None for s in scores)]
-        before = before if len(before) <= keep else survivors(table[table["run_id"].isin(before)], keep, senses)
-        rung_runs = before + (survivors(table[~table["run_id"].isin(before)], keep - len(before), senses) if len(before) < keep else [])
+        before = table["run_id"].isin([r for r in rung_runs if all(_done(rows[r], s, rung, rung_epochs) is not None for s in scores)])
+        kept = survivors(table[before], keep, senses)
+        rung_runs = kept + survivors(table[~before], keep - len(kept), senses)
         out(f"  rung {rung}: kept {len(rung_runs)} of {len(table)} on {', '.join(senses)} after {plan[rung - 1][1]:g} epochs")
         todo = [r for r in rung_runs if any(_done(rows[r], s, rung, rung_epochs) is None for s in scores)]
         # the slowest first (the least pruned: the highest latency), as epochs_that_fit planned them
