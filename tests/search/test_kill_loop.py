@@ -32,8 +32,12 @@ PHASES = {
     "first trials": ("searching ", 0.0, 3.0),
     "trial recorded": ("] trial ", 0.0, 0.6),
     "refining": ("refining ", 0.0, 4.0),
-    "second rung": ("rung 1: kept", 0.0, 2.0),  # search.refine.rungs: the survivors of the first rung refined longer
-    "re-timing": ("re-measuring", 0.0, 1.5),
+    # search.refine.rungs: the survivors of the first rung refined longer (a tiny model's 0.6 epochs: 1.5 s
+    # on a busy 2-core machine; a kill later than that lands in the re-timing or after the search ended)
+    "second rung": ("rung 1: kept", 0.0, 1.0),
+    # the first of the re-timing's passes (0.25 s for three tiny models; the whole re-timing and report 1.4 s:
+    # a kill 1.42 s after the marker found the search ended and left the loop a kill short)
+    "re-timing": ("re-measuring", 0.0, 0.3),
     "report": ("Pareto frontier", 0.0, 0.2),
 }
 
