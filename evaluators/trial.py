@@ -383,24 +383,54 @@ def promote(model: torch.nn.Module, screened: Metrics, policy: Policy, task: Tas
     )
 
 
+class Deployments(contextlib.AbstractContextManager):
+    """The artifacts of policies kept ready to time again (:meth:`latencies`): each policy's model is
+    pruned and exported (and quantized) once however many times it is timed, and released when the
+    context ends. The end-of-search re-timing times the frontier in several passes with it."""
+
+    def __init__(self, task: Task, checkpoint: str | Path | bytes, measure_config: MeasureConfig) -> None:
+        self.task, self.checkpoint, self.config = task, checkpoint, measure_config
+        self._stack = contextlib.ExitStack()
+        self._ready: dict[Hashable, tuple[Policy, Any, dict[str, float]]] = {}
+        self._inputs: Inputs | None = None
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        self._ready.clear()
+        return self._stack.__exit__(*exc)
+
+    @property
+    def inputs(self) -> Inputs:
+        if self._inputs is None:
+            self._inputs = _timing_inputs(self.task, self.config, self.config.resolve_device())
+        return self._inputs
+
+    def _timer(self, key: Hashable, policy: Policy) -> tuple[Any, dict[str, float]]:
+        ready = self._ready.get(key)
+        if ready is None or ready[0] != policy:
+            model = prune_with_task(policy, load_dense(self.task, self.checkpoint), self.task)
+            model = model.to(self.config.resolve_device()).eval()
+            artifact = self._stack.enter_context(_deployed(model, policy.quantization, self.task, self.inputs, self.config))
+            extra = {k: v for k, v in artifact.metrics.items() if k == "onnx_max_abs_diff"}
+            self._ready[key] = ready = (policy, self._stack.enter_context(artifact.timer()), extra)
+        return ready[1], ready[2]
+
+    def latencies(self, policies: Mapping[K, Policy], *, rounds: int = 5) -> dict[K, dict[str, float]]:
+        """Latency of the artifact each policy ships as, timed together: round-robin over ``rounds``
+        rounds, so that all see the same machine (see :func:`evaluators.measure.interleaved_latency_ms`);
+        ``measure.warmup`` and ``measure.repeats`` are spread over the rounds (rounded up), so a model
+        costs about what one in-search timing does."""
+        ready = {key: self._timer(key, policy) for key, policy in policies.items()}
+        stats = measure.interleaved_latency_ms({key: call for key, (call, _) in ready.items()}, rounds=rounds,
+                                               warmup=-(-self.config.warmup // rounds), repeats=-(-self.config.repeats // rounds),
+                                               threads=self.config.threads, cuda=first_tensor(self.inputs).is_cuda)
+        return {key: {**stats[key], **measure.throughput(self.inputs, stats[key]), **ready[key][1]} for key in policies}
+
+
 def measure_latencies(policies: Mapping[K, Policy], task: Task, checkpoint: str | Path | bytes,
                       measure_config: MeasureConfig, *, rounds: int = 5) -> dict[K, dict[str, float]]:
     """Latency of the artifact each policy ships as (float or int8, see :mod:`evaluators.deploy`),
-    without fine-tuning it (on dense kernels the time depends on the shapes alone), timed together: round-robin over ``rounds`` rounds, so that all
-    see the same machine (see :func:`evaluators.measure.interleaved_latency_ms`). ``measure.warmup``
-    and ``measure.repeats`` are spread over the rounds (rounded up), so a model costs about what one
-    in-search timing does. Used to re-time the frontier, with the dense model (an empty policy), at
-    the end of a search."""
-    device = measure_config.resolve_device()
-    inputs = _timing_inputs(task, measure_config, device)
-    with contextlib.ExitStack() as stack:
-        calls, extra = {}, {}
-        for key, policy in policies.items():
-            model = prune_with_task(policy, load_dense(task, checkpoint), task).to(device).eval()
-            artifact = stack.enter_context(_deployed(model, policy.quantization, task, inputs, measure_config))
-            calls[key] = stack.enter_context(artifact.timer())
-            extra[key] = {k: v for k, v in artifact.metrics.items() if k == "onnx_max_abs_diff"}
-        stats = measure.interleaved_latency_ms(calls, rounds=rounds, warmup=-(-measure_config.warmup // rounds),
-                                               repeats=-(-measure_config.repeats // rounds), threads=measure_config.threads,
-                                               cuda=first_tensor(inputs).is_cuda)
-    return {key: {**stats[key], **measure.throughput(inputs, stats[key]), **extra[key]} for key in policies}
+    without fine-tuning it (on dense kernels the time depends on the shapes alone), timed together
+    (:meth:`Deployments.latencies`). Used to time the sensitivity path's policies; the
+    end-of-search re-timing keeps its :class:`Deployments` across its passes."""
+    with Deployments(task, checkpoint, measure_config) as ready:
+        return ready.latencies(policies, rounds=rounds)

@@ -11,7 +11,7 @@ from typing import Callable
 import pandas as pd
 
 from evaluators.tasks import Task
-from evaluators.trial import MeasureConfig, measure_latencies
+from evaluators.trial import Deployments, MeasureConfig
 from search import fidelity, frontier
 from search.objectives import DEFAULT, Objectives
 from search.tracking import SearchTracker, ui_command
@@ -74,7 +74,8 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
     pass), and while new timings reshape the frontier; at most ``passes`` passes. What is recorded is
     the last pass, so the reported frontier and the dense latency it is compared with come from one
     measurement; if the passes never agreed, the log names the policies whose ratios moved. Each
-    policy is the one its trial ran (policy.json). With ``deadline`` (a ``time.perf_counter()`` value:
+    policy is the one its trial ran (policy.json); its artifact is built once, for all the passes
+    (:class:`evaluators.trial.Deployments`). With ``deadline`` (a ``time.perf_counter()`` value:
     the time budget's end, less the report), a pass that would end after it (as long as the last one)
     is not started, and the log says why. ``dense`` is updated in place."""
     dense_run_id = tracker.child_runs("dense").iloc[0]["run_id"]
@@ -89,32 +90,34 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
 
     timed: set[str] = set()
     front = pd.DataFrame()
-    for _ in range(passes):
-        table, _ = _trials(tracker, objectives or DEFAULT)
-        front = table[frontier.feasible_frontier(table, (objectives or DEFAULT).mapping)] if len(table) else table
-        ids = set(front["run_id"]) if len(front) else set()
-        if not ids or (ids <= timed and all(steady(r) for r in ids)):
-            return
-        if timed and deadline is not None and time.perf_counter() + took > deadline:
-            new, moved = len(ids - timed), sum(not steady(r) for r in ids & timed)
-            out(f"not re-timing the frontier again: the time budget leaves too little for a pass ({took:.1f} s); "
-                f"{new} of its {len(ids)} policies were not timed in the last pass beside the dense model, "
-                f"{moved} not confirmed by a second timing")
-            return
-        out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
-        began = time.perf_counter()
-        policies = {"dense": Policy(criterion="l1", ratios={}), **tracker.policies(list(front["run_id"]))}
-        for row in front.to_dict("records"):
-            earlier = row.get("latency_ms_in_search")
-            in_search.setdefault(row["run_id"], row["latency_ms"] if earlier is None or earlier != earlier else earlier)
-        fresh = measure_latencies(policies, task, checkpoint, measure)
-        dense_fresh = fresh.pop("dense")
-        dense.update(dense_fresh)
-        tracker.update_metrics(dense_run_id, {**dense_fresh, "latency_ms_in_search": dense_in_search})
-        for run_id, metrics in fresh.items():
-            tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
-            ratios.setdefault(run_id, []).append(metrics["latency_ms"] / dense_fresh["latency_ms"])
-        timed, took = set(fresh), time.perf_counter() - began
+    # each policy's artifact is built (pruned, exported, quantized) once and timed in every pass
+    with Deployments(task, checkpoint, measure) as ready:
+        for _ in range(passes):
+            table, _ = _trials(tracker, objectives or DEFAULT)
+            front = table[frontier.feasible_frontier(table, (objectives or DEFAULT).mapping)] if len(table) else table
+            ids = set(front["run_id"]) if len(front) else set()
+            if not ids or (ids <= timed and all(steady(r) for r in ids)):
+                return
+            if timed and deadline is not None and time.perf_counter() + took > deadline:
+                new, moved = len(ids - timed), sum(not steady(r) for r in ids & timed)
+                out(f"not re-timing the frontier again: the time budget leaves too little for a pass ({took:.1f} s); "
+                    f"{new} of its {len(ids)} policies were not timed in the last pass beside the dense model, "
+                    f"{moved} not confirmed by a second timing")
+                return
+            out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
+            began = time.perf_counter()
+            policies = {"dense": Policy(criterion="l1", ratios={}), **tracker.policies(list(front["run_id"]))}
+            for row in front.to_dict("records"):
+                earlier = row.get("latency_ms_in_search")
+                in_search.setdefault(row["run_id"], row["latency_ms"] if earlier is None or earlier != earlier else earlier)
+            fresh = ready.latencies(policies)
+            dense_fresh = fresh.pop("dense")
+            dense.update(dense_fresh)
+            tracker.update_metrics(dense_run_id, {**dense_fresh, "latency_ms_in_search": dense_in_search})
+            for run_id, metrics in fresh.items():
+                tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
+                ratios.setdefault(run_id, []).append(metrics["latency_ms"] / dense_fresh["latency_ms"])
+            timed, took = set(fresh), time.perf_counter() - began
     unsteady = [r for r in front["run_id"] if not steady(r)]
     moved = [r for r in unsteady if len(ratios.get(r, [])) >= 2]  # timed again and not agreeing
     once = len(unsteady) - len(moved)  # joined the frontier in the last pass: nothing to agree with yet

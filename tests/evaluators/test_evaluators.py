@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from evaluators import checkpoint as checkpoint_mod
-from evaluators import measure
+from evaluators import measure, trial
 from evaluators.checkpoint import CheckpointError, cached_checkpoint_path, ensure_dense_checkpoint, load_dense
 from evaluators.models import MLP, DigitsCNN
 from evaluators.pruning import apply
 from evaluators.tasks import Task, TaskConfig
 from evaluators.train import NonFiniteLossError, accuracy, train
-from evaluators.trial import FinetuneConfig, MeasureConfig, Reference, evaluate, measure_latencies, prune_and_finetune
+from evaluators.trial import Deployments, FinetuneConfig, MeasureConfig, Reference, evaluate, measure_latencies, prune_and_finetune
 from spaces import Policy
 
 X8 = torch.zeros(1, 1, 8, 8)
@@ -123,6 +123,27 @@ def test_measure_latencies_times_each_policy_model(digits_task, digits_checkpoin
     assert set(stats) == {"dense", "pruned"}
     for values in stats.values():
         assert 0 < values["latency_p10_ms"] <= values["latency_ms"] <= values["latency_p90_ms"]
+
+
+def test_deployments_build_each_artifact_once_however_often_it_is_timed(digits_task, digits_checkpoint, monkeypatch):
+    # the end-of-search re-timing times the frontier in passes: each policy is pruned and exported once
+    built = []
+    real = trial._deployed
+    monkeypatch.setattr(trial, "_deployed", lambda model, quantization, *args, **kwargs: built.append(quantization) or real(model, quantization, *args, **kwargs))
+    config = MeasureConfig(batch_size=8, warmup=1, repeats=3)
+    dense, pruned = Policy(criterion="l1", ratios={}), Policy(criterion="l1", ratios={"features.0": 0.5})
+    with Deployments(digits_task, digits_checkpoint, config) as ready:
+        first = ready.latencies({"dense": dense, "pruned": pruned}, rounds=2)
+        second = ready.latencies({"dense": dense, "pruned": pruned}, rounds=2)
+        assert len(built) == 2
+        third = ready.latencies({"pruned": pruned, "other": Policy(criterion="l1", ratios={"features.0": 0.25})}, rounds=2)
+        assert len(built) == 3  # only the new policy is built
+        changed = ready.latencies({"pruned": Policy(criterion="l2", ratios={"features.0": 0.5})}, rounds=2)
+        assert len(built) == 4  # a key whose policy changed is built again
+    for stats in (first, second, third, changed):
+        for values in stats.values():
+            assert 0 < values["latency_p10_ms"] <= values["latency_ms"] <= values["latency_p90_ms"]
+    assert set(third) == {"pruned", "other"}
 
 
 def test_size_mb_is_bytes_of_saved_state_dict_and_shrinks_after_pruning():

@@ -13,6 +13,27 @@ from spaces import Policy
 DENSE = {"accuracy": 0.9, "latency_ms": 10.0, "size_mb": 1.0, "macs": 100.0, "params": 100.0}
 
 
+def scripted(monkeypatch, timings):
+    """The re-timing's passes timed by ``timings(policies)`` (no model built; one set of artifacts per re-timing)."""
+    made = []
+
+    class Scripted:
+        def __init__(self, task, checkpoint, measure):
+            made.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def latencies(self, policies, *, rounds=5):
+            return timings(policies)
+
+    monkeypatch.setattr(outcome, "Deployments", Scripted)
+    return made
+
+
 @pytest.fixture
 def recorded(tmp_path):
     tracker = SearchTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -40,19 +61,21 @@ def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_
     retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}  # "fast" is slower alone: "slower" joins the frontier
     passes = []
 
-    def fake_measure_latencies(policies, task, checkpoint, measure_config):
+    def fake_timings(policies):
         names = {by_id.get(key, key) for key in policies}
         passes.append(names)
         assert policies["dense"].ratios == {}
         assert all(policy == logged[by_id[key]] for key, policy in policies.items() if key != "dense")  # what each trial ran
         return {key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
 
-    monkeypatch.setattr(outcome, "measure_latencies", fake_measure_latencies)
+    made = scripted(monkeypatch, fake_timings)
     dense = dict(DENSE)
     lines = []
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dense, lines.append)
 
-    # the second pass times the new frontier; the third confirms "slower", timed once so far
+    # the second pass times the new frontier; the third confirms "slower", timed once so far, all with
+    # the artifacts of one Deployments (each built once)
+    assert len(made) == 1
     assert passes == [{"dense", "fast", "best"}, {"dense", "fast", "slower", "best"}, {"dense", "fast", "slower", "best"}]
     assert len(lines) == 3 and "the dense model and 3 frontier policies, together" in lines[1]
     assert dense["latency_ms"] == 11.0
@@ -71,7 +94,7 @@ def test_a_re_timing_cut_off_by_a_kill_keeps_the_in_search_latencies(recorded, m
     tracker.update_metrics(dense_run, {"latency_ms": 12.0, "latency_ms_in_search": 10.0})  # written before the kill
     tracker.update_metrics(ids["fast"], {"latency_ms": 5.5, "latency_ms_in_search": 5.0})
     fresh = {"dense": 11.0, ids["fast"]: 5.2, ids["best"]: 8.1}
-    monkeypatch.setattr(outcome, "measure_latencies", lambda policies, *args: {
+    scripted(monkeypatch, lambda policies: {
         key: {"latency_ms": fresh[key], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies})
     dense = {k: float(v) for k, v in tracker.client.get_run(dense_run).data.metrics.items()}  # as a resume reads it back
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dense, lambda line: None)
@@ -90,12 +113,12 @@ def test_a_second_pass_that_would_end_after_the_time_budget_is_not_started(recor
     retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}
     passes = []
 
-    def timed_measure(policies, *args):
+    def timed_measure(policies):
         passes.append({by_id.get(key, key) for key in policies})
         time.sleep(0.3)
         return {key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
 
-    monkeypatch.setattr(outcome, "measure_latencies", timed_measure)
+    scripted(monkeypatch, timed_measure)
     lines = []
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, deadline=time.perf_counter() + 0.5)
     assert passes == [{"dense", "fast", "best"}]
@@ -117,12 +140,12 @@ def test_a_pass_a_busy_machine_disturbed_is_timed_again_until_two_agree(recorded
                {"dense": 11.0, "fast": 5.5, "best": 8.9}, {"dense": 10.4, "fast": 5.2, "best": 8.3}]
     done = []
 
-    def scripted(policies, *args):
+    def script(policies):
         latency = timings[len(done)]
         done.append(set(policies))
         return {key: {"latency_ms": latency[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
 
-    monkeypatch.setattr(outcome, "measure_latencies", scripted)
+    scripted(monkeypatch, script)
     lines, dense = [], dict(DENSE)
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dense, lines.append)
     assert len(done) == 4 and not any(line.startswith("warning") for line in lines)
@@ -141,7 +164,7 @@ def test_a_policy_that_joined_the_frontier_in_the_last_pass_is_not_called_moved(
     tracker, ids, _ = recorded
     by_id = {v: k for k, v in ids.items()}
     retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}
-    monkeypatch.setattr(outcome, "measure_latencies", lambda policies, *a: {
+    scripted(monkeypatch, lambda policies: {
         key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies})
     lines = []
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, passes=2)
