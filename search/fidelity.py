@@ -40,6 +40,10 @@ import pandas as pd
 
 SUFFIX = "_expected"
 ERROR = "_expected_error"  # the estimate's error: 0 where the score was measured at the last rung
+# Scores that cannot leave a range: the built-in top-1 accuracy is a fraction. An estimate is held
+# inside it (a policy at 0.978 carried up by a gain of 0.078 is expected at 1.0, not 1.056), unless a
+# measured value lies outside it (a task's own "accuracy" in percent is not clipped).
+BOUNDS: dict[str, tuple[float, float]] = {"accuracy": (0.0, 1.0)}
 
 
 def refined(table: pd.DataFrame) -> pd.Series:
@@ -104,8 +108,8 @@ def expected(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
     """A copy of ``table`` with ``<score>_expected`` and its error ``<score>_expected_error`` for each
     of ``scores`` when some rows were refined (measured at the last rung, error 0; the others carried
     up from the highest fidelity they were measured at, one rung at a time, each step's error added in
-    quadrature, see the module); unchanged otherwise. A column already there is kept: it was fitted
-    on the whole search, ``table`` may be a part of it."""
+    quadrature, see the module), held inside :data:`BOUNDS`; unchanged otherwise. A column already
+    there is kept: it was fitted on the whole search, ``table`` may be a part of it."""
     table = table.copy()
     if not refined(table).any():
         return table
@@ -121,6 +125,9 @@ def expected(table: pd.DataFrame, scores: Sequence[str]) -> pd.DataFrame:
             carried = value + predicted_gain(before, gains, value.fillna(0.0).to_numpy())
             error = pd.Series(np.where(upper.notna(), 0.0, np.hypot(error, fit_error(before, gains))), index=table.index)
             value = upper.where(upper.notna(), carried)
+        low, high = BOUNDS.get(score, (-np.inf, np.inf))
+        if all((level.between(low, high) | level.isna()).all() for level in scale):
+            value = value.clip(low, high)
         table[score + SUFFIX] = value.where(table[score].notna())
         table[score + ERROR] = error.where(table[score].notna())
     return table

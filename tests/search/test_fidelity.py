@@ -44,12 +44,28 @@ def test_refined_policies_keep_their_measured_score_and_the_others_get_the_gain_
 
 
 def test_the_estimate_never_extrapolates_past_the_gains_measured():
-    t = pd.DataFrame({"accuracy": [0.80, 0.60, 0.95, 0.20], "accuracy_in_search": [0.70, 0.50, None, None],
+    t = pd.DataFrame({"accuracy": [0.80, 0.60, 0.85, 0.20], "accuracy_in_search": [0.70, 0.50, None, None],
                       "refine_epochs": [1.0, 1.0, None, None]})
     e = fidelity.expected(t, ["accuracy"])["accuracy_expected"].tolist()
-    assert e[2] == pytest.approx(0.95 + 0.10) and e[3] == pytest.approx(0.20 + 0.10)  # both gains were 0.10
+    assert e[2] == pytest.approx(0.85 + 0.10) and e[3] == pytest.approx(0.20 + 0.10)  # both gains were 0.10
     one = fidelity.expected(t.drop(index=1), ["accuracy"])["accuracy_expected"].tolist()
-    assert one[1:] == pytest.approx([1.05, 0.30])  # one pair: its gain for every policy
+    assert one[1:] == pytest.approx([0.95, 0.30])  # one pair: its gain for every policy
+
+
+def test_an_accuracy_is_never_expected_above_one_unless_the_task_measures_it_in_percent():
+    # the successive-halving kill loop's report once showed a policy at 0.9778 after the first rung
+    # expected at 1.0556 after the second (a gain of 0.0778 carried from the one pair measured there)
+    t = pd.DataFrame({"accuracy": [0.9694, 0.9778, 0.92], "accuracy_in_search": [0.9333, 0.9833, None],
+                      "accuracy_rung0": [0.8917, 0.9778, None], "accuracy_rung1": [0.9694, None, None],
+                      "refine_epochs": [0.6, 0.2, None]})
+    e = fidelity.expected(t, ["accuracy"])
+    # the third, unrefined: 0.92 carried down to the first rung (its lower pair lost 0.0416) and up by 0.0777
+    assert e["accuracy_expected"].tolist() == pytest.approx([0.9694, 1.0, 0.92 - 0.0416 + 0.0777])
+    assert e.loc[1, "accuracy_expected_error"] > 0  # still an estimate, ranked below what was measured
+    percent = t.assign(**{c: t[c] * 100 for c in ("accuracy", "accuracy_in_search", "accuracy_rung0", "accuracy_rung1")})
+    assert fidelity.expected(percent, ["accuracy"]).loc[1, "accuracy_expected"] == pytest.approx(97.78 + 7.77)
+    other = t.rename(columns=lambda c: c.replace("accuracy", "f1"))  # a score of the task's own: no range known
+    assert fidelity.expected(other, ["f1"]).loc[1, "f1_expected"] == pytest.approx(0.9778 + 0.0777)
 
 
 def test_a_score_to_minimise_is_corrected_the_same_way():
