@@ -118,10 +118,17 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
                 tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
                 ratios.setdefault(run_id, []).append(metrics["latency_ms"] / dense_fresh["latency_ms"])
             timed, took = set(fresh), time.perf_counter() - began
-    unsteady = [r for r in front["run_id"] if not steady(r)]
+    # the frontier as the last pass left it (its timings may have reshaped it once more)
+    table, _ = _trials(tracker, objectives or DEFAULT)
+    final = list(table[frontier.feasible_frontier(table, (objectives or DEFAULT).mapping)]["run_id"])
+    unsteady = [r for r in final if r in timed and not steady(r)]
     moved = [r for r in unsteady if len(ratios.get(r, [])) >= 2]  # timed again and not agreeing
     once = len(unsteady) - len(moved)  # joined the frontier in the last pass: nothing to agree with yet
+    after = [r for r in final if r not in timed]  # joined it after the last pass: not timed beside the dense model then
     parts = []
+    if after:
+        parts.append(f"{len(after)} frontier policies joined the frontier after the last pass and keep latencies not timed "
+                     "beside the dense model then (" + ", ".join(r[:12] for r in after[:3]) + ("..." if len(after) > 3 else "") + ")")
     if moved:
         parts.append(f"the latency of {len(moved)} frontier policies still moved by more than {STEADY:.0%} between passes ("
                      + ", ".join(f"{r[:12]}: " + ", ".join(f"{x:.3f}" for x in ratios[r]) + "x dense" for r in moved[:3])

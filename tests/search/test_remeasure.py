@@ -172,6 +172,21 @@ def test_a_policy_that_joined_the_frontier_in_the_last_pass_is_not_called_moved(
                          "the last pass is recorded")
 
 
+def test_a_policy_that_joined_the_frontier_after_the_last_pass_is_named(recorded, monkeypatch):
+    # one pass: it times "fast" slower than "slower" was timed in the search, so "slower" joins the
+    # frontier with its in-search latency, never timed beside the dense model: the warning names it
+    tracker, ids, _ = recorded
+    by_id = {v: k for k, v in ids.items()}
+    retimed = {"dense": 11.0, "fast": 7.0, "best": 8.0}
+    scripted(monkeypatch, lambda policies: {
+        key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies})
+    lines = []
+    outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, passes=1)
+    assert lines[-1].startswith("warning: after 1 passes 1 frontier policies joined the frontier after the last pass")
+    assert f"({ids['slower'][:12]})" in lines[-1] and ids["fast"][:12] not in lines[-1]
+    assert "timed once" in lines[-1]  # "fast" and "best": one pass, nothing to agree with
+
+
 def test_the_driver_re_times_when_one_pass_fits_though_two_were_planned(monkeypatch):
     # The trials stop in time for two passes (search.recorder.end_estimate). When the last trials ate
     # into that, one pass still fits and is made; the benchmark's uniform sweeps once skipped the
