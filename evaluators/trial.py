@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Hashable, Mapping, TypeVar
 
+import numpy as np
 import torch
 
 from evaluators import deploy, measure, pruning
@@ -393,6 +394,7 @@ class Deployments(contextlib.AbstractContextManager):
         self._stack = contextlib.ExitStack()
         self._ready: dict[Hashable, tuple[Policy, Any, dict[str, float]]] = {}
         self._inputs: Inputs | None = None
+        self.built: list[float] = []  # seconds each artifact took to build (prune, export, quantize)
 
     def __exit__(self, *exc: Any) -> bool | None:
         self._ready.clear()
@@ -407,12 +409,19 @@ class Deployments(contextlib.AbstractContextManager):
     def _timer(self, key: Hashable, policy: Policy) -> tuple[Any, dict[str, float]]:
         ready = self._ready.get(key)
         if ready is None or ready[0] != policy:
+            started = time.perf_counter()
             model = prune_with_task(policy, load_dense(self.task, self.checkpoint), self.task)
             model = model.to(self.config.resolve_device()).eval()
             artifact = self._stack.enter_context(_deployed(model, policy.quantization, self.task, self.inputs, self.config))
             extra = {k: v for k, v in artifact.metrics.items() if k == "onnx_max_abs_diff"}
             self._ready[key] = ready = (policy, self._stack.enter_context(artifact.timer()), extra)
+            self.built.append(time.perf_counter() - started)
         return ready[1], ready[2]
+
+    def pass_s(self, timing_s: float, new: int) -> float:
+        """Seconds a pass is expected to take: ``timing_s`` (the last pass's timing, builds left out)
+        and ``new`` artifacts to build, each as long as the median so far."""
+        return timing_s + new * (float(np.median(self.built)) if self.built else 0.0)
 
     def latencies(self, policies: Mapping[K, Policy], *, rounds: int = 5) -> dict[K, dict[str, float]]:
         """Latency of the artifact each policy ships as, timed together: round-robin over ``rounds``

@@ -76,8 +76,8 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
     measurement; if the passes never agreed, the log names the policies whose ratios moved. Each
     policy is the one its trial ran (policy.json); its artifact is built once, for all the passes
     (:class:`evaluators.trial.Deployments`). With ``deadline`` (a ``time.perf_counter()`` value:
-    the time budget's end, less the report), a pass that would end after it (as long as the last one)
-    is not started, and the log says why. ``dense`` is updated in place."""
+    the time budget's end, less the report), a pass that would end after it (the last one's timing,
+    and a build for each policy new to the frontier) is not started, and the log says why. ``dense`` is updated in place."""
     dense_run_id = tracker.child_runs("dense").iloc[0]["run_id"]
     # a session killed while re-timing left some latencies re-timed: their in-search ones are kept aside
     dense_in_search = dense.get("latency_ms_in_search", dense["latency_ms"])
@@ -98,14 +98,16 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
             ids = set(front["run_id"]) if len(front) else set()
             if not ids or (ids <= timed and all(steady(r) for r in ids)):
                 return
-            if timed and deadline is not None and time.perf_counter() + took > deadline:
+            # the last pass's timing for as many models, and a build for each policy not timed yet
+            need = ready.pass_s(timing_s * (len(ids) + 1) / (len(timed) + 1), len(ids - set(in_search))) if timed else 0.0
+            if timed and deadline is not None and time.perf_counter() + need > deadline:
                 new, moved = len(ids - timed), sum(not steady(r) for r in ids & timed)
-                out(f"not re-timing the frontier again: the time budget leaves too little for a pass ({took:.1f} s); "
+                out(f"not re-timing the frontier again: the time budget leaves too little for a pass ({need:.1f} s); "
                     f"{new} of its {len(ids)} policies were not timed in the last pass beside the dense model, "
                     f"{moved} not confirmed by a second timing")
                 return
             out(f"re-measuring the latency of the dense model and {len(front)} frontier policies, together")
-            began = time.perf_counter()
+            began, builds = time.perf_counter(), len(ready.built)
             policies = {"dense": Policy(criterion="l1", ratios={}), **tracker.policies(list(front["run_id"]))}
             for row in front.to_dict("records"):
                 earlier = row.get("latency_ms_in_search")
@@ -117,7 +119,7 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
             for run_id, metrics in fresh.items():
                 tracker.update_metrics(run_id, {**metrics, "latency_ms_in_search": in_search[run_id]})
                 ratios.setdefault(run_id, []).append(metrics["latency_ms"] / dense_fresh["latency_ms"])
-            timed, took = set(fresh), time.perf_counter() - began
+            timed, timing_s = set(fresh), time.perf_counter() - began - sum(ready.built[builds:])
     # the frontier as the last pass left it (its timings may have reshaped it once more)
     table, _ = _trials(tracker, objectives or DEFAULT)
     final = list(table[frontier.feasible_frontier(table, (objectives or DEFAULT).mapping)]["run_id"])
