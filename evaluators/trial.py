@@ -386,19 +386,22 @@ def promote(model: torch.nn.Module, screened: Metrics, policy: Policy, task: Tas
 
 class Deployments(contextlib.AbstractContextManager):
     """The artifacts of policies kept ready to time again (:meth:`latencies`): each policy's model is
-    pruned and exported (and quantized) once however many times it is timed, and released when the
-    context ends. The end-of-search re-timing times the frontier in several passes with it."""
+    pruned and exported (and quantized) once however many times it is timed in a row, and released
+    when a call of :meth:`latencies` leaves it out (so no more models are held at once than one call
+    times) or the context ends. The end-of-search re-timing times the frontier in several passes with it."""
 
     def __init__(self, task: Task, checkpoint: str | Path | bytes, measure_config: MeasureConfig) -> None:
         self.task, self.checkpoint, self.config = task, checkpoint, measure_config
-        self._stack = contextlib.ExitStack()
-        self._ready: dict[Hashable, tuple[Policy, Any, dict[str, float]]] = {}
+        self._ready: dict[Hashable, tuple[Policy, Any, dict[str, float], contextlib.ExitStack]] = {}
         self._inputs: Inputs | None = None
         self.built: list[float] = []  # seconds each artifact took to build (prune, export, quantize)
 
-    def __exit__(self, *exc: Any) -> bool | None:
-        self._ready.clear()
-        return self._stack.__exit__(*exc)
+    def __exit__(self, *exc: Any) -> None:
+        self._release(set(self._ready))
+
+    def _release(self, keys: set) -> None:
+        for key in keys:
+            self._ready.pop(key)[3].close()
 
     @property
     def inputs(self) -> Inputs:
@@ -409,12 +412,15 @@ class Deployments(contextlib.AbstractContextManager):
     def _timer(self, key: Hashable, policy: Policy) -> tuple[Any, dict[str, float]]:
         ready = self._ready.get(key)
         if ready is None or ready[0] != policy:
+            if ready is not None:
+                self._release({key})
             started = time.perf_counter()
-            model = prune_with_task(policy, load_dense(self.task, self.checkpoint), self.task)
-            model = model.to(self.config.resolve_device()).eval()
-            artifact = self._stack.enter_context(_deployed(model, policy.quantization, self.task, self.inputs, self.config))
-            extra = {k: v for k, v in artifact.metrics.items() if k == "onnx_max_abs_diff"}
-            self._ready[key] = ready = (policy, self._stack.enter_context(artifact.timer()), extra)
+            with contextlib.ExitStack() as stack:
+                model = prune_with_task(policy, load_dense(self.task, self.checkpoint), self.task)
+                model = model.to(self.config.resolve_device()).eval()
+                artifact = stack.enter_context(_deployed(model, policy.quantization, self.task, self.inputs, self.config))
+                extra = {k: v for k, v in artifact.metrics.items() if k == "onnx_max_abs_diff"}
+                self._ready[key] = ready = (policy, stack.enter_context(artifact.timer()), extra, stack.pop_all())
             self.built.append(time.perf_counter() - started)
         return ready[1], ready[2]
 
@@ -428,6 +434,7 @@ class Deployments(contextlib.AbstractContextManager):
         rounds, so that all see the same machine (see :func:`evaluators.measure.interleaved_latency_ms`);
         ``measure.warmup`` and ``measure.repeats`` are spread over the rounds (rounded up), so a model
         costs about what one in-search timing does."""
+        self._release(set(self._ready) - set(policies))
         ready = {key: self._timer(key, policy) for key, policy in policies.items()}
         stats = measure.interleaved_latency_ms({key: call for key, (call, _) in ready.items()}, rounds=rounds,
                                                warmup=-(-self.config.warmup // rounds), repeats=-(-self.config.repeats // rounds),

@@ -89,7 +89,6 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
         return len(seen) >= 2 and abs(seen[-1] / seen[-2] - 1) <= STEADY
 
     timed: set[str] = set()
-    front = pd.DataFrame()
     # each policy's artifact is built (pruned, exported, quantized) once and timed in every pass
     with Deployments(task, checkpoint, measure) as ready:
         for _ in range(passes):
@@ -122,7 +121,7 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
             timed, timing_s = set(fresh), time.perf_counter() - began - sum(ready.built[builds:])
     # the frontier as the last pass left it (its timings may have reshaped it once more)
     table, _ = _trials(tracker, objectives or DEFAULT)
-    final = list(table[frontier.feasible_frontier(table, (objectives or DEFAULT).mapping)]["run_id"])
+    final = list(table[frontier.feasible_frontier(table, (objectives or DEFAULT).mapping)]["run_id"]) if len(table) else []
     unsteady = [r for r in final if r in timed and not steady(r)]
     moved = [r for r in unsteady if len(ratios.get(r, [])) >= 2]  # timed again and not agreeing
     once = len(unsteady) - len(moved)  # joined the frontier in the last pass: nothing to agree with yet

@@ -1,6 +1,7 @@
 """Unit tests for evaluators: measurement, training, dense checkpoints, one trial, configs."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import copy
@@ -127,9 +128,20 @@ def test_measure_latencies_times_each_policy_model(digits_task, digits_checkpoin
 
 def test_deployments_build_each_artifact_once_however_often_it_is_timed(digits_task, digits_checkpoint, monkeypatch):
     # the end-of-search re-timing times the frontier in passes: each policy is pruned and exported once
-    built = []
+    built, open_ = [], []
     real = trial._deployed
-    monkeypatch.setattr(trial, "_deployed", lambda model, quantization, *args, **kwargs: built.append(quantization) or real(model, quantization, *args, **kwargs))
+
+    @contextlib.contextmanager
+    def counted(model, quantization, *args, **kwargs):
+        built.append(quantization)
+        with real(model, quantization, *args, **kwargs) as artifact:
+            open_.append(model)
+            try:
+                yield artifact
+            finally:
+                open_.remove(model)
+
+    monkeypatch.setattr(trial, "_deployed", counted)
     config = MeasureConfig(batch_size=8, warmup=1, repeats=3)
     dense, pruned = Policy(criterion="l1", ratios={}), Policy(criterion="l1", ratios={"features.0": 0.5})
     with Deployments(digits_task, digits_checkpoint, config) as ready:
@@ -137,10 +149,13 @@ def test_deployments_build_each_artifact_once_however_often_it_is_timed(digits_t
         second = ready.latencies({"dense": dense, "pruned": pruned}, rounds=2)
         assert len(built) == 2
         third = ready.latencies({"pruned": pruned, "other": Policy(criterion="l1", ratios={"features.0": 0.25})}, rounds=2)
-        assert len(built) == 3  # only the new policy is built
+        assert len(built) == 3 and len(open_) == 2  # only the new policy is built; "dense", left out, is released
         changed = ready.latencies({"pruned": Policy(criterion="l2", ratios={"features.0": 0.5})}, rounds=2)
         assert len(built) == 4  # a key whose policy changed is built again
-    for stats in (first, second, third, changed):
+        again = ready.latencies({"dense": dense}, rounds=2)
+        assert len(built) == 5 and len(open_) == 1  # released when a call left it out: built again
+    assert not open_  # the context's end releases the rest
+    for stats in (first, second, third, changed, again):
         for values in stats.values():
             assert 0 < values["latency_p10_ms"] <= values["latency_ms"] <= values["latency_p90_ms"]
     assert set(third) == {"pruned", "other"}
