@@ -97,8 +97,9 @@ def remeasure_frontier(tracker: SearchTracker, task: Task, checkpoint: str, meas
             ids = set(front["run_id"]) if len(front) else set()
             if not ids or (ids <= timed and all(steady(r) for r in ids)):
                 return
-            # the last pass's timing for as many models, and a build for each policy not timed yet
-            need = ready.pass_s(timing_s * (len(ids) + 1) / (len(timed) + 1), len(ids - set(in_search))) if timed else 0.0
+            # the last pass's timing for as many models, and a build for each policy it did not time (only
+            # its artifacts are held)
+            need = ready.pass_s(timing_s * (len(ids) + 1) / (len(timed) + 1), len(ids - timed)) if timed else 0.0
             if timed and deadline is not None and time.perf_counter() + need > deadline:
                 new, moved = len(ids - timed), sum(not steady(r) for r in ids & timed)
                 out(f"not re-timing the frontier again: the time budget leaves too little for a pass ({need:.1f} s); "
