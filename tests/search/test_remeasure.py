@@ -12,6 +12,12 @@ from search.tracking import SearchTracker
 from spaces import Policy
 
 DENSE = {"accuracy": 0.9, "latency_ms": 10.0, "size_mb": 1.0, "macs": 100.0, "params": 100.0}
+RETIMED = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}  # "fast" is slower alone: "slower" joins the frontier
+
+
+def timed_as(latency, policies, name=lambda key: key):
+    """What a pass returns for ``policies``: each one's ``latency[name(key)]``."""
+    return {key: {"latency_ms": latency[name(key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
 
 
 def scripted(monkeypatch, timings):
@@ -54,7 +60,6 @@ def recorded(tmp_path):
 def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_holds(recorded, monkeypatch):
     tracker, ids, logged = recorded
     by_id = {v: k for k, v in ids.items()}
-    retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}  # "fast" is slower alone: "slower" joins the frontier
     passes = []
 
     def fake_timings(policies):
@@ -62,7 +67,7 @@ def test_the_dense_model_and_the_frontier_are_timed_together_until_the_frontier_
         passes.append(names)
         assert policies["dense"].ratios == {}
         assert all(policy == logged[by_id[key]] for key, policy in policies.items() if key != "dense")  # what each trial ran
-        return {key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
+        return timed_as(RETIMED, policies, lambda key: by_id.get(key, key))
 
     made = scripted(monkeypatch, fake_timings)
     dense = dict(DENSE)
@@ -90,8 +95,7 @@ def test_a_re_timing_cut_off_by_a_kill_keeps_the_in_search_latencies(recorded, m
     tracker.update_metrics(dense_run, {"latency_ms": 12.0, "latency_ms_in_search": 10.0})  # written before the kill
     tracker.update_metrics(ids["fast"], {"latency_ms": 5.5, "latency_ms_in_search": 5.0})
     fresh = {"dense": 11.0, ids["fast"]: 5.2, ids["best"]: 8.1}
-    scripted(monkeypatch, lambda policies: {
-        key: {"latency_ms": fresh[key], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies})
+    scripted(monkeypatch, lambda policies: timed_as(fresh, policies))
     dense = {k: float(v) for k, v in tracker.client.get_run(dense_run).data.metrics.items()}  # as a resume reads it back
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dense, lambda line: None)
 
@@ -106,13 +110,12 @@ def test_a_second_pass_that_would_end_after_the_time_budget_is_not_started(recor
     # 0.2 s after it: a second pass of 0.3 s would overrun the budget, so the log says what was not timed
     tracker, ids, _ = recorded
     by_id = {v: k for k, v in ids.items()}
-    retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}
     passes = []
 
     def timed_measure(policies):
         passes.append({by_id.get(key, key) for key in policies})
         time.sleep(0.3)
-        return {key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
+        return timed_as(RETIMED, policies, lambda key: by_id.get(key, key))
 
     scripted(monkeypatch, timed_measure)
     lines = []
@@ -133,7 +136,6 @@ def test_a_second_pass_is_planned_without_the_builds_the_first_one_made(recorded
     # a build for each policy new to the frontier
     tracker, ids, _ = recorded
     by_id = {v: k for k, v in ids.items()}
-    retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}
     passes = []
 
     class Building(Deployments):
@@ -142,7 +144,7 @@ def test_a_second_pass_is_planned_without_the_builds_the_first_one_made(recorded
             passes.append(set(policies))
             time.sleep(1.0 * len(new))  # each new artifact built: 1 s
             self.built += [1.0] * len(new)
-            return {key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
+            return timed_as(RETIMED, policies, lambda key: by_id.get(key, key))
 
     monkeypatch.setattr(outcome, "Deployments", Building)
     lines = []
@@ -166,7 +168,7 @@ def test_a_pass_a_busy_machine_disturbed_is_timed_again_until_two_agree(recorded
     def script(policies):
         latency = timings[len(done)]
         done.append(set(policies))
-        return {key: {"latency_ms": latency[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies}
+        return timed_as(latency, policies, lambda key: by_id.get(key, key))
 
     scripted(monkeypatch, script)
     lines, dense = [], dict(DENSE)
@@ -186,9 +188,7 @@ def test_a_policy_that_joined_the_frontier_in_the_last_pass_is_not_called_moved(
     # pass 2, the last, times it once; "fast" and "best" agree across both passes
     tracker, ids, _ = recorded
     by_id = {v: k for k, v in ids.items()}
-    retimed = {"dense": 11.0, "fast": 7.0, "slower": 6.5, "best": 8.0}
-    scripted(monkeypatch, lambda policies: {
-        key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies})
+    scripted(monkeypatch, lambda policies: timed_as(RETIMED, policies, lambda key: by_id.get(key, key)))
     lines = []
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, passes=2)
     assert lines[-1] == ("warning: after 2 passes 1 frontier policies joined the frontier in the last pass and were timed once: "
@@ -201,8 +201,7 @@ def test_a_policy_that_joined_the_frontier_after_the_last_pass_is_named(recorded
     tracker, ids, _ = recorded
     by_id = {v: k for k, v in ids.items()}
     retimed = {"dense": 11.0, "fast": 7.0, "best": 8.0}
-    scripted(monkeypatch, lambda policies: {
-        key: {"latency_ms": retimed[by_id.get(key, key)], "latency_p10_ms": 1.0, "latency_p90_ms": 20.0} for key in policies})
+    scripted(monkeypatch, lambda policies: timed_as(RETIMED, policies, lambda key: by_id.get(key, key)))
     lines = []
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, passes=1)
     assert lines[-1].startswith("warning: after 1 passes 1 frontier policies joined the frontier after the last pass")
