@@ -200,7 +200,6 @@ def test_a_policy_that_joined_the_frontier_after_the_last_pass_is_named(recorded
     # frontier with its in-search latency, never timed beside the dense model: the warning names it
     tracker, ids, _ = recorded
     by_id = {v: k for k, v in ids.items()}
-    retimed = {"dense": 11.0, "fast": 7.0, "best": 8.0}
     scripted(monkeypatch, lambda policies: timed_as(RETIMED, policies, lambda key: by_id.get(key, key)))
     lines = []
     outcome.remeasure_frontier(tracker, None, "dense.pt", None, dict(DENSE), lines.append, passes=1)
