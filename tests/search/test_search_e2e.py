@@ -282,8 +282,13 @@ def test_latency_and_mac_seeds_are_points_of_the_sensitivity_path(tmp_path, stor
             else:
                 assert run.data.metrics["macs"] <= 0.6 * (run.data.metrics["macs"] - run.data.metrics["macs_change"])
             continue
-        if run is None:  # the same point as the other target's: recorded once
-            assert len([name for name in seeds if "latency" in name]) == 1
+        if run is None:
+            # the same point as the other target's: recorded once, under that name, or left out once for
+            # the MAC budget (a busy machine can time the barely pruned point closest to both targets)
+            other = path.loc[(path["latency_fraction"] - 0.95).abs().idxmin()]
+            assert closest.equals(other), (path, lines)
+            assert len([name for name in seeds if "latency" in name]) == 1 or any(
+                line.startswith("sensitivity: seed 'sensitivity latency~0.95x dense' left out: ") for line in lines), lines
             continue
         for column in ratios:
             assert float(run.data.params[column]) == pytest.approx(closest[column])
