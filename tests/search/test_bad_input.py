@@ -284,10 +284,10 @@ CASES += _tracking_cases()
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> dict[str, str]:
+def store(tmp_path_factory, new_store) -> dict[str, str]:
     """An MLflow store holding one finished search (a trial and its frontier) and its ids."""
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root)
     tracker = SearchTracker(uri)
     tracker.group_names = ["features.0"]
     config()(root / "config.yaml")

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("compress_e2e")]
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
+def search(tmp_path_factory, new_store):
     root = data_root("cifar10*.npz")
     if root is None:
         pytest.skip(f"no cifar10*.npz in {', '.join(map(str, DATA_DIRS))}")
@@ -42,7 +42,7 @@ def search(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SECATEURS_CACHE", str(tmp / "cache"))
         patch.setenv("PYTHONPATH", str(ROOT))
-        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        uri = new_store(tmp)
         config = load_config(CONFIG, [
             f"task.data_root={root}", "task.dense_epochs=2", "task.options.train_size=500", "task.options.test_size=200",
             "finetune.epochs=0.25", "measure.warmup=1", "measure.repeats=3",

@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # noqa: F401  (puts Ray's own copy of psutil on sys.path)
 import yaml
 from mlflow.tracking import MlflowClient
+
+psutil = pytest.importorskip("psutil")
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -73,9 +76,9 @@ def search_runs(uri: str):
     return client, parent, trials
 
 
-def test_ctrl_c_stops_cleanly_and_records_the_frontier(tmp_path, env):
+def test_ctrl_c_stops_cleanly_and_records_the_frontier(tmp_path, env, new_store):
     config = write_config(tmp_path, num_trials=40)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     proc = start_search([str(config), "--tracking-uri", uri], tmp_path, env)
     wait_for(proc, "[ 2/40]")
     os.kill(proc.pid, signal.SIGINT)
@@ -96,7 +99,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_search_on_a_two_node_cluster(tmp_path, env):
+def wait_until(ready, timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < end, f"{what} not after {timeout_s} s"
+        time.sleep(0.2)
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def runs_raylet(node: subprocess.Popen) -> bool:
+    try:
+        return any(p.name() == "raylet" for p in psutil.Process(node.pid).children(recursive=True))
+    except psutil.Error:
+        return False
+
+
+def test_search_on_a_two_node_cluster(tmp_path, env, new_store):
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     token = tmp_path / "ray_auth_token"
@@ -107,12 +132,13 @@ def test_search_on_a_two_node_cluster(tmp_path, env):
     nodes = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", *common],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
-        time.sleep(8)
+        wait_until(lambda: accepts(port), 60, "the head's GCS listening")
         nodes.append(subprocess.Popen([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", *common],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        time.sleep(8)
+        # its raylet up; it joins within seconds, and a trial waiting for a CPU runs there when it has
+        wait_until(lambda: runs_raylet(nodes[1]), 60, "the second node's raylet")
         config = write_config(tmp_path, num_trials=6, max_concurrent=2)
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        uri = new_store(tmp_path)
         done = subprocess.run([sys.executable, "-m", "search.cli", "search", str(config), "--tracking-uri", uri,
                                "--address", f"127.0.0.1:{port}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -31,14 +31,6 @@ COMMON = ["search.num_trials=6", "search.population_size=4", "search.seed=1", "f
           "measure.warmup=1", "measure.repeats=3"]
 
 
-@pytest.fixture
-def store(tmp_path, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path_factory.getbasetemp() / "secateurs-cache"))
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.chdir(tmp_path)
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
 def use_sst2(monkeypatch) -> None:
     """Point $SECATEURS_DATA at the SST-2 file the shipped configs read (``.ci/run`` sets it to
     ../shared/data), or skip on a machine that does not have it."""
@@ -144,10 +136,10 @@ def test_bad_input_is_one_line_before_any_trial_and_writes_nothing(case, tmp_pat
     else:
         argv, match = [llama, "--set", "task.options.seq_len=128"], "128 is above the model's max_position_embeddings (64)"
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(["search", *argv, "--tracking-uri", store]) == 2
+    assert main(["search", *argv, "--tracking-uri", f"sqlite:///{tmp_path / 'bad.db'}"]) == 2  # a store not made yet
     err = capsys.readouterr().err
     assert err.startswith("secateurs: error: ") and err.count("\n") == 1 and match in err, err
     if case == "gqa":
         assert "valid ratios: 0, 0.25, 0.5, 0.75" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mlflow.db, no ray results
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no bad.db, no ray results
     assert not cache.exists() or not any(cache.rglob("*.pt"))  # no dense model trained

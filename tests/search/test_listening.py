@@ -93,8 +93,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_secateurs_ui_listens_on_loopback_only(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_secateurs_ui_listens_on_loopback_only(tmp_path, new_store):
+    uri = new_store(tmp_path)
     MlflowClient(uri).create_experiment("listening")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

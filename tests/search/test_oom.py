@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def test_a_trial_out_of_memory_fails_alone_and_the_search_finishes(tmp_path, monkeypatch):
+def test_a_trial_out_of_memory_fails_alone_and_the_search_finishes(tmp_path, monkeypatch, new_store):
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Ray workers import tests.memory_hungry_task from here
     monkeypatch.chdir(tmp_path)
@@ -30,7 +30,7 @@ def test_a_trial_out_of_memory_fails_alone_and_the_search_finishes(tmp_path, mon
         "tracking": {"experiment": "oom"},
     })
     lines: list[str] = []
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     result = run_search(config, config_name="oom", tracking_uri=uri, out=lines.append)
     output = "\n".join(lines)
     assert result.status == "FINISHED", output[-3000:]

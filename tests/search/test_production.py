@@ -42,14 +42,14 @@ OBJECTIVES = list(frontier.OBJECTIVES)
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
+def search(tmp_path_factory, new_store):
     """One real search (Ray + MLflow on sqlite in tmp): a uniform baseline + 4 trials, dense trained for 3 epochs."""
     tmp = tmp_path_factory.mktemp("production")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SECATEURS_CACHE", str(tmp / "cache"))
         patch.setenv("PYTHONPATH", str(ROOT))
         patch.chdir(tmp)
-        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        uri = new_store(tmp)
         config = validate({
             "task": {"dense_epochs": 3},
             "space": {"criteria": ["l1", "l2"], "ratio": {"low": 0.0, "high": 0.7, "step": 0.05}},

@@ -37,8 +37,8 @@ def scripted(monkeypatch, timings):
 
 
 @pytest.fixture
-def recorded(tmp_path):
-    tracker = SearchTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def recorded(tmp_path, new_store):
+    tracker = SearchTracker(new_store(tmp_path))
     tracker.start_search("remeasure", "search", config_yaml="{}", params={})
     tracker.group_names = ["a", "b"]
     tracker.log_dense(DENSE, "dense.pt")

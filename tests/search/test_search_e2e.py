@@ -37,14 +37,6 @@ def tiny_config(tmp_path: Path, **task) -> dict:
     }
 
 
-@pytest.fixture
-def store(tmp_path, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path_factory.getbasetemp() / "secateurs-cache"))
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Ray workers import tests.fragile_task from here
-    monkeypatch.chdir(tmp_path)
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
 def children(client: MlflowClient, result, kind: str):
     return client.search_runs(
         [result.experiment_id],

@@ -26,14 +26,15 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, new_store):
     port = free_port()
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     proc = subprocess.Popen(
-        [mlflow, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        [mlflow, "server", "--backend-store-uri", new_store(tmp_path, "server.db"),
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=tmp_path, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job runner: a faster start
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

@@ -126,7 +126,7 @@ def shots(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ui_search(tmp_path_factory):
+def ui_search(tmp_path_factory, new_store):
     """A real ``mlflow server`` on loopback with one tiny quickstart search in it."""
     tmp = tmp_path_factory.mktemp("ui-search")
     port = _free_port()
@@ -134,7 +134,7 @@ def ui_search(tmp_path_factory):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job runner: faster start
     log = open(tmp / "mlflow-server.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", new_store(tmp, "server.db"),
          "--artifacts-destination", str(tmp / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -21,14 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def store(tmp_path, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path_factory.getbasetemp() / "secateurs-cache"))
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Ray workers import examples.* and tests.* from here
-    monkeypatch.chdir(tmp_path)
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
 def children(client: MlflowClient, result, kind: str):
     return client.search_runs([result.experiment_id], max_results=1000, filter_string=(
         f"tags.`mlflow.parentRunId` = '{result.parent_run_id}' and tags.`secateurs.kind` = '{kind}'"))
