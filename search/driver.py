@@ -36,7 +36,7 @@ from search.config import Config, ConfigError, validate
 from search.constraints import parse_all
 from search.objectives import DEFAULT, Objectives, recorded_metrics
 from search.outcome import SearchResult
-from search.recorder import REPORT_S, SHUTDOWN_S, HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, trial_metrics, trial_s
+from search.recorder import REPORT_S, HypervolumePlateau, TimeBudget, TrialRecorder, end_estimate, retiming_s, trial_metrics, trial_s
 from search.refine import COUNT_TAG, EPOCHS_TAG, candidates, chosen_before, epochs_that_fit, refine_frontier, rungs_makespan
 from search.samplers import make_sampler
 from search.screening import ScreeningScheduler, fine_tuned_trials, recorded_screening
@@ -651,14 +651,12 @@ def _refine_plan(session: _Session, rows: list[dict], front: pd.DataFrame, tags:
 
 def _remeasure(session: _Session) -> None:
     """Re-time the frontier with the dense model (:func:`search.outcome.remeasure_frontier`), unless
-    ``search.time_budget_s`` leaves too little time for one pass of it. The trials stopped in time for
-    two (:func:`search.recorder.end_estimate`); when the end of the last trials ate into that, one
-    pass, beside the dense model and unconfirmed, is still truer than the in-search latencies, and
+    ``search.time_budget_s`` leaves too little time for one pass of it (the builds and one timing). The
+    trials stopped in time for two (:func:`search.recorder.end_estimate`); when the end of the last
+    trials ate into that, one pass, beside the dense model and unconfirmed, is still truer than the in-search latencies, and
     ``remeasure_frontier``'s deadline starts a second only if it fits."""
     left = session.seconds_left()  # Ray is shut down by now
-    two = end_estimate(session.tracker.trial_table()[0], session.config.measure, objectives=session.objectives,
-                       trials_running=False) - SHUTDOWN_S - REPORT_S
-    needed = two / 2 + REPORT_S
+    needed = retiming_s(session.tracker.trial_table()[0], session.config.measure, objectives=session.objectives, passes=1) + REPORT_S
     if left is not None and left < needed:
         session.out(f"not re-timing the frontier: the time budget leaves {max(left, 0):.0f} s, one pass needs about {needed:.0f} s; "
                     "latencies are the in-search ones")

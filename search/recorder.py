@@ -298,22 +298,47 @@ def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float
                  concurrency: int = 1, objectives: Objectives | None = None, trials_running: bool = True) -> float:
     """Seconds the end of a search takes, from the trials so far: the refinement (``search.refine``:
     its rungs ``refine``, each ``(policies, epochs)``, one after the other, with ``concurrency`` fine-tunes
-    at a time, each as long as a trial's fine-tune scaled by the epochs), then each frontier model and the dense one rebuilt and
-    timed twice (``measure.warmup + measure.repeats`` runs each time: the re-timing confirms each pass with another), and
+    at a time, each as long as a trial's fine-tune scaled by the epochs), then the re-timing of the frontier in two passes
+    (:func:`retiming_s`: the re-timing confirms each pass with another), and
     the stop of the running trials and Ray's shut-down (:func:`teardown_s`; only :data:`SHUTDOWN_S` once the trials
     have ended: ``trials_running=False``) and :data:`REPORT_S` for the report."""
     base = (teardown_s(rows) if trials_running else SHUTDOWN_S) + REPORT_S
-    table = pd.DataFrame(rows)
-    if table.empty or "latency_ms" not in table:
+    table, front = _feasible_front(rows, objectives)
+    if front.empty:
         return base
-    table = table[frontier.feasible_mask(table)]
-    if table.empty:
-        return base
-    front = table[frontier.frontier_table(table, (objectives or DEFAULT).mapping)["pareto"].to_numpy()]
     median = {k: float(table[k].median()) if k in table else 0.0 for k in ("time_prune_s", "time_finetune_s", "time_measure_s")}
-    per_model = median["time_prune_s"] + (measure.warmup + measure.repeats) * float(front["latency_ms"].max()) / 1000.0
     refining = 0.0
     for policies, epochs in refine:
         one = median["time_prune_s"] + median["time_finetune_s"] * epochs / max(finetune_epochs, 1e-9) + median["time_measure_s"]
         refining += -(-min(policies, len(front)) // concurrency) * one
-    return base + refining + 2 * (len(front) + 1) * per_model
+    return base + refining + retiming_s(rows, measure, objectives=objectives)
+
+
+def _feasible_front(rows: list[dict], objectives: Objectives | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The feasible trials of ``rows`` and their Pareto frontier (both empty before any was timed)."""
+    table = pd.DataFrame(rows)
+    if table.empty or "latency_ms" not in table:
+        return table[:0], table[:0]
+    table = table[frontier.feasible_mask(table)]
+    if table.empty:
+        return table, table
+    return table, table[frontier.frontier_table(table, (objectives or DEFAULT).mapping)["pareto"].to_numpy()]
+
+
+def retiming_s(rows: list[dict], measure, *, objectives: Objectives | None = None, passes: int = 2) -> float:
+    """Seconds the re-timing of the frontier takes (:func:`search.outcome.remeasure_frontier`): each
+    frontier model and the dense one built once (as long as a median trial's pruning), then timed
+    ``passes`` times (``measure.warmup + measure.repeats`` runs, each as long as the frontier's slowest
+    model); 0 before any trial was timed.
+
+    >>> rows = [{"accuracy": 0.8, "latency_ms": 100.0, "size_mb": 1.0, "time_prune_s": 1.0}]
+    >>> retiming_s(rows, type("M", (), {"warmup": 2, "repeats": 8})), retiming_s(rows, type("M", (), {"warmup": 2, "repeats": 8}), passes=1)
+    (6.0, 4.0)
+    """
+    table, front = _feasible_front(rows, objectives)
+    if front.empty:
+        return 0.0
+    models = len(front) + 1
+    build = float(table["time_prune_s"].median()) if "time_prune_s" in table else 0.0
+    timing = (measure.warmup + measure.repeats) * float(front["latency_ms"].max()) / 1000.0
+    return models * (build + passes * timing)
