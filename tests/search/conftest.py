@@ -7,7 +7,31 @@ from pathlib import Path
 
 import pytest
 
+from tests.data import data_root
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One local Ray for the searches a test process runs in process (``run_search`` uses a Ray that is
+    up and leaves it up, as in a notebook): Ray's start and shut-down, 5-8 s a search on a busy 2-core
+    machine, are paid once. Searches run as commands (the kill loops, faults, ``secateurs`` as printed)
+    start their own. Its workers inherit the environment it starts with: the repository on their
+    path (``tests.*``, ``examples.*``) and the data root the tests found."""
+    import ray
+
+    from search.ray_runtime import start_local_ray
+
+    if not ray.is_initialized():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PYTHONPATH", str(ROOT))
+            found = data_root("sst2.csv") or data_root("cifar10*.npz")
+            if found is not None:
+                patch.setenv("SECATEURS_DATA", str(found))
+            start_local_ray()
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -30,10 +54,9 @@ def new_store(tmp_path_factory) -> Callable[..., str]:
 
 
 @pytest.fixture
-def store(tmp_path, tmp_path_factory, monkeypatch, new_store) -> str:
-    """A search's working directory (``tmp_path``, the current one) with its own MLflow store; the
-    dense models are cached once per test process, and Ray's workers import ``tests.*`` and
-    ``examples.*`` from the repository."""
+def store(tmp_path, tmp_path_factory, monkeypatch, new_store, shared_ray) -> str:
+    """A search's working directory (``tmp_path``, the current one) with its own MLflow store, for a
+    search run in process on :func:`shared_ray`; the dense models are cached once per test process."""
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path_factory.getbasetemp() / "secateurs-cache"))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.chdir(tmp_path)

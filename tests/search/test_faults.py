@@ -1,5 +1,5 @@
-"""A search that survives faults: Ctrl-C, and trials spread over a two-node Ray cluster (SIGKILL and
---resume, again and again: test_kill_loop.py)."""
+"""A search whose trials spread over a two-node Ray cluster (Ctrl-C: test_listening.py; SIGKILL and
+--resume, again and again: test_kill_loop.py; a trial out of memory: test_oom.py)."""
 from __future__ import annotations
 
 import os
@@ -46,24 +46,6 @@ def env(tmp_path, tmp_path_factory):
     }
 
 
-def start_search(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "search.cli", "search", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_for(proc: subprocess.Popen, marker: str, timeout: float = 240) -> list[str]:
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if marker in line:
-            return lines
-    proc.kill()
-    raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)[-3000:]}")
-
-
 def search_runs(uri: str):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("faults")
@@ -74,23 +56,6 @@ def search_runs(uri: str):
                                 f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`secateurs.kind` = 'trial'",
                                 max_results=1000)
     return client, parent, trials
-
-
-def test_ctrl_c_stops_cleanly_and_records_the_frontier(tmp_path, env, new_store):
-    config = write_config(tmp_path, num_trials=40)
-    uri = new_store(tmp_path)
-    proc = start_search([str(config), "--tracking-uri", uri], tmp_path, env)
-    wait_for(proc, "[ 2/40]")
-    os.kill(proc.pid, signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output[-3000:]
-    assert "interrupted: resume with `secateurs search --resume" in output
-    client, parent, trials = search_runs(uri)
-    assert parent.info.status == "KILLED"
-    assert 2 <= len(trials) < 40
-    assert parent.data.metrics["trials_completed"] == len([t for t in trials if t.info.status == "FINISHED"])
-    assert {"frontier.csv", "frontier.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert all("secateurs.pareto" in t.data.tags for t in trials if t.info.status == "FINISHED")
 
 
 def free_port() -> int:
@@ -123,17 +88,17 @@ def runs_raylet(node: subprocess.Popen) -> bool:
 
 def test_search_on_a_two_node_cluster(tmp_path, env, new_store):
     port = free_port()
-    ray = str(Path(sys.executable).with_name("ray"))
+    ray_cli = str(Path(sys.executable).with_name("ray"))
     token = tmp_path / "ray_auth_token"
     token.write_text(os.urandom(16).hex())
     # Ray 2.60 clusters authenticate with a token; every node and the driver must share it.
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
-    nodes = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", *common],
+    nodes = [subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", *common],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         wait_until(lambda: accepts(port), 60, "the head's GCS listening")
-        nodes.append(subprocess.Popen([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", *common],
+        nodes.append(subprocess.Popen([ray_cli, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", *common],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         # its raylet up; it joins within seconds, and a trial waiting for a CPU runs there when it has
         wait_until(lambda: runs_raylet(nodes[1]), 60, "the second node's raylet")

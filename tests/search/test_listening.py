@@ -1,4 +1,5 @@
-"""What a local search and ``secateurs ui`` listen on: loopback only, in every process they start."""
+"""What a local search and ``secateurs ui`` listen on: loopback only, in every process they start;
+and Ctrl-C, which stops that search cleanly."""
 from __future__ import annotations
 
 import ipaddress
@@ -57,34 +58,50 @@ def test_the_checks_tell_loopback_from_everything_else():
         assert exposed(listening(os.getpid()))  # a socket open to every interface is seen
 
 
-def test_a_local_search_listens_on_loopback_only(tmp_path):
+def test_a_local_search_listens_on_loopback_only_and_ctrl_c_stops_it_cleanly(tmp_path, new_store):
+    # one search for both (a search started as a command is 30-50 s of the suite): its sockets while
+    # trials run, then Ctrl-C, which ends the running trials and records the frontier of the completed ones
     config = {
-        "task": {"dense_epochs": 1},
-        "finetune": {"epochs": 0.3},
-        "measure": {"warmup": 1, "repeats": 3},
-        "search": {"num_trials": 4, "max_concurrent": 2, "baseline_ratios": [], "storage_path": str(tmp_path / "ray")},
+        "task": {"dense_epochs": 3},
+        "space": {"criteria": ["l1", "l2"], "ratio": {"low": 0.0, "high": 0.6, "step": 0.05}},
+        "finetune": {"epochs": 0.5},
+        "measure": {"warmup": 2, "repeats": 5},
+        "search": {"num_trials": 40, "max_concurrent": 2, "baseline_ratios": [], "seed": 1, "storage_path": str(tmp_path / "ray")},
+        "tracking": {"experiment": "listening"},
     }
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config))
+    uri = new_store(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "SECATEURS_CACHE": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "search", "search.yaml"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "search", "search.yaml", "--tracking-uri", uri], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            if "] trial " in line:  # Ray, its workers and the trials' actors are all up
+            if "[ 2/40]" in line:  # Ray, its workers and the trials' actors are all up
                 break
         seen = listening(proc.pid)
         names = " ".join(seen)
         assert "gcs_server" in names and "raylet" in names, f"Ray's servers not found: {seen}\n{''.join(lines)[-2000:]}"
         assert not exposed(seen), f"listening beyond loopback: {exposed(seen)}"
-        output = "".join(lines) + proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, output[-3000:]
+        os.kill(proc.pid, signal.SIGINT)
+        output = "".join(lines) + proc.communicate(timeout=120)[0]
+        assert proc.returncode == 130, output[-3000:]
+        assert "interrupted: resume with `secateurs search --resume" in output
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("listening").experiment_id], "tags.`secateurs.kind` = 'search'")
+    trials = client.search_runs([parent.info.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`secateurs.kind` = 'trial'", max_results=1000)
+    assert parent.info.status == "KILLED"
+    assert 2 <= len(trials) < 40
+    assert parent.data.metrics["trials_completed"] == len([t for t in trials if t.info.status == "FINISHED"])
+    assert {"frontier.csv", "frontier.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert all("secateurs.pareto" in t.data.tags for t in trials if t.info.status == "FINISHED")
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import logging
 import os
 import signal
 import socket
@@ -17,7 +16,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -42,7 +40,7 @@ OBJECTIVES = list(frontier.OBJECTIVES)
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, new_store):
+def search(tmp_path_factory, new_store, shared_ray):
     """One real search (Ray + MLflow on sqlite in tmp): a uniform baseline + 4 trials, dense trained for 3 epochs."""
     tmp = tmp_path_factory.mktemp("production")
     with pytest.MonkeyPatch.context() as patch:
@@ -59,13 +57,7 @@ def search(tmp_path_factory, new_store):
                        "storage_path": str(tmp / "ray")},
             "tracking": {"experiment": "production"},
         })
-        # A Ray of our own: ray.init() with no address joins the cluster named in
-        # /tmp/ray/ray_current_cluster, which another `ray start` on this machine may have left behind.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-        try:
-            result = run_search(config, config_name="tiny", tracking_uri=uri, out=lambda line: None)
-        finally:
-            ray.shutdown()
+        result = run_search(config, config_name="tiny", tracking_uri=uri, out=lambda line: None)
         yield {"tmp": tmp, "uri": uri, "result": result, "config": config}
 
 

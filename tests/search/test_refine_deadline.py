@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 
 import search.refine as refine_module
 from search.config import validate
 from search.refine import RefineSettings, refine_frontier
-from search.ray_runtime import start_local_ray
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,34 +36,30 @@ class _Tracker:
         self.refined = list(run_ids)
 
 
-def test_a_fine_tune_past_the_deadline_is_stopped_and_its_worker_killed(tmp_path, monkeypatch):
+def test_a_fine_tune_past_the_deadline_is_stopped_and_its_worker_killed(tmp_path, monkeypatch, shared_ray):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the workers import tests.stalled_fine_tune
     from tests.stalled_fine_tune import stall
 
     monkeypatch.setattr(refine_module, "_refine_one", stall)
-    start_local_ray()
-    try:
-        front = pd.DataFrame({"run_id": ["fast", "slow"], "accuracy": [0.5, 0.9], "latency_ms": [1.0, 2.0]})
-        tracker, lines = _Tracker(tmp_path), []
-        finetune = validate({"task": {"name": "digits"}}).finetune
-        began = time.perf_counter()
-        done = refine_frontier(tracker, front, RefineSettings(epochs=1.0, candidates=2), task=None, checkpoint=b"",
-                               finetune=finetune, measure=None, dense={"accuracy": 0.9}, resources={"cpu": 1, "gpu": 0},
-                               out=lines.append, senses={"accuracy": "max", "latency_ms": "min"}, concurrency=2,
-                               deadline=began + 10.0)
-        took = time.perf_counter() - began
-        assert 10.0 <= took < 15.0, f"the refinement returned after {took:.1f} s on a deadline of 10 s"
-        assert done == [] and tracker.refined == [] and tracker.metrics == {}
-        assert sum("stopped at the time budget before its 1 epochs ended" in line for line in lines) == 2, lines
-        # the workers that began (on a loaded machine a worker may not have started in 10 s) are gone
-        pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
-        assert pids, "no fine-tune started in 10 s"
-        deadline = time.time() + 10
-        while any(_alive(pid) for pid in pids) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not any(_alive(pid) for pid in pids), "a stopped fine-tune's worker is still running"
-    finally:
-        ray.shutdown()
+    front = pd.DataFrame({"run_id": ["fast", "slow"], "accuracy": [0.5, 0.9], "latency_ms": [1.0, 2.0]})
+    tracker, lines = _Tracker(tmp_path), []
+    finetune = validate({"task": {"name": "digits"}}).finetune
+    began = time.perf_counter()
+    done = refine_frontier(tracker, front, RefineSettings(epochs=1.0, candidates=2), task=None, checkpoint=b"",
+                           finetune=finetune, measure=None, dense={"accuracy": 0.9}, resources={"cpu": 1, "gpu": 0},
+                           out=lines.append, senses={"accuracy": "max", "latency_ms": "min"}, concurrency=2,
+                           deadline=began + 10.0)
+    took = time.perf_counter() - began
+    assert 10.0 <= took < 15.0, f"the refinement returned after {took:.1f} s on a deadline of 10 s"
+    assert done == [] and tracker.refined == [] and tracker.metrics == {}
+    assert sum("stopped at the time budget before its 1 epochs ended" in line for line in lines) == 2, lines
+    # the workers that began (on a loaded machine a worker may not have started in 10 s) are gone
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert pids, "no fine-tune started in 10 s"
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids), "a stopped fine-tune's worker is still running"
 
 
 def _alive(pid: int) -> bool:
