@@ -595,12 +595,14 @@ def _refine_seconds(session: _Session, rows: list[dict]) -> float | None:
 def _first_rung_time(session: _Session, rows: list[dict], table: pd.DataFrame, front: pd.DataFrame, epochs: float,
                      count: int) -> tuple[dict[str, tuple[float, float]], float | None]:
     """Each fine-tuned trial's refinement cost (:func:`_refine_costs`) and the seconds the refinement's
-    first rung may take: :func:`_refine_seconds`, as :func:`_refine_plan` planned with, less the later
-    rungs as planned for the first rung's spread candidates (None: no time budget)."""
+    first rung may take: all of :func:`_until_retiming` (the plan's margin, :func:`_refine_seconds`, is
+    for choosing the epochs and the count; each start is judged on the pace the fine-tunes so far kept,
+    :func:`search.refine.refine_frontier`), less the later rungs as planned for the first rung's spread
+    candidates (None: no time budget)."""
     tuned = table[frontier.feasible_mask(table) & (table["time_finetune_s"].fillna(0) > 0)] if "time_finetune_s" in table else table[:0]
     each = _refine_costs(session, tuned) or []
     costs = dict(zip(tuned["run_id"], each)) if each else {}
-    left = _refine_seconds(session, rows)
+    left = _until_retiming(session, rows)
     if left is None:
         return costs, None
     settings, concurrency = session.config.search.refine, session.config.search.max_concurrent

@@ -248,7 +248,8 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
     one when a slot is free, from the frontier as ranked with the results so far (:func:`next_in_line`),
     so that an estimate that pushes a measured policy off the frontier is measured in turn. ``chosen``
     (an earlier session's picks) come first. With ``seconds``, a policy is started only if its fine-tune
-    (``costs``: its ``(fixed seconds, seconds an epoch)``) ends within that many seconds of the start;
+    (``costs``: its ``(fixed seconds, seconds an epoch)``, scaled by how long the fine-tunes ended so far
+    took against theirs) ends within that many seconds of the start;
     the first rung stops early when no frontier policy is left to measure. With ``deadline`` (a
     ``time.perf_counter()`` value: when the time budget needs the re-timing to start), a fine-tune still
     running then is stopped (its worker killed, as Ray Tune stops trials at a time budget) and its run
@@ -286,12 +287,31 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
         (policy,) = tracker.policies([run_id]).values()
         return remote.remote(policy, task, checkpoint_ref, longer, measure, Reference.from_record(dense))
 
+    # each running fine-tune's start and planned seconds (``costs``), and how long the ended ones took
+    # against their plan: the machine's pace, by which each next start is judged
+    planned: dict = {}
+    paces: list[float] = []
+
+    def launch(run_id: str, rung_epochs: float):
+        began_at = time.perf_counter()
+        future = start(run_id, rung_epochs)
+        if costs is not None and run_id in costs:
+            planned[future] = (began_at, costs[run_id][0] + rung_epochs * costs[run_id][1])
+        return future
+
+    def pace() -> float:
+        """The mean ratio of the ended fine-tunes' seconds to their plan (1 before any ended)."""
+        return sum(paces) / len(paces) if paces else 1.0
+
     def finished(running: dict, rung: int, rung_epochs: float) -> bool:
         """Wait for one of ``running`` to end and record it; False (the others stopped) at the deadline."""
         timeout = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
         ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
         if ready:
             run_id = running.pop(ready[0])
+            began_at, plan_s = planned.pop(ready[0], (None, 0.0))
+            if plan_s > 0:
+                paces.append((time.perf_counter() - began_at) / plan_s)
             record(run_id, ray.get(ready[0]), rung, rung_epochs)
             return True
         for future, run_id in running.items():
@@ -318,14 +338,14 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
                     break
                 line = next_in_line(pd.DataFrame([{"run_id": r, **v} for r, v in rows.items()]), set(chosen), senses)
                 fits = [r for r in line if seconds is None or costs is None or r not in costs
-                        or time.perf_counter() - began + costs[r][0] + rung_epochs * costs[r][1] <= seconds]
+                        or time.perf_counter() - began + pace() * (costs[r][0] + rung_epochs * costs[r][1]) <= seconds]
                 if not fits:
                     break
                 run_id = fits[0]
                 chosen.append(run_id)
                 # a resume goes on from these, for as long, to as many
                 tracker.set_tags({CANDIDATES_TAG: ",".join(chosen), EPOCHS_TAG: f"{epochs:g}", COUNT_TAG: str(plan[-1][0])})
-            running[start(run_id, rung_epochs)] = run_id
+            running[launch(run_id, rung_epochs)] = run_id
         if not running or not finished(running, 0, rung_epochs):
             break
     if len(chosen) < keep and not stopped and not late():
@@ -351,7 +371,7 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
         todo = [r for r in rung_runs if any(_done(rows[r], s, rung, rung_epochs) is None for s in scores)]
         # the slowest first (the least pruned: the highest latency), as epochs_that_fit planned them
         todo.sort(key=lambda r: -float(rows[r].get("latency_ms") or 0.0))
-        running = {start(run_id, rung_epochs): run_id for run_id in todo}
+        running = {launch(run_id, rung_epochs): run_id for run_id in todo}
         while running and finished(running, rung, rung_epochs):
             pass
         for run_id in rung_runs:  # an earlier session's result at this rung (old records: only rung 0's value)

@@ -206,11 +206,12 @@ FRONT = pd.DataFrame({"run_id": list("abcde"), "accuracy": [0.30, 0.64, 0.635, 0
 AFTER = {"a": 0.50, "b": 0.705, "c": 0.701, "d": 0.77, "e": 0.79}  # each policy's accuracy after the refinement
 
 
-def refine(monkeypatch, count, concurrency=1, chosen=(), seconds=None, costs=None, table=FRONT, slow=(), deadline=None, rungs=1):
+def refine(monkeypatch, count, concurrency=1, chosen=(), seconds=None, costs=None, table=FRONT, slow=(), deadline=None, rungs=1,
+           fine_tune=None):
     import search.refine as refine_module
 
     monkeypatch.setattr(refine_module, "ray", fake := _Ray(slow))
-    monkeypatch.setattr(refine_module, "_refine_one", lambda policy, *rest: {"accuracy": AFTER[policy], "time_refine_s": 1.0})
+    monkeypatch.setattr(refine_module, "_refine_one", fine_tune or (lambda policy, *rest: {"accuracy": AFTER[policy], "time_refine_s": 1.0}))
     tracker, lines = _Tracker(), []
     from search.refine import RefineSettings, refine_frontier
 
@@ -260,6 +261,21 @@ def test_the_refinement_stops_when_the_frontier_is_measured_and_starts_only_what
     costs = {r: (1.0, 3.0 if r != "e" else 11.0) for r in "abcde"}
     done, _, lines = refine(monkeypatch, count=3, concurrency=2, seconds=10.0, costs=costs)
     assert "e" not in done and len(done) == 3
+
+
+def test_each_next_start_is_judged_on_the_pace_the_fine_tunes_so_far_kept(monkeypatch):
+    # The 1x search of the benchmark (seed 0, 2026-12-02) planned 3 refinements in 70.6 s; the first took
+    # 15% longer than its trial had said, the third then no longer fit as planned, and a slot stood idle
+    # for 36 s. Each fine-tune here is planned at 0.1 s and takes 0.4 s: after two, a third would end
+    # at 1.2 s of the 1.0 s window, though its plan alone (0.8 + 0.1 s) fits.
+    def slow(policy, *rest):
+        time.sleep(0.4)
+        return {"accuracy": AFTER[policy], "time_refine_s": 0.4}
+
+    costs = {r: (0.0, 0.1) for r in "abcde"}
+    done, _, lines = refine(monkeypatch, count=4, concurrency=1, seconds=1.0, costs=costs, fine_tune=slow)
+    assert len(done) == 2, (done, lines)
+    assert any(line.startswith("  2 refined: the frontier as ranked has no other policy to measure that fits") for line in lines)
 
 
 def test_a_resumed_refinement_finishes_the_earlier_picks_first_and_goes_on_to_the_count(monkeypatch):
