@@ -102,12 +102,17 @@ class _Session:
             end = max(end, end_estimate(rows, self.config.measure, objectives=self.objectives) + search.refine.share * search.time_budget_s)
         return end
 
-    def trial_fits(self, rows: list[dict]) -> bool:
-        """Whether a trial started now, as long as a median trial so far (:func:`search.recorder.trial_s`),
-        is expected to end before ``search.time_budget_s`` stops the trials (when what is left is what
-        the end of the search takes: :meth:`end_s`); True without a budget or a finished trial."""
+    def trial_fits(self, rows: list[dict], longest: float | None = None) -> bool:
+        """Whether a trial started now is expected to end before ``search.time_budget_s`` stops the
+        trials (when what is left is what the end of the search takes: :meth:`end_s`); True without a
+        budget or a finished trial. Expected as long as ``longest``, the longest trial of this session
+        in wall seconds (:meth:`search.recorder.TrialRecorder.longest_trial_s`, one running counted so
+        far), or a median trial's own seconds (:func:`search.recorder.trial_s`), whichever is longer:
+        policies cost unequal times (a lightly pruned one fine-tunes slower), and one cut off at the
+        stop loses all its compute, where the time not started is the refinement's."""
         left, median = self.seconds_left(), trial_s(rows)
-        return left is None or median is None or left - median > self.end_s(rows)
+        expected = max((s for s in (median, longest) if s is not None), default=None)
+        return left is None or median is None or left - expected > self.end_s(rows)
 
     def log_elapsed(self) -> None:
         """Record the time spent so far (parent metric ``elapsed_s``), which a resume starts from."""
@@ -474,7 +479,7 @@ def _run(session: _Session) -> SearchResult:
             fine_tunes=fine_tunes,
             exempt=sum(b.kind == "baseline" for b in remaining_first),
             history=history,
-            fits=None if config.search.time_budget_s is None else lambda: session.trial_fits(recorder.rows),
+            fits=None if config.search.time_budget_s is None else lambda: session.trial_fits(recorder.rows, recorder.longest_trial_s()),
         )
         if recorded:
             out(f"resuming search {tracker.parent_run_id}: {len(rows)} trials completed, {failed} failed, budget {session.budget}; "

@@ -97,6 +97,24 @@ class TrialRecorder(tune.Callback):
         self._elapsed_logged = time.monotonic()
         self.rows, self.num_failed, self.recorded = tracker.trial_table()
         self.best_hypervolume, self.since_improvement = self._plateau()
+        self._started: dict[str, float] = {}  # the running trials' starts (time.monotonic())
+        self._walls: list[float] = []  # the wall seconds of each trial that ended in this session
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._started.setdefault(trial.trial_id, time.monotonic())
+
+    def _ended(self, trial) -> None:
+        began = self._started.pop(trial.trial_id, None)
+        if began is not None:
+            self._walls.append(time.monotonic() - began)
+
+    def longest_trial_s(self) -> float | None:
+        """The wall seconds of the longest trial of this session, from Ray Tune's start of it to its
+        result (its actor's start, scheduling and reporting included), a trial still running counted
+        with the seconds it has run so far; None before any started."""
+        now = time.monotonic()
+        seen = self._walls + [now - began for began in self._started.values()]
+        return max(seen) if seen else None
 
     def _plateau(self) -> tuple[float, int]:
         """The best hypervolume of the recorded trials and how many trials in a row since it last
@@ -132,6 +150,7 @@ class TrialRecorder(tune.Callback):
         return table[frontier.feasible_mask(table)]
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended(trial)
         try:
             result = trial.last_result or {}
             if trial.trial_id in self.recorded:
@@ -162,6 +181,7 @@ class TrialRecorder(tune.Callback):
             self.out(f"warning: could not record trial {trial.trial_id}: {exc!r}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended(trial)
         try:
             if trial.trial_id in self.recorded:
                 return
