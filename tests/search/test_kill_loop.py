@@ -146,13 +146,14 @@ def reachable(client: MlflowClient, parent, phases: tuple[str, ...], end: bool) 
 
 
 def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict,
-              phases: tuple[str, ...] = tuple(sorted(PHASES)),
+              phases: tuple[str, ...] = tuple(sorted(PHASES)), last: tuple[str, ...] = (),
               recorded: list[int] | None = None) -> tuple[MlflowClient, list[tuple[str, float, bool]], list[float]]:
     """Start the search, SIGKILL it ``kills`` times at seeded random moments of ``phases`` (each time
     going on with ``--resume``, or starting again if no parent run was made yet), then let it
-    finish. Returns the client, the kills made (phase, delay, whether it landed before the driver
-    ended) and the wall seconds of each session; ``recorded``, if given, gets how many trial runs
-    MLflow held finished as each session began (session-N.log is session N)."""
+    finish; the last ``len(last)`` kills land in the phases ``last`` names, in turn, at a seeded
+    random moment of each. Returns the client, the kills made (phase, delay, whether it landed
+    before the driver ended) and the wall seconds of each session; ``recorded``, if given, gets how
+    many trial runs MLflow held finished as each session began (session-N.log is session N)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     rng = random.Random(seed)
@@ -170,6 +171,8 @@ def kill_loop(tmp_path: Path, config: Path, kills: int, seed: int, env: dict,
         args = ["--resume", found[0].info.run_id] if found else [str(config)]
         driver = Driver([*args, "--tracking-uri", uri], tmp_path, env, tmp_path / f"session-{len(walls) + 1}.log")
         phase = rng.choice(reachable(client, found[0] if found else None, phases, end=len(made) >= kills - 3))
+        if len(made) >= kills - len(last):
+            phase = last[len(made) - (kills - len(last))]
         marker, low, high = PHASES[phase]
         delay = rng.uniform(low, high)
         reached = driver.wait_for(marker, deadline_s=300)
@@ -231,7 +234,11 @@ SEEDS = [int(seed) for seed in os.environ.get("KILL_LOOP_SEEDS", "19").split(","
 def test_a_search_killed_at_random_moments_ends_with_exactly_its_budget(tmp_path, env, seed):
     config = write_config(tmp_path, num_trials=8, sensitivity={"ratios": [0.5], "samples": 200, "bn_batches": 2, "seed_drops": [0.05]},
                           refine={"epochs": 0.6, "candidates": 1, "rungs": 2})  # successive halving: 2 for 0.3 epochs, 1 of them for 0.6
-    client, kills, walls = kill_loop(tmp_path, config, kills=7, seed=seed, env=env)
+    # search.refine.rungs: the last three sessions are killed in the first rung, while the survivor of
+    # the first rung is refined longer, and after it, while the frontier is re-timed (which moves the
+    # latencies the survivor was chosen on): each resume keeps the first rung's results and the
+    # survivor chosen, and refines only what no earlier session recorded
+    client, kills, walls = kill_loop(tmp_path, config, kills=7, seed=seed, env=env, last=("refining", "second rung", "re-timing"))
     print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
     assert sum(killed for _, _, killed in kills) >= 5, kills  # the search was really broken, again and again
     budget = 8 + 2  # num_trials + the uniform and global_magnitude baselines at 0.5
@@ -252,6 +259,13 @@ def test_a_search_killed_at_random_moments_ends_with_exactly_its_budget(tmp_path
     assert [h.step for h in sorted(client.get_metric_history(kept.info.run_id, "accuracy"), key=lambda h: h.step)] == [0, 2, 3]
     assert kept.data.metrics["accuracy"] == kept.data.metrics["accuracy_rung1"]
     assert all("accuracy_rung0" in r.data.metrics for r in refined)
+    for run in refined:
+        steps = sorted(h.step for h in client.get_metric_history(run.info.run_id, "accuracy_rung0"))
+        assert steps == [2], (run.info.run_name, steps)  # the first rung measured once, however often it was cut off
+    assert [h.step for h in client.get_metric_history(kept.info.run_id, "accuracy_rung1")] == [3]
+    # the session killed in the second rung chose the survivor; the ones after it kept that choice
+    assert sum("rung 1: kept 1 of 2" in line for session in tmp_path.glob("session-*.log")
+               for line in session.read_text().splitlines()) >= 2, kills
     elapsed = [m.value for m in client.get_metric_history(parent.info.run_id, "elapsed_s")]
     assert elapsed == sorted(elapsed)  # each session goes on counting from the time the earlier ones spent
     # every session's time is counted but what a kill cut off since the last record (at most 10 s
@@ -295,28 +309,3 @@ def test_a_screened_search_killed_again_and_again_fine_tunes_exactly_its_budget(
                             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already finished" in again.stderr and again.stderr.count("\n") == 1, again.stderr
-
-
-def test_a_successive_halving_killed_in_its_last_rung_again_and_again_refines_each_rung_once(tmp_path, env):
-    # search.refine.rungs: every session is killed while the first rung's survivor is refined longer, or
-    # after it, while the frontier is re-timed (which moves the latencies the survivor was chosen on);
-    # each resume keeps the first rung's results and the survivor chosen, and refines only what no
-    # earlier session recorded
-    config = write_config(tmp_path, num_trials=4,
-                          refine={"epochs": 0.6, "candidates": 1, "rungs": 2, "reduction_factor": 3})
-    client, kills, walls = kill_loop(tmp_path, config, kills=3, seed=7, env=env, phases=("second rung", "re-timing"))
-    print("kills:", kills, "sessions (s):", [round(w, 1) for w in walls])
-    assert sum(killed for _, _, killed in kills) >= 2, kills
-    parent, runs = check_trials(client, 4 + 2)
-    rung0 = [r for r in runs if "accuracy_rung0" in r.data.metrics]  # up to 3 frontier policies at 0.2 epochs
-    assert len(rung0) >= 2 and all(r.data.tags.get("secateurs.refined") == "true" for r in rung0)
-    assert all(r.data.metrics["refine_epochs"] in (0.2, 0.6) for r in rung0)
-    (kept,) = [r for r in runs if "accuracy_rung1" in r.data.metrics]  # the 1 of them kept, at 0.6
-    assert kept.info.run_id in {r.info.run_id for r in rung0}
-    for run in rung0:
-        steps = sorted(h.step for h in client.get_metric_history(run.info.run_id, "accuracy_rung0"))
-        assert steps == [2], (run.info.run_name, steps)  # the first rung measured once, in the first session
-    assert [h.step for h in client.get_metric_history(kept.info.run_id, "accuracy_rung1")] == [3]
-    assert kept.data.metrics["refine_epochs"] == 0.6 and kept.data.metrics["accuracy"] == kept.data.metrics["accuracy_rung1"]
-    assert sum(f"rung 1: kept 1 of {len(rung0)}" in line
-               for session in tmp_path.glob("session-*.log") for line in session.read_text().splitlines()) >= 3
