@@ -121,11 +121,15 @@ def test_search_records_trials_frontier_and_artifacts(tmp_path, store):
     history = [m.value for m in sorted(client.get_metric_history(result.parent_run_id, "hypervolume"), key=lambda m: m.step)]
     assert len(history) == 8 and all(b >= a for a, b in zip(history, history[1:])) and history[-1] > 0
     # the frontier was timed again at the end, alone; the in-search timing is kept beside it
-    for run_id in front["run_id"]:
-        metrics = client.get_run(run_id).data.metrics
-        assert "latency_ms_in_search" in metrics and metrics["latency_ms"] > 0
-    assert "latency_ms_in_search" in client.get_run(dense[0].info.run_id).data.metrics
     output = "\n".join(lines)
+    untimed = [r for r in front["run_id"] if "latency_ms_in_search" not in client.get_run(r).data.metrics]
+    assert all(client.get_run(r).data.metrics["latency_ms"] > 0 for r in front["run_id"])
+    if untimed:  # a busy machine's timings can reshape the frontier in every pass up to the cap (a fresh-clone
+        # run at d3b1766): a policy that joined it after the last pass keeps its in-search latency, and the
+        # warning says how many and names them
+        late = re.search(r"(\d+) frontier policies joined the frontier after the last pass[^(]*\(([^)]*)\)", output)
+        assert late and int(late.group(1)) == len(untimed) and all(r[:12] in late.group(2) for r in untimed[:3]), (untimed, output[-3000:])
+    assert "latency_ms_in_search" in client.get_run(dense[0].info.run_id).data.metrics
     # the dense model and the whole frontier were timed together in one round-robin pass: the
     # passes repeat until the frontier is within the last pass's policies
     passes = [int(n) for n in re.findall(r"re-measuring the latency of the dense model and (\d+) frontier policies, together", output)]
