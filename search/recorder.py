@@ -331,7 +331,7 @@ def end_estimate(rows: list[dict], measure, *, refine: Sequence[tuple[int, float
     for policies, epochs in refine:
         one = median["time_prune_s"] + median["time_finetune_s"] * epochs / max(finetune_epochs, 1e-9) + median["time_measure_s"]
         refining += -(-min(policies, len(front)) // concurrency) * one
-    return base + refining + retiming_s(rows, measure, objectives=objectives)
+    return base + refining + _retiming_s(table, front, measure, passes=2)
 
 
 def _feasible_front(rows: list[dict], objectives: Objectives | None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -355,7 +355,11 @@ def retiming_s(rows: list[dict], measure, *, objectives: Objectives | None = Non
     >>> retiming_s(rows, type("M", (), {"warmup": 2, "repeats": 8})), retiming_s(rows, type("M", (), {"warmup": 2, "repeats": 8}), passes=1)
     (6.0, 4.0)
     """
-    table, front = _feasible_front(rows, objectives)
+    return _retiming_s(*_feasible_front(rows, objectives), measure, passes=passes)
+
+
+def _retiming_s(table: pd.DataFrame, front: pd.DataFrame, measure, *, passes: int) -> float:
+    """:func:`retiming_s` of the feasible trials ``table`` and their frontier ``front``."""
     if front.empty:
         return 0.0
     models = len(front) + 1

@@ -292,11 +292,16 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
     planned: dict = {}
     paces: list[float] = []
 
+    def plan_s(run_id: str, rung_epochs: float) -> float:
+        """The seconds ``costs`` plan for ``run_id``'s fine-tune of ``rung_epochs``."""
+        fixed, per_epoch = costs[run_id]
+        return fixed + rung_epochs * per_epoch
+
     def launch(run_id: str, rung_epochs: float):
         began_at = time.perf_counter()
         future = start(run_id, rung_epochs)
         if costs is not None and run_id in costs:
-            planned[future] = (began_at, costs[run_id][0] + rung_epochs * costs[run_id][1])
+            planned[future] = (began_at, plan_s(run_id, rung_epochs))
         return future
 
     def pace() -> float:
@@ -338,7 +343,7 @@ def refine_frontier(tracker: Any, table: pd.DataFrame, settings: RefineSettings,
                     break
                 line = next_in_line(pd.DataFrame([{"run_id": r, **v} for r, v in rows.items()]), set(chosen), senses)
                 fits = [r for r in line if seconds is None or costs is None or r not in costs
-                        or time.perf_counter() - began + pace() * (costs[r][0] + rung_epochs * costs[r][1]) <= seconds]
+                        or time.perf_counter() - began + pace() * plan_s(r, rung_epochs) <= seconds]
                 if not fits:
                     break
                 run_id = fits[0]

@@ -1,4 +1,5 @@
-"""What the search tests share: an MLflow store each test gets to itself, made quickly."""
+"""What the search tests share: one local Ray per test process for the searches run in it, and an
+MLflow store each test gets to itself, made quickly."""
 from __future__ import annotations
 
 import shutil
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def shared_ray():
     """One local Ray for the searches a test process runs in process (``run_search`` uses a Ray that is
-    up and leaves it up, as in a notebook): Ray's start and shut-down, 5-8 s a search on a busy 2-core
-    machine, are paid once. Searches run as commands (the kill loops, faults, ``secateurs`` as printed)
+    up and leaves it up, as in a notebook): Ray's start (4.5 s of one tiny search, alone) and shut-down
+    are paid once. Searches run as commands (the kill loops, faults, ``secateurs`` as printed)
     start their own. Its workers inherit the environment it starts with: the repository on their
     path (``tests.*``, ``examples.*``) and the data root the tests found."""
     import ray
@@ -39,8 +40,8 @@ def new_store(tmp_path_factory) -> Callable[..., str]:
     """``new_store(directory, name="mlflow.db")``: an empty sqlite MLflow store as ``directory/name``, its URI.
 
     Each is a copy of one store made once per test process. MLflow makes a new store's tables by
-    running its schema migrations, about 2.5 s of the store's first use, where opening a made one
-    takes about 1 s; the suite makes a store for every search it runs."""
+    running its schema migrations: 3.4 s for a new store's first use, where opening a made one
+    took 1.0 s; the suite makes a store for every search it runs."""
     from mlflow.tracking import MlflowClient
 
     empty = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
